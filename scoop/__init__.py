@@ -1,0 +1,32 @@
+"""SCOOP: Scalable COncurrent Operations in Python.
+
+Run a program written with :mod:`scoop.futures` on many processes with::
+
+    python -m scoop -n 4 program.py [args...]
+
+The attributes below describe the running job. They are set when this process joins
+a job (as the root worker that runs the program, or as another worker) and keep
+their "not running" values in a plain ``python program.py`` run.
+
+Attributes:
+    IS_RUNNING: True inside a scoop job (launcher or in-process pool).
+    IS_ORIGIN: True in the process that runs the program's ``__main__`` block.
+    worker: this worker's id (an int; the root worker is 0), None outside a job.
+    SIZE: the number of workers the job was started with (1 outside a job).
+    DEBUG: True when the job was started with ``--debug``.
+    logger: the ``logging.Logger`` scoop reports through ("scoop").
+"""
+
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.9.0"
+__all__ = ["IS_RUNNING", "IS_ORIGIN", "worker", "SIZE", "DEBUG", "logger", "__version__"]
+
+IS_RUNNING: bool = False
+IS_ORIGIN: bool = True
+worker: int | None = None
+SIZE: int = 1
+DEBUG: bool = False
+logger: logging.Logger = logging.getLogger("scoop")

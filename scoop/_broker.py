@@ -1,0 +1,277 @@
+"""The broker: one per job; routes task groups to free workers and results to owners.
+
+Reimplements SCOOP's ``scoop.broker.brokerzmq``. Deliberate differences: every message
+is authenticated before it is read, the broker never unpickles user data (it routes
+opaque, mac'ed parcels), work is pulled by workers with credits instead of pushed, and it
+remembers which worker holds which task group (the base of worker-loss recovery).
+
+Data flow through the broker (one ROUTER socket; every worker has a DEALER)::
+
+    worker A (owner)                 broker                            worker B
+    ----------------                 ------                            --------
+    TASKS [g1 g2 g3] -------------->  queue: g1 g2 g3
+                                      credits: B=1   <---------------  READY 1
+                                      g1 -> B, held[B] += g1  ------->  TASKS [g1]
+                                      held[B] -= g1  <---------------  RESULTS [for A] done g1
+    RESULTS [for A] <--------------   forward parcel to its owner
+    CONST {...} ------------------->  keep; forward to every worker ->  CONST {...}
+    SHUTDOWN status --------------->  STOP to every worker --------->  (exits)
+
+*Queue.* Task groups wait in one FIFO queue, whoever submitted them.
+
+*Credits.* A worker sends READY(n) when its own queue runs low; the broker sends it up to
+n groups. Work therefore goes to whoever is free, and a busy worker does not hoard work.
+
+*Routing.* A RESULTS message carries one parcel per owner; each is forwarded to its owner
+untouched. Finished groups listed in it are dropped from the sender's held set.
+
+The broker runs its loop in a thread (:meth:`Broker.start`) or the caller's thread
+(:meth:`Broker.run`); :meth:`Broker.stop` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+
+import zmq
+
+from . import _protocol as P
+
+log = logging.getLogger("scoop.broker")
+
+BROKER_ID = 0xFFFFFFFF  # the broker's sender id in message headers
+# The largest message accepted, checked by ZeroMQ before anything is read; big task
+# arguments are fine, a peer announcing gigabytes of garbage is cut off.
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+class _Peer:
+    """What the broker knows of one connected worker."""
+
+    __slots__ = ("wid", "ident", "credit", "held", "pid", "host")
+
+    def __init__(self, wid: int, ident: bytes, pid: int, host: str) -> None:
+        self.wid = wid
+        self.ident = ident
+        self.credit = 0
+        self.held: dict[tuple[int, int], P.Parcel] = {}
+        self.pid = pid
+        self.host = host
+
+
+class Broker:
+    """Routes one job's futures between its workers.
+
+    Args:
+        key: the job's secret (random, at least 16 bytes).
+        size: the number of workers the job was started with (sent to each worker).
+        host: the address to bind; loopback when every worker is local.
+        port: the port to bind (0: any free port).
+    """
+
+    def __init__(self, key: bytes, size: int = 1, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.codec = P.Codec(key, BROKER_ID)
+        self.size = size
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        if port:
+            self.router.bind(f"tcp://{host}:{port}")
+        else:
+            port = self.router.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        self._ctl_addr = f"inproc://scoop-broker-{id(self)}"
+        self._ctl = self.ctx.socket(zmq.PAIR)
+        self._ctl.bind(self._ctl_addr)
+        self.peers: dict[bytes, _Peer] = {}
+        self.by_wid: dict[int, _Peer] = {}
+        self.queue: deque[P.Parcel] = deque()  # parcels: tag=fid, peer=owner
+        self.consts: list[P.Parcel] = []
+        self.exit_status: int | None = None
+        self.finished = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bad_peers: set[bytes] = set()
+        self._handlers = {
+            P.HELLO: self.handle_hello,
+            P.TASKS: self.handle_tasks,
+            P.READY: self.handle_ready,
+            P.RESULTS: self.handle_results,
+            P.CONST: self.handle_const,
+            P.SHUTDOWN: self.handle_shutdown,
+            P.BYE: self.handle_bye,
+        }
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self) -> Broker:
+        """Run the broker loop in a daemon thread."""
+        self._thread = threading.Thread(target=self.run, name="scoop-broker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Tell every worker to stop, end the loop and close the sockets (any thread)."""
+        if self.finished.is_set():
+            if self._thread is not None:
+                self._thread.join(timeout)
+            return
+        if self._thread is not None and self._thread.is_alive():
+            ctl = self.ctx.socket(zmq.PAIR)
+            ctl.connect(self._ctl_addr)
+            ctl.send(b"stop")
+            ctl.close()
+            self._thread.join(timeout)
+        else:
+            self._stop_workers()
+            self._close()
+
+    def run(self) -> None:
+        """The broker loop; returns after :meth:`stop` or a SHUTDOWN from the root."""
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._ctl, zmq.POLLIN)
+        try:
+            while not self.finished.is_set():
+                events = dict(poller.poll(1000))
+                if self._ctl in events:
+                    self._ctl.recv()
+                    self._stop_workers()
+                    break
+                if self.router in events:
+                    self._drain()
+                    self.dispatch()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self.finished.set()
+        self.router.close(0)
+        self._ctl.close(0)
+        self.ctx.term()
+
+    def _stop_workers(self) -> None:
+        for peer in list(self.peers.values()):
+            self._send(peer, P.STOP)
+        self.finished.set()
+
+    # -- sockets ---------------------------------------------------------------------------
+    def _drain(self) -> None:
+        router = self.router
+        for _ in range(1024):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            ident = frames[0].bytes
+            try:
+                msg = self.codec.decode(frames[1:])
+            except P.AuthError as exc:
+                self._reject(ident, exc)
+                continue
+            peer = self.peers.get(ident)
+            if msg.kind != P.HELLO and (peer is None or peer.wid != msg.sender):
+                self._reject(ident, P.AuthError("sender does not match its connection"))
+                continue
+            handler = self._handlers.get(msg.kind)
+            if handler is None:
+                self._reject(ident, P.AuthError(f"unexpected message {msg!r}"))
+                continue
+            handler(ident, peer, msg)
+
+    def _reject(self, ident: bytes, exc: Exception) -> None:
+        if ident not in self._bad_peers:  # one line per bad peer, not per message
+            self._bad_peers.add(ident)
+            log.warning("broker: dropped a message from connection %r: %s", ident, exc)
+
+    def _send(self, peer: _Peer, kind: bytes, **kw) -> None:
+        try:
+            self.router.send_multipart([peer.ident, *self.codec.encode(kind, **kw)],
+                                       copy=False)
+        except zmq.ZMQError as exc:  # the peer disconnected
+            log.debug("broker: cannot send to worker %d: %s", peer.wid, exc)
+
+    # -- handlers --------------------------------------------------------------------------
+    def handle_hello(self, ident: bytes, peer: _Peer | None, msg: P.Message) -> None:
+        body = msg.body or {}
+        wid = body.get("wid")
+        if body.get("version") != P.VERSION:
+            reason = (f"protocol version {body.get('version')} does not match the broker's "
+                      f"{P.VERSION}: install the same scoop version on every host")
+        elif wid != msg.sender or ident != b"w%d" % msg.sender:
+            reason = "worker id does not match its connection"
+        elif ident in self.peers:
+            reason = f"worker {wid} is already connected"
+        else:
+            reason = None
+        if reason:
+            log.warning("broker: refused a worker: %s", reason)
+            self.router.send_multipart([ident, *self.codec.encode(
+                P.REFUSED, body={"reason": reason})])
+            return
+        peer = _Peer(wid, ident, body.get("pid", 0), body.get("host", "?"))
+        self.peers[ident] = peer
+        self.by_wid[wid] = peer
+        log.debug("broker: worker %d joined (pid %s on %s)", wid, peer.pid, peer.host)
+        self._send(peer, P.WELCOME, parcels=self.consts, body={"size": self.size})
+
+    def handle_tasks(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
+        for parcel in msg.parcels:
+            parcel.peer = peer.wid  # the owner: results of this group go back to it
+        self.queue.extend(msg.parcels)
+
+    def handle_ready(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
+        peer.credit += msg.arg
+
+    def handle_results(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
+        for key in msg.done:
+            peer.held.pop(key, None)
+        for parcel in msg.parcels:
+            owner = self.by_wid.get(parcel.peer)
+            if owner is None:
+                log.debug("broker: results for departed worker %d dropped", parcel.peer)
+                continue
+            self._send(owner, P.RESULTS, parcels=[parcel])
+
+    def handle_const(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
+        self.consts.extend(msg.parcels)
+        for other in self.peers.values():
+            if other is not peer:
+                self._send(other, P.CONST, parcels=msg.parcels)
+
+    def handle_shutdown(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
+        self.exit_status = msg.arg if msg.arg < 2**31 else msg.arg - 2**32
+        log.debug("broker: the root ended with status %d; stopping", self.exit_status)
+        self._stop_workers()
+
+    def handle_bye(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
+        self.peers.pop(ident, None)
+        self.by_wid.pop(peer.wid, None)
+
+    # -- scheduling ------------------------------------------------------------------------
+    def dispatch(self) -> None:
+        """Hand queued groups to workers with credit, taking turns."""
+        queue = self.queue
+        while queue:
+            ready = [p for p in self.peers.values() if p.credit > 0]
+            if not ready:
+                return
+            for peer in ready:
+                n = min(peer.credit, len(queue))
+                if n == 0:
+                    return
+                parcels = [queue.popleft() for _ in range(n)]
+                peer.credit -= n
+                for parcel in parcels:
+                    peer.held[(parcel.peer, parcel.tag)] = parcel
+                self._send(peer, P.TASKS, parcels=parcels)
+
+
+def new_key() -> bytes:
+    """A fresh random job key."""
+    return os.urandom(32)
+

@@ -1,0 +1,683 @@
+"""A worker: runs futures in greenlets and trades task groups and results with the broker.
+
+Reimplements SCOOP's ``scoop._control`` / ``scoop._types`` scheduling. Deliberate
+differences: futures are shipped in pickled *groups* (one pickle per group, not per
+future), workers pull work with credits instead of being pushed it, results are batched
+per owner, and an exception keeps its type and carries the worker-side traceback.
+
+Data flow inside one worker process::
+
+    program / task greenlet          hub greenlet (this worker's loop)            broker
+    -----------------------          ---------------------------------            ------
+    submit(fn, *a) -> outbox
+    result() on a future still
+      in the outbox: run it here  -> (SCOOP laziness; the rest of the outbox ships)
+    result() otherwise: park ----->  ship outbox: guided groups, one pickle each -> TASKS
+                                     READY(1) when the run queue is nearly empty -> credit
+                                     runq <- task groups (parcels) ------------- <- TASKS
+                                     one greenlet per task: fn(*a) -> results_out
+                                     RESULTS per owner + finished groups -------> route
+    waiter woken <- future set  <--  RESULTS for futures this worker owns ------ <- RESULTS
+
+*Submitting greenlet.* ``submit`` only creates a :class:`Future` in the outbox. Asking
+for a result of a future still in the outbox runs it inline, in the asking greenlet;
+otherwise the greenlet parks and the hub runs. Parking ships the outbox first, so what a
+greenlet submitted leaves as soon as it waits.
+
+*Hub.* A loop in its own greenlet: it resumes greenlets whose futures completed, starts a
+greenlet per queued task, ships the outbox in guided groups (each takes a share of what
+remains, so early groups are big and the last ones small for load balance), sends
+results and asks the broker for more work when its queue is about to run dry.
+
+*Task greenlet.* Runs one call. If it waits on futures, it parks and the hub keeps the
+worker busy with other tasks; that is why tasks may spawn tasks at any depth without
+deadlock, even on a single worker.
+
+Without a broker (``python program.py``), the same runtime runs everything in-process:
+shipping just moves the outbox to the run queue.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from array import array
+from collections import deque
+
+from greenlet import GreenletExit, getcurrent, greenlet
+
+from . import _protocol as P
+from . import _serialize
+from ._errors import BrokenJobError, SerializationError, TimeoutError
+from ._future import CANCELLED, FINISHED, PENDING, RUNNING, Future
+
+log = logging.getLogger("scoop")
+
+# -- tuning --------------------------------------------------------------------------------
+# A shipped group holds at most this much work (futures, or map items): bigger groups cost
+# less per future but balance worse across workers.
+MAX_GROUP_WEIGHT = 128
+# Guided grouping: a group takes 1/(GROUP_SPLIT * workers) of the weight still to ship.
+# Larger values give more, smaller groups (better balance, more messages).
+GROUP_SPLIT = 4
+# Ship the outbox once this many futures wait in it, even if nobody waits yet, so a long
+# stream of submits starts running before the submitter blocks.
+OUTBOX_MAX = 1024
+# Ask the broker for another group while the queued work is estimated below this many
+# seconds: hides the round trip for short tasks without hoarding long ones.
+PREFETCH_BACKLOG_S = 0.002
+# Inline runs nest in the waiting greenlet's stack; past this depth, futures ship instead.
+MAX_INLINE_DEPTH = 100
+# While idle, wake up this often to check that the job is still alive.
+IDLE_POLL_MS = 250
+# Messages handled per poll before the hub goes back to running tasks.
+MAX_DRAIN = 256
+
+_TIDS = "Q"  # array typecode of the task-id frame that opens every task parcel
+
+
+class _Group:
+    """A task group received from the broker: who owns it and how many tasks remain."""
+
+    __slots__ = ("owner", "fid", "remaining")
+
+    def __init__(self, owner: int, fid: int, remaining: int) -> None:
+        self.owner = owner
+        self.fid = fid
+        self.remaining = remaining
+
+
+class _Waiter:
+    """A parked greenlet waiting for ``remaining`` futures (or the first failure)."""
+
+    __slots__ = ("glet", "remaining", "on_error", "arrived", "parked")
+
+    def __init__(self, glet, remaining: int, on_error: bool = False) -> None:
+        self.glet = glet
+        self.remaining = remaining
+        self.on_error = on_error
+        self.arrived: deque[Future] = deque()
+        self.parked = False
+
+    def notify(self, rt: Worker, fut: Future) -> None:
+        self.arrived.append(fut)
+        self.remaining -= 1
+        if self.parked and (self.remaining <= 0 or (
+                self.on_error and fut._exception is not None)):
+            self.parked = False
+            rt.wakeups.append(self.glet)
+
+    def wake(self, rt: Worker) -> None:
+        if self.parked:
+            self.parked = False
+            rt.wakeups.append(self.glet)
+
+
+class Worker:
+    """The scoop runtime of one process: owns its futures and runs tasks.
+
+    Args:
+        wid: this worker's id (0 is the root, which runs the program).
+        size: the number of workers of the job.
+        codec: signs and checks messages; None runs everything in-process (no broker).
+    """
+
+    def __init__(self, wid: int = 0, size: int = 1, codec: P.Codec | None = None) -> None:
+        self.wid = wid
+        self.size = max(1, size)
+        self.codec = codec
+        self.sock = None
+        self.ctx = None
+        self.thread = threading.get_ident()
+        self.where = f"worker {wid} on {socket.gethostname()} (pid {os.getpid()})"
+        self.outbox: dict[int, Future] = {}
+        self.pending: dict[int, Future] = {}  # shipped futures owned here, by id
+        self.runq: deque = deque()  # (group, tid, (fn, args, kwargs))
+        self.wakeups: deque = deque()
+        self.timers: list = []
+        self.results_out: dict[int, list] = {}
+        self.done_out: list[tuple[int, int]] = []
+        self.consts: dict[str, object] = {}
+        self.const_waiters: list[_Waiter] = []
+        self.credit_out = 0
+        self.avg_slice_s = 0.0
+        self.broken: BaseException | None = None
+        self.stopped = False
+        self.closed = False  # futures.shutdown() was called: no new futures
+        self._ids = itertools.count(1)
+        self._fids = itertools.count(1)
+        self._seq = itertools.count()
+        self._inline_depth = 0
+        self._bad_peers: set = set()
+        self._handlers = {
+            P.TASKS: self.handle_tasks,
+            P.RESULTS: self.handle_results,
+            P.CONST: self.handle_const,
+            P.STOP: self.handle_stop,
+        }
+        self.main = getcurrent()
+        self.hub = greenlet(self._hub_loop, parent=self.main)
+
+    # ==================================================================================
+    # API side: submit, wait, cancel (called from program and task greenlets)
+    # ==================================================================================
+    def submit(self, fn, args: tuple, kwargs: dict, weight: int = 1) -> Future:
+        """Queue ``fn(*args, **kwargs)`` in the outbox and return its Future."""
+        self._check_usable()
+        if self.closed:
+            raise RuntimeError("cannot submit new futures after futures.shutdown()")
+        fut = Future(self, next(self._ids), (fn, args, kwargs), weight)
+        self.outbox[fut._id] = fut
+        if len(self.outbox) >= OUTBOX_MAX:
+            self.ship()
+        return fut
+
+    def cancel(self, fut: Future) -> bool:
+        if self.outbox.pop(fut._id, None) is None:
+            return False
+        fut._state = CANCELLED
+        fut._call = None
+        self._notify(fut)
+        return True
+
+    def wait_one(self, fut: Future, timeout: float | None) -> None:
+        """Wait for one future: run it inline if it is still here, else park."""
+        if (timeout is None and fut._state == PENDING and fut._id in self.outbox
+                and self._inline_depth < MAX_INLINE_DEPTH
+                and getcurrent() is not self.hub):
+            del self.outbox[fut._id]
+            self.ship()  # the others leave now, so idle workers can take them
+            self._run_inline(fut)
+            return
+        self.wait_many([fut], 1, False, timeout)
+        if fut._state < FINISHED:
+            raise TimeoutError()
+
+    def wait_many(self, futs, need: int, on_error: bool, timeout: float | None) -> _Waiter:
+        """Park until ``need`` of ``futs`` are done (or one failed, with on_error).
+
+        Returns the waiter, whose ``arrived`` lists the futures that finished meanwhile.
+        """
+        self._check_usable()
+        waiter = _Waiter(getcurrent(), need, on_error)
+        pending = [f for f in futs if f._state < FINISHED]
+        waiter.remaining = need - (len(futs) - len(pending))
+        if waiter.remaining <= 0 or (on_error and any(
+                f._exception is not None for f in futs if f._state == FINISHED)):
+            return waiter
+        for f in pending:
+            f._waiters.append(waiter)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.park(waiter, deadline)
+        return waiter
+
+    def watch(self, futs) -> _Waiter:
+        """A waiter that collects each of ``futs`` in ``arrived`` as it completes."""
+        waiter = _Waiter(getcurrent(), 1)
+        for f in futs:
+            if f._state >= FINISHED:
+                waiter.arrived.append(f)
+            else:
+                f._waiters.append(waiter)
+        return waiter
+
+    def park(self, waiter: _Waiter, deadline: float | None) -> None:
+        """Switch to the hub until ``waiter`` is woken (or the deadline passes)."""
+        if getcurrent() is self.hub:
+            raise RuntimeError("scoop cannot wait from inside its own scheduler")
+        if threading.get_ident() != self.thread:
+            raise RuntimeError("scoop futures can only be waited on from the thread that "
+                               "started the job")
+        self.ship()
+        waiter.glet = getcurrent()
+        waiter.parked = True
+        if deadline is not None:
+            heapq.heappush(self.timers, (deadline, next(self._seq), waiter))
+        self.hub.switch()
+        waiter.parked = False
+        if self.broken is not None and waiter.remaining > 0:
+            raise BrokenJobError(str(self.broken)) from self.broken
+
+    def run_callbacks(self, fut: Future, callbacks) -> None:
+        """Run done-callbacks; in their own greenlet when called by the hub (may wait)."""
+        if getcurrent() is self.hub:
+            greenlet(self._call_callbacks, parent=self.hub).switch(fut, callbacks)
+        else:
+            self._call_callbacks(fut, callbacks)
+
+    @staticmethod
+    def _call_callbacks(fut: Future, callbacks) -> None:
+        for cb in callbacks:
+            try:
+                cb(fut)
+            except Exception:
+                log.exception("exception calling callback %r for %r", cb, fut)
+
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise BrokenJobError(str(self.broken)) from self.broken
+
+    # ==================================================================================
+    # Completion
+    # ==================================================================================
+    def _run_inline(self, fut: Future) -> None:
+        fn, args, kwargs = fut._call
+        fut._state = RUNNING
+        self._inline_depth += 1
+        try:
+            value = fn(*args, **kwargs)
+            ok = True
+        except GreenletExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any outcome is the future's
+            value, ok = exc, False
+        finally:
+            self._inline_depth -= 1
+        self._complete(fut, ok, value)
+
+    def _complete(self, fut: Future | None, ok: bool, value) -> None:
+        if fut is None or fut._state >= FINISHED:
+            return  # a duplicate or late result: each result is delivered once
+        self.pending.pop(fut._id, None)
+        fut._finish(ok, value)
+        self._notify(fut)
+
+    def _notify(self, fut: Future) -> None:
+        waiters, fut._waiters = fut._waiters, []
+        for w in waiters:
+            w.notify(self, fut)
+        if fut._callbacks:
+            callbacks, fut._callbacks = fut._callbacks, []
+            self.run_callbacks(fut, callbacks)
+
+    # ==================================================================================
+    # Shipping: outbox -> task groups -> broker
+    # ==================================================================================
+    def ship(self) -> None:
+        """Send every future of the outbox away (to the broker, or to the local queue)."""
+        if not self.outbox:
+            return
+        futs = list(self.outbox.values())
+        self.outbox.clear()
+        for f in futs:
+            f._state = RUNNING
+            self.pending[f._id] = f
+        if self.sock is None:
+            group = _Group(self.wid, next(self._fids), len(futs))
+            self.runq.extend((group, f._id, f._call) for f in futs)
+            return
+        parcels = []
+        for chunk in self._guided_groups(futs):
+            parcel = self._pack_group(chunk)
+            if parcel is not None:
+                parcels.append(parcel)
+        if parcels:
+            self._send(P.TASKS, parcels=parcels)
+
+    def _guided_groups(self, futs: list[Future]):
+        remaining = sum(f._weight for f in futs)
+        i, n = 0, len(futs)
+        while i < n:
+            target = min(MAX_GROUP_WEIGHT, -(-remaining // (GROUP_SPLIT * self.size)))
+            j, weight = i, 0
+            while j < n and (j == i or weight + futs[j]._weight <= target):
+                weight += futs[j]._weight
+                j += 1
+            remaining -= weight
+            yield futs[i:j]
+            i = j
+
+    def _pack_group(self, futs: list[Future]) -> P.Parcel | None:
+        try:
+            frames = _serialize.dumps([f._call for f in futs])
+        except Exception:  # noqa: BLE001 - find and fail the culprits, ship the rest
+            good = []
+            for f in futs:
+                try:
+                    _serialize.dumps(f._call)
+                    good.append(f)
+                except Exception:  # noqa: BLE001
+                    msg = _serialize.describe_unpicklable(*f._call)
+                    self._complete(f, False, SerializationError(msg))
+            if not good:
+                return None
+            futs = good
+            frames = _serialize.dumps([f._call for f in futs])
+        tids = array(_TIDS, [f._id for f in futs]).tobytes()
+        for f in futs:
+            f._call = (f._call[0], (), {})  # keep the function for repr, drop the data
+        return self.codec.parcel([tids, *frames], tag=next(self._fids))
+
+    # ==================================================================================
+    # Hub: the scheduling loop
+    # ==================================================================================
+    def _hub_loop(self) -> None:
+        runq, wakeups = self.runq, self.wakeups
+        while not self.stopped:
+            while wakeups:
+                g = wakeups.popleft()
+                if not g.dead:
+                    g.switch()
+            if runq:
+                self._start_task(runq.popleft())
+                if self.done_out and self.sock is not None:
+                    self._flush()
+                    self._poll(0)
+                continue
+            self._flush()
+            if wakeups or runq:
+                continue
+            self._wait_for_events()
+        self._wake_all()
+
+    def _start_task(self, entry) -> None:
+        t0 = time.perf_counter()
+        greenlet(self._execute, parent=self.hub).switch(entry)
+        self.avg_slice_s += (time.perf_counter() - t0 - self.avg_slice_s) * 0.1
+
+    def _execute(self, entry) -> None:
+        group, tid, (fn, args, kwargs) = entry
+        try:
+            value = fn(*args, **kwargs)
+            ok = True
+        except GreenletExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any outcome is the future's
+            value, ok = exc, False
+        if group.owner == self.wid:
+            self._complete(self.pending.get(tid), ok, value)
+        else:
+            if not ok:
+                value = _serialize.wire_exception(value, self.where)
+            self.results_out.setdefault(group.owner, []).append((tid, ok, value))
+        group.remaining -= 1
+        if group.remaining == 0:
+            self.done_out.append((group.owner, group.fid))
+
+    def _wait_for_events(self) -> None:
+        now = time.monotonic()
+        timeout_ms = IDLE_POLL_MS
+        if self.timers:
+            timeout_ms = max(0, min(timeout_ms, int((self.timers[0][0] - now) * 1000) + 1))
+        if self.sock is not None:
+            self._poll(timeout_ms)
+        elif self.timers:
+            time.sleep(timeout_ms / 1000)
+        else:
+            self._deadlock()
+        self._fire_timers()
+        self._check_alive()
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            heapq.heappop(self.timers)[2].wake(self)
+
+    def _deadlock(self) -> None:
+        # In-process mode with nothing runnable and nothing timed: no result can come.
+        self.broken = RuntimeError("every future is waiting and none can run (deadlock)")
+        self._wake_all()
+        self.broken = None
+
+    def _wake_all(self) -> None:
+        for g in list(self._parked_greenlets()):
+            self.wakeups.append(g)
+        while self.wakeups:
+            g = self.wakeups.popleft()
+            if not g.dead and g is not getcurrent():
+                g.switch()
+
+    def _parked_greenlets(self):
+        seen = set()
+        for fut in itertools.chain(self.pending.values(), self.outbox.values()):
+            for w in fut._waiters:
+                if w.parked and id(w.glet) not in seen:
+                    seen.add(id(w.glet))
+                    w.parked = False
+                    yield w.glet
+        for w in self.const_waiters + [t[2] for t in self.timers]:
+            if w.parked and id(w.glet) not in seen:
+                seen.add(id(w.glet))
+                w.parked = False
+                yield w.glet
+
+    def _check_alive(self) -> None:
+        """Hook for liveness checks while idle (overridden by process workers)."""
+
+    # ==================================================================================
+    # Network: flush, poll, handlers
+    # ==================================================================================
+    def _send(self, kind: bytes, **kw) -> None:
+        self.sock.send_multipart(self.codec.encode(kind, **kw), copy=False)
+
+    def _flush(self) -> None:
+        """Ship the outbox, send results and finished groups, ask for work if low."""
+        self.ship()
+        if self.sock is None:
+            self.done_out.clear()
+            return
+        if self.results_out or self.done_out:
+            parcels = [self._pack_results(owner, items)
+                       for owner, items in self.results_out.items()]
+            self._send(P.RESULTS, parcels=parcels, done=self.done_out)
+            self.results_out = {}
+            self.done_out = []
+        if self.credit_out == 0 and len(self.runq) * self.avg_slice_s < PREFETCH_BACKLOG_S:
+            self.credit_out += 1
+            self._send(P.READY, arg=1)
+
+    def _pack_results(self, owner: int, items: list) -> P.Parcel:
+        try:
+            frames = _serialize.dumps(items)
+        except Exception:  # noqa: BLE001 - replace the unpicklable results only
+            fixed = []
+            for tid, ok, value in items:
+                try:
+                    _serialize.dumps(value)
+                except Exception as exc:  # noqa: BLE001
+                    err = _serialize.unpicklable_result_error(value, exc)
+                    ok, value = False, _serialize.wire_exception(err, self.where)
+                fixed.append((tid, ok, value))
+            frames = _serialize.dumps(fixed)
+        return self.codec.parcel(frames, peer=owner)
+
+    def _poll(self, timeout_ms: int) -> None:
+        import zmq
+
+        sock = self.sock
+        if timeout_ms and not sock.poll(timeout_ms):
+            return
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = self.codec.decode(frames)
+            except P.AuthError as exc:
+                self._reject("broker", exc)
+                continue
+            handler = self._handlers.get(msg.kind)
+            if handler is None:
+                log.warning("worker %d: unexpected %r from the broker, dropped", self.wid, msg)
+                continue
+            handler(msg)
+
+    def _reject(self, peer, exc: Exception) -> None:
+        if peer not in self._bad_peers:  # log each bad peer once, not every message
+            self._bad_peers.add(peer)
+            log.warning("worker %d: dropped a message that failed authentication from %s: %s",
+                        self.wid, peer, exc)
+
+    def handle_tasks(self, msg: P.Message) -> None:
+        for parcel in msg.parcels:
+            self.credit_out = max(0, self.credit_out - 1)
+            try:
+                self.codec.check(parcel)
+            except P.AuthError as exc:
+                self._reject("a task parcel", exc)
+                continue
+            tids = array(_TIDS)
+            tids.frombytes(bytes(parcel.frames[0].buffer if hasattr(parcel.frames[0], "buffer")
+                                 else parcel.frames[0]))
+            group = _Group(parcel.peer, parcel.tag, len(tids))
+            try:
+                calls = _serialize.loads(parcel.frames[1:])
+            except Exception as exc:  # noqa: BLE001 - fail the group's tasks, keep working
+                err = SerializationError(
+                    f"{self.where} could not unpickle a task: {type(exc).__name__}: {exc}")
+                for tid in tids:
+                    self.runq.append((group, tid, (_raise, (err,), {})))
+                continue
+            self.runq.extend(zip(itertools.repeat(group), tids, calls))
+
+    def handle_results(self, msg: P.Message) -> None:
+        for parcel in msg.parcels:
+            try:
+                self.codec.check(parcel)
+            except P.AuthError as exc:
+                self._reject("a result parcel", exc)
+                continue
+            pending = self.pending
+            for tid, ok, value in _serialize.loads(parcel.frames):
+                self._complete(pending.get(tid), ok, value)
+
+    def handle_const(self, msg: P.Message) -> None:
+        for parcel in msg.parcels:
+            try:
+                self.codec.check(parcel)
+            except P.AuthError as exc:
+                self._reject("a constants parcel", exc)
+                continue
+            for name, value in _serialize.loads(parcel.frames).items():
+                self.consts.setdefault(name, value)
+        waiters, self.const_waiters = self.const_waiters, []
+        for w in waiters:
+            w.wake(self)
+
+    def handle_stop(self, msg: P.Message) -> None:
+        self.stop(BrokenJobError("the job was stopped"))
+
+    # ==================================================================================
+    # Life cycle
+    # ==================================================================================
+    def connect(self, address: str, key: bytes, timeout: float = 30.0) -> dict:
+        """Join the broker at ``address``; return the WELCOME body."""
+        import zmq
+
+        self.codec = P.Codec(key, self.wid)
+        self.ctx = zmq.Context()
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"w%d" % self.wid)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(address)
+        self.sock = sock
+        self._send(P.HELLO, body={"version": P.VERSION, "wid": self.wid, "pid": os.getpid(),
+                                  "host": socket.gethostname()})
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                self.close()
+                raise BrokenJobError(f"no answer from the broker at {address} "
+                                     f"within {timeout:.0f} s")
+            try:
+                msg = self.codec.decode(sock.recv_multipart(copy=False))
+            except P.AuthError as exc:
+                self._reject("broker", exc)
+                continue
+            if msg.kind == P.REFUSED:
+                self.close()
+                raise BrokenJobError(f"the broker refused worker {self.wid}: "
+                                     f"{msg.body.get('reason')}")
+            if msg.kind == P.WELCOME:
+                self.size = int(msg.body.get("size", self.size))
+                self.handle_const(msg)
+                return msg.body
+            log.debug("worker %d: %r before WELCOME, dropped", self.wid, msg)
+
+    def serve(self) -> None:
+        """Run tasks until the broker says stop (the loop of a non-root worker)."""
+        self.hub.switch()
+
+    def set_const(self, values: dict) -> None:
+        """Record shared constants here and broadcast them to every worker."""
+        for name in values:
+            if name in self.consts:
+                raise TypeError(f"constant {name!r} is already defined; constants are "
+                                "immutable")
+        frames = _serialize.dumps(values)
+        self.consts.update(values)
+        if self.sock is not None:
+            self._send(P.CONST, parcels=[self.codec.parcel(frames)])
+
+    def get_const(self, name: str, timeout: float | None):
+        if name in self.consts or self.sock is None:
+            return self.consts.get(name)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while name not in self.consts and self.broken is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            waiter = _Waiter(getcurrent(), 1)
+            self.const_waiters.append(waiter)
+            self.park(waiter, deadline)
+        return self.consts.get(name)
+
+    def stop(self, reason: BaseException) -> None:
+        """Stop the hub; parked greenlets wake up to BrokenJobError(reason)."""
+        self.broken = reason
+        self.stopped = True
+
+    def shutdown(self, status: int = 0) -> None:
+        """Root only: tell the broker the program ended with ``status``, then close."""
+        if self.sock is not None and not self.stopped:
+            try:
+                self._flush()
+                self._send(P.SHUTDOWN, arg=status & 0xFFFFFFFF)
+            except Exception:  # noqa: BLE001 - closing anyway
+                log.debug("could not send SHUTDOWN", exc_info=True)
+        self.stop(BrokenJobError("the job has shut down"))
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+
+
+def _raise(exc: BaseException):
+    raise exc
+
+
+# -- the runtime of this process --------------------------------------------------------
+_current: Worker | None = None
+_warned_serial = False
+
+
+def current() -> Worker:
+    """This process's runtime; outside a job, an in-process one (with a warning once)."""
+    global _current, _warned_serial
+    if _current is None or (_current.stopped and not _current.sock):
+        if not _warned_serial:
+            _warned_serial = True
+            import warnings
+
+            warnings.warn("scoop is not running: futures run one at a time in this process. "
+                          "Start the program with `python -m scoop program.py` to run them "
+                          "in parallel.", RuntimeWarning, stacklevel=3)
+        _current = Worker()
+    return _current
+
+
+def install(worker: Worker | None) -> None:
+    """Make ``worker`` this process's runtime (None: back to in-process mode)."""
+    global _current
+    _current = worker
