@@ -101,6 +101,7 @@ class Broker:
             P.HELLO: self.handle_hello,
             P.TASKS: self.handle_tasks,
             P.READY: self.handle_ready,
+            P.RETURN: self.handle_return,
             P.RESULTS: self.handle_results,
             P.CONST: self.handle_const,
             P.SHUTDOWN: self.handle_shutdown,
@@ -226,6 +227,11 @@ class Broker:
 
     def handle_ready(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         peer.credit += msg.arg
+
+    def handle_return(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
+        for parcel in reversed(msg.parcels):
+            peer.held.pop((parcel.peer, parcel.tag), None)
+            self.queue.appendleft(parcel)  # first in line again
 
     def handle_results(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         for key in msg.done:

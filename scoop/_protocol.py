@@ -34,6 +34,8 @@ Messages (w: worker, b: broker)::
     TASKS    w->b  parcels (tag=fid): task groups submitted by the sender
              b->w  parcels (tag=fid, peer=owner): task groups to run
     READY    w->b  arg=n: the sender can take n more task groups
+    RETURN   w->b  parcels (tag=fid, peer=owner): unstarted tasks handed back, to be
+                   queued first (the sender waits with a deadline and will not run them)
     RESULTS  w->b  parcels (peer=owner): results for that owner; done: finished groups
              b->w  parcels: results of the receiver's futures
     CONST    w->b, b->w  parcels: shared constants (shared.setConst)
@@ -57,6 +59,7 @@ WELCOME = b"W"
 REFUSED = b"X"
 TASKS = b"T"
 READY = b"R"
+RETURN = b"U"
 RESULTS = b"D"
 CONST = b"C"
 SHUTDOWN = b"Q"
@@ -65,7 +68,7 @@ BYE = b"B"
 
 KIND_NAMES = {
     HELLO: "HELLO", WELCOME: "WELCOME", REFUSED: "REFUSED", TASKS: "TASKS", READY: "READY",
-    RESULTS: "RESULTS", CONST: "CONST", SHUTDOWN: "SHUTDOWN", STOP: "STOP", BYE: "BYE",
+    RETURN: "RETURN", RESULTS: "RESULTS", CONST: "CONST", SHUTDOWN: "SHUTDOWN", STOP: "STOP", BYE: "BYE",
 }
 
 _HEAD = struct.Struct("<QIIII")

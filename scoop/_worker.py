@@ -153,6 +153,7 @@ class Worker:
         self._fids = itertools.count(1)
         self._seq = itertools.count()
         self._inline_depth = 0
+        self._timed_waits = 0  # parked greenlets that wait with a deadline
         self._bad_peers: set = set()
         self._handlers = {
             P.TASKS: self.handle_tasks,
@@ -210,11 +211,20 @@ class Worker:
         if waiter.remaining <= 0 or (on_error and any(
                 f._exception is not None for f in futs if f._state == FINISHED)):
             return waiter
+        if timeout is not None and timeout <= 0:
+            self.poll_now()  # a check, not a wait: run nothing
+            return waiter
         for f in pending:
             f._waiters.append(waiter)
         deadline = None if timeout is None else time.monotonic() + timeout
         self.park(waiter, deadline)
         return waiter
+
+    def poll_now(self) -> None:
+        """Ship the outbox and take in what has arrived, without running any task."""
+        self.ship()
+        if self.sock is not None:
+            self._poll(0)
 
     def watch(self, futs) -> _Waiter:
         """A waiter that collects each of ``futs`` in ``arrived`` as it completes."""
@@ -227,7 +237,12 @@ class Worker:
         return waiter
 
     def park(self, waiter: _Waiter, deadline: float | None) -> None:
-        """Switch to the hub until ``waiter`` is woken (or the deadline passes)."""
+        """Switch to the hub until ``waiter`` is woken (or the deadline passes).
+
+        Meanwhile this worker runs other tasks, except while a wait has a deadline: then
+        it starts none (unless it is the job's only worker), so that a task cannot make
+        the wait overrun; the other workers do the work.
+        """
         if getcurrent() is self.hub:
             raise RuntimeError("scoop cannot wait from inside its own scheduler")
         if threading.get_ident() != self.thread:
@@ -238,7 +253,14 @@ class Worker:
         waiter.parked = True
         if deadline is not None:
             heapq.heappush(self.timers, (deadline, next(self._seq), waiter))
-        self.hub.switch()
+            self._timed_waits += 1
+            if not self._may_run():
+                self._give_back()
+        try:
+            self.hub.switch()
+        finally:
+            if deadline is not None:
+                self._timed_waits -= 1
         waiter.parked = False
         if self.broken is not None and waiter.remaining > 0:
             raise BrokenJobError(str(self.broken)) from self.broken
@@ -363,17 +385,21 @@ class Worker:
                 g = wakeups.popleft()
                 if not g.dead:
                     g.switch()
-            if runq:
+            if runq and self._may_run():
                 self._start_task(runq.popleft())
                 if self.done_out and self.sock is not None:
                     self._flush()
                     self._poll(0)
                 continue
             self._flush()
-            if wakeups or runq:
+            if wakeups or (runq and self._may_run()):
                 continue
             self._wait_for_events()
         self._wake_all()
+
+    def _may_run(self) -> bool:
+        """Whether the hub may start tasks now (see :meth:`park` on deadlines)."""
+        return not self._timed_waits or self.size == 1
 
     def _start_task(self, entry) -> None:
         t0 = time.perf_counter()
@@ -467,7 +493,8 @@ class Worker:
             self._send(P.RESULTS, parcels=parcels, done=self.done_out)
             self.results_out = {}
             self.done_out = []
-        if self.credit_out == 0 and len(self.runq) * self.avg_slice_s < PREFETCH_BACKLOG_S:
+        if (self.credit_out == 0 and self._may_run()
+                and len(self.runq) * self.avg_slice_s < PREFETCH_BACKLOG_S):
             self.credit_out += 1
             self._send(P.READY, arg=1)
 
@@ -535,6 +562,29 @@ class Worker:
                     self.runq.append((group, tid, (_raise, (err,), {})))
                 continue
             self.runq.extend(zip(itertools.repeat(group), tids, calls))
+        if not self._may_run():
+            self._give_back()
+
+    def _give_back(self) -> None:
+        """Return the unstarted tasks to the broker, to be run by another worker."""
+        if not self.runq or self.sock is None:
+            return
+        groups: dict[int, tuple[_Group, list]] = {}
+        for group, tid, call in self.runq:
+            groups.setdefault(id(group), (group, []))[1].append((tid, call))
+        self.runq.clear()
+        parcels = []
+        for group, items in groups.values():
+            try:
+                frames = _serialize.dumps([call for _, call in items])
+            except Exception:  # noqa: BLE001 - keep what cannot travel; run it later
+                self.runq.extend((group, tid, call) for tid, call in items)
+                continue
+            group.remaining -= len(items)
+            tids = array(_TIDS, [tid for tid, _ in items]).tobytes()
+            parcels.append(self.codec.parcel([tids, *frames], tag=group.fid, peer=group.owner))
+        if parcels:
+            self._send(P.RETURN, parcels=parcels)
 
     def handle_results(self, msg: P.Message) -> None:
         for parcel in msg.parcels:

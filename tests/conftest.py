@@ -1,0 +1,98 @@
+"""Shared fixtures: a real in-process pool, a runner for `python -m scoop`, leak checks.
+
+Every process a test starts inherits ``SCOOP_TEST_RUN`` (set below), so a process left
+behind is found by scanning /proc for that mark, even after it was re-parented to init.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+RUN_MARK = f"scoop-test-{uuid.uuid4().hex[:12]}"
+os.environ["SCOOP_TEST_RUN"] = RUN_MARK
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def marked_processes(exclude: set[int] = frozenset()) -> dict[int, str]:
+    """pid -> command line of every live process started by this test run."""
+    found = {}
+    needle = f"SCOOP_TEST_RUN={RUN_MARK}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid() or int(name) in exclude:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{name}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue  # a zombie awaiting its parent's wait(): not running
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                found[int(name)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return found
+
+
+def wait_no_processes(exclude: set[int] = frozenset(), timeout: float = 10.0) -> dict:
+    """Wait until no marked process is left; return those still there after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = marked_processes(exclude)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def pool():
+    """A real job: this interpreter is the root worker, one more worker process."""
+    from scoop._launch import Launcher
+
+    job = Launcher(2).start(root_in_process=True)
+    try:
+        yield job
+    finally:
+        job.stop()
+
+
+@pytest.fixture
+def no_leftovers(request):
+    """Fail the test if it leaves any process behind (the pool's workers excepted)."""
+    yield
+    pool_pids = set()
+    if "pool" in request.fixturenames:
+        pool_pids = {p.pid for p in request.getfixturevalue("pool").procs.values()}
+    left = wait_no_processes(pool_pids)
+    assert not left, f"processes left behind: {left}"
+
+
+def write_program(tmp_path, source: str, name: str = "prog.py") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return str(path)
+
+
+def run_scoop(*args: str, timeout: float = 60, cwd=None, env=None, **kw):
+    """Run ``python -m scoop ARGS`` to completion; return the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "scoop", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=env, **kw)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = wait_no_processes(timeout=5)
+    if left:
+        print(f"\nERROR: processes left behind by the tests: {left}", file=sys.stderr)
+        for pid in left:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        session.exitstatus = 1
