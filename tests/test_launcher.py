@@ -1,0 +1,247 @@
+"""`python -m scoop` as a user runs it: exit status, errors, signals, cleanup, options."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import marked_processes, run_scoop, wait_no_processes, write_program
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftovers")]
+
+
+def test_exit_status_is_the_programs(tmp_path):
+    prog = write_program(tmp_path, """
+        import sys
+        from scoop import futures
+        if __name__ == "__main__":
+            assert list(futures.map(abs, [-1, -2])) == [1, 2]
+            sys.exit(3)
+    """)
+    assert run_scoop("-n", "2", prog).returncode == 3
+
+
+def test_program_arguments_and_argv(tmp_path):
+    prog = write_program(tmp_path, """
+        import sys
+        if __name__ == "__main__":
+            print(sys.argv[1:])
+    """)
+    out = run_scoop("-n", "1", prog, "-n", "5", "--foo", "bar")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['-n', '5', '--foo', 'bar']"
+
+
+def test_uncaught_remote_exception_prints_both_tracebacks(tmp_path):
+    prog = write_program(tmp_path, """
+        from scoop import futures
+        def explode(x):
+            raise KeyError(f"bad key {x}")
+        if __name__ == "__main__":
+            futs = [futures.submit(explode, i) for i in range(20)]
+            futures.wait(futs)
+            remote = [f for f in futs if f.exception().__cause__ is not None]
+            remote[0].result()
+    """)
+    out = run_scoop("-n", "2", prog)
+    assert out.returncode == 1
+    assert "Traceback from worker 1" in out.stderr
+    assert "in explode" in out.stderr and "KeyError" in out.stderr
+    assert "remote[0].result()" in out.stderr  # the root's own frames
+
+
+def test_missing_program(tmp_path):
+    out = run_scoop(str(tmp_path / "nope.py"))
+    assert out.returncode == 2
+    assert "nope.py: no such file" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_syntax_error_reported_before_starting(tmp_path):
+    prog = write_program(tmp_path, "def broken(:\n    pass\n")
+    t0 = time.monotonic()
+    out = run_scoop("-n", "2", prog)
+    assert out.returncode == 1
+    assert "syntax error" in out.stderr and "line 1" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert time.monotonic() - t0 < 10
+
+
+def test_module_imported_on_every_worker_main_block_once(tmp_path):
+    log = tmp_path / "log"
+    prog = write_program(tmp_path, f"""
+        import os, scoop
+        from scoop import futures
+        with open({str(log)!r}, "a") as f:
+            f.write(f"import {{__name__}} {{os.getpid()}}\\n")
+
+        def info(_):
+            import time
+            time.sleep(0.01)
+            return (scoop.worker, scoop.IS_ORIGIN, scoop.SIZE, os.getpid())
+
+        if __name__ == "__main__":
+            with open({str(log)!r}, "a") as f:
+                f.write("main\\n")
+            seen = set(futures.map(info, range(60)))
+            print(sorted(seen))
+    """)
+    out = run_scoop("-n", "3", prog)
+    assert out.returncode == 0, out.stderr
+    lines = log.read_text().splitlines()
+    imports = [line for line in lines if line.startswith("import")]
+    names = sorted(line.split()[1] for line in imports)
+    assert names == ["__main__", "__scoop_main__", "__scoop_main__"]
+    assert lines.count("main") == 1
+    seen = eval(out.stdout)  # noqa: S307 - our own program's output
+    assert {s[2] for s in seen} == {3}
+    for wid, origin, _, _ in seen:
+        assert origin == (wid == 0)
+
+
+def test_module_level_data_stays_on_workers(tmp_path):
+    """Top-level functions travel by reference: they read each worker's own globals."""
+    prog = write_program(tmp_path, """
+        import os
+        from scoop import futures
+        data = {"pid": os.getpid()}          # differs on every worker
+
+        def whose(_):
+            import time
+            time.sleep(0.01)
+            return data["pid"], os.getpid()
+
+        if __name__ == "__main__":
+            pairs = set(futures.map(whose, range(40)))
+            assert all(a == b for a, b in pairs), pairs
+            assert len(pairs) == 2, pairs
+            def inner(x):                     # defined in the guarded block: by value
+                return x + 1
+            assert list(futures.map(inner, range(50))) == list(range(1, 51))
+            print("ok")
+    """)
+    out = run_scoop("-n", "2", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_single_worker_nested_tree(tmp_path):
+    prog = write_program(tmp_path, """
+        from scoop import futures
+        def tree(d):
+            if d == 0:
+                return 1
+            a, b = futures.submit(tree, d - 1), futures.submit(tree, d - 1)
+            return a.result() + b.result()
+        if __name__ == "__main__":
+            print(futures.submit(tree, 12).result())
+    """)
+    out = run_scoop("-n", "1", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4096"
+
+
+def _start(prog, *args):
+    return subprocess.Popen([sys.executable, "-m", "scoop", *args, prog],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+LONG_JOB = """
+    import time
+    from scoop import futures
+    def spin(x):
+        end = time.time() + 60
+        while time.time() < end:
+            pass
+    if __name__ == "__main__":
+        print("started", flush=True)
+        list(futures.map(spin, range(4)))
+"""
+
+
+@pytest.mark.parametrize("sig,status,word", [(signal.SIGINT, 130, "Ctrl-C"),
+                                             (signal.SIGTERM, 143, "SIGTERM")])
+def test_signal_stops_everything(tmp_path, sig, status, word):
+    proc = _start(write_program(tmp_path, LONG_JOB), "-n", "3")
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.3)
+    assert len(marked_processes({proc.pid})) >= 3
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == status
+    assert time.monotonic() - t0 < 8
+    assert word in err and "Traceback" not in err
+    assert not wait_no_processes(timeout=5)
+
+
+def test_killed_launcher_leaves_no_worker(tmp_path):
+    proc = _start(write_program(tmp_path, LONG_JOB), "-n", "3")
+    assert proc.stdout.readline().strip() == "started"
+    proc.kill()
+    proc.wait(10)
+    left = wait_no_processes(timeout=10)
+    assert not left, left
+
+
+def test_help_reads_well():
+    out = run_scoop("--help")
+    assert out.returncode == 0
+    for option in ("-n N", "--path", "--nice", "--python-executable", "--pythonpath",
+                   "--verbose", "--quiet", "--log", "--debug", "program.py"):
+        assert option in out.stdout
+
+
+def test_process_options(tmp_path):
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    (libdir / "helper_mod.py").write_text("VALUE = 42\n")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    prog = write_program(tmp_path, """
+        import os, scoop
+        from scoop import futures
+        def probe(_):
+            import time
+            import helper_mod
+            time.sleep(0.01)
+            return os.nice(0), os.getcwd(), helper_mod.VALUE, scoop.DEBUG
+        if __name__ == "__main__":
+            print(sorted(set(futures.map(probe, range(20)))))
+    """)
+    out = run_scoop("-n", "2", "--nice", "5", "--path", str(workdir), "--pythonpath",
+                    str(libdir), "--debug", prog)
+    assert out.returncode == 0, out.stderr
+    results = eval(out.stdout)  # noqa: S307 - our own program's output
+    base = os.nice(0)
+    assert results == [(base + 5, str(workdir), 42, True)]
+
+
+def test_python_executable_option(tmp_path):
+    wrapper = tmp_path / "mypython"
+    marker = tmp_path / "used"
+    wrapper.write_text(f"#!/bin/sh\necho yes >> {marker}\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    prog = write_program(tmp_path, "if __name__ == '__main__':\n    print('hi')\n")
+    out = run_scoop("-n", "2", "--python-interpreter", str(wrapper), prog)
+    assert out.returncode == 0, out.stderr
+    assert marker.read_text().count("yes") == 2
+    bad = run_scoop("-n", "1", "--python-executable", str(tmp_path / "nopython"), prog)
+    assert bad.returncode == 1
+    assert "cannot start a worker" in bad.stderr and "--python-executable" in bad.stderr
+
+
+def test_log_file_and_verbosity(tmp_path):
+    prog = write_program(tmp_path, "if __name__ == '__main__':\n    print('hi')\n")
+    logfile = tmp_path / "scoop.log"
+    out = run_scoop("-n", "2", "-v", "--log", str(logfile), prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "hi"
+    assert "started 2 workers" in logfile.read_text()
+    quiet = run_scoop("-n", "2", "-q", prog)
+    assert quiet.returncode == 0 and quiet.stderr == ""
