@@ -97,7 +97,10 @@ def main() -> None:
         os.chdir(cfg["cwd"])
     wid, root = cfg["wid"], cfg["wid"] == 0
     worker = _worker.Worker(wid, cfg["size"])
-    worker.connect(cfg["address"], bytes.fromhex(cfg["key"]))
+    try:
+        worker.connect(cfg["address"], bytes.fromhex(cfg["key"]))
+    except _worker.JobOver:
+        return  # started too late to matter: leave quietly
     _worker.install(worker)
     scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker = True, root, wid
     scoop.SIZE, scoop.DEBUG = worker.size, bool(cfg.get("debug"))

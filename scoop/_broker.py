@@ -87,14 +87,15 @@ class Broker:
             port = self.router.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self._ctl_addr = f"inproc://scoop-broker-{id(self)}"
-        self._ctl = self.ctx.socket(zmq.PAIR)
+        self._ctl = self.ctx.socket(zmq.PULL)  # commands from other threads
         self._ctl.bind(self._ctl_addr)
         self.peers: dict[bytes, _Peer] = {}
         self.by_wid: dict[int, _Peer] = {}
         self.queue: deque[P.Parcel] = deque()  # parcels: tag=fid, peer=owner
         self.consts: list[P.Parcel] = []
         self.exit_status: int | None = None
-        self.finished = threading.Event()
+        self.finished = threading.Event()  # the loop has ended
+        self.stopping = False  # STOP sent; workers that join now are stopped at once
         self._thread: threading.Thread | None = None
         self._bad_peers: set[bytes] = set()
         self._handlers = {
@@ -115,21 +116,32 @@ class Broker:
         self._thread.start()
         return self
 
+    def stop_workers(self) -> None:
+        """Send STOP to every worker, now and as they join; keep routing (any thread)."""
+        self._command(b"stop-workers")
+
     def stop(self, timeout: float = 5.0) -> None:
-        """Tell every worker to stop, end the loop and close the sockets (any thread)."""
-        if self.finished.is_set():
-            if self._thread is not None:
-                self._thread.join(timeout)
+        """Stop every worker, end the loop and close the sockets (any thread).
+
+        Until then the loop keeps answering, even after the root's SHUTDOWN, so that a
+        worker joining late is told to stop instead of waiting for an answer.
+        """
+        if self._thread is None:
+            if not self.finished.is_set():
+                self._stop_workers()
+                self._close()
             return
-        if self._thread is not None and self._thread.is_alive():
-            ctl = self.ctx.socket(zmq.PAIR)
-            ctl.connect(self._ctl_addr)
-            ctl.send(b"stop")
-            ctl.close()
-            self._thread.join(timeout)
-        else:
-            self._stop_workers()
-            self._close()
+        self._command(b"stop")
+        self._thread.join(timeout)
+
+    def _command(self, cmd: bytes) -> None:
+        if self.finished.is_set():
+            return
+        push = self.ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(self._ctl_addr)
+        push.send(cmd)
+        push.close()
 
     def run(self) -> None:
         """The broker loop; returns after :meth:`stop` or a SHUTDOWN from the root."""
@@ -137,12 +149,13 @@ class Broker:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._ctl, zmq.POLLIN)
         try:
-            while not self.finished.is_set():
+            while True:
                 events = dict(poller.poll(1000))
                 if self._ctl in events:
-                    self._ctl.recv()
+                    cmd = self._ctl.recv()
                     self._stop_workers()
-                    break
+                    if cmd == b"stop":
+                        break
                 if self.router in events:
                     self._drain()
                     self.dispatch()
@@ -156,9 +169,9 @@ class Broker:
         self.ctx.term()
 
     def _stop_workers(self) -> None:
+        self.stopping = True
         for peer in list(self.peers.values()):
             self._send(peer, P.STOP)
-        self.finished.set()
 
     # -- sockets ---------------------------------------------------------------------------
     def _drain(self) -> None:
@@ -209,6 +222,9 @@ class Broker:
             reason = f"worker {wid} is already connected"
         else:
             reason = None
+        if reason is None and self.stopping:
+            self.router.send_multipart([ident, *self.codec.encode(P.STOP)])
+            return
         if reason:
             log.warning("broker: refused a worker: %s", reason)
             self.router.send_multipart([ident, *self.codec.encode(

@@ -171,7 +171,7 @@ class Launcher:
 
     def check_workers(self) -> None:
         """Report each non-root worker that ended before the job did (once)."""
-        if self.broker is not None and self.broker.finished.is_set():
+        if self.broker is not None and self.broker.stopping:
             return
         for wid, proc in self.procs.items():
             code = proc.poll()
@@ -189,7 +189,7 @@ class Launcher:
             self.root_worker = None
             scoop.IS_RUNNING, scoop.worker, scoop.SIZE = False, None, 1
         if self.broker is not None:
-            self.broker.stop()
+            self.broker.stop_workers()
         deadline = time.monotonic() + grace
         for proc in self.procs.values():
             try:
@@ -205,6 +205,8 @@ class Launcher:
                     proc.wait(1.0)
                 except subprocess.TimeoutExpired:
                     pass
+        if self.broker is not None:
+            self.broker.stop()
 
     def __enter__(self) -> Launcher:
         return self.start(root_in_process=True) if self.root_worker is None else self

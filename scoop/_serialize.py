@@ -154,6 +154,16 @@ def format_remote(exc: BaseException, where: str, skip_frames: int = 1) -> str:
     return f'\n"""\nTraceback from {where}:\n{text}"""'
 
 
+def attach_traceback(exc: BaseException, where: str) -> BaseException:
+    """Give a task's exception that ran in its owner's process the same ``__cause__`` as a
+    remote one, so ``exc.__cause__`` always tells where it ran (a user's own ``raise ...
+    from`` cause is kept)."""
+    if exc.__cause__ is None:
+        exc.__cause__ = RemoteTraceback(format_remote(exc, where).replace(
+            "Traceback from ", "Traceback from (local) ", 1))
+    return exc
+
+
 class _ExceptionWithTraceback:
     """Wire form of a task's exception: the exception plus its traceback text."""
 

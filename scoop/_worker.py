@@ -44,6 +44,7 @@ import itertools
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from array import array
@@ -297,7 +298,7 @@ class Worker:
         except GreenletExit:
             raise
         except BaseException as exc:  # noqa: BLE001 - any outcome is the future's
-            value, ok = exc, False
+            value, ok = _serialize.attach_traceback(exc, self.where), False
         finally:
             self._inline_depth -= 1
         self._complete(fut, ok, value)
@@ -416,6 +417,8 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - any outcome is the future's
             value, ok = exc, False
         if group.owner == self.wid:
+            if not ok:
+                _serialize.attach_traceback(value, self.where)
             self._complete(self.pending.get(tid), ok, value)
         else:
             if not ok:
@@ -645,6 +648,9 @@ class Worker:
                 self.close()
                 raise BrokenJobError(f"the broker refused worker {self.wid}: "
                                      f"{msg.body.get('reason')}")
+            if msg.kind == P.STOP:
+                self.close()
+                raise JobOver("the job ended before this worker joined")
             if msg.kind == P.WELCOME:
                 self.size = int(msg.body.get("size", self.size))
                 self.handle_const(msg)
@@ -703,6 +709,10 @@ class Worker:
             self.ctx = None
 
 
+class JobOver(BrokenJobError):
+    """The job ended before this worker could take part (not an error for a worker)."""
+
+
 def _raise(exc: BaseException):
     raise exc
 
@@ -722,9 +732,19 @@ def current() -> Worker:
 
             warnings.warn("scoop is not running: futures run one at a time in this process. "
                           "Start the program with `python -m scoop program.py` to run them "
-                          "in parallel.", RuntimeWarning, stacklevel=3)
+                          "in parallel.", RuntimeWarning, stacklevel=_caller_level())
         _current = Worker()
     return _current
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside scoop."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(
+            os.path.abspath(frame.f_code.co_filename)) == package:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def install(worker: Worker | None) -> None:

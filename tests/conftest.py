@@ -18,6 +18,7 @@ import pytest
 RUN_MARK = f"scoop-test-{uuid.uuid4().hex[:12]}"
 os.environ["SCOOP_TEST_RUN"] = RUN_MARK
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_pool_pids: set[int] = set()  # the session pool's workers: alive until the session ends
 
 
 def marked_processes(exclude: set[int] = frozenset()) -> dict[int, str]:
@@ -25,7 +26,8 @@ def marked_processes(exclude: set[int] = frozenset()) -> dict[int, str]:
     found = {}
     needle = f"SCOOP_TEST_RUN={RUN_MARK}".encode()
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid() or int(name) in exclude:
+        if (not name.isdigit() or int(name) == os.getpid() or int(name) in exclude
+                or int(name) in _pool_pids):
             continue
         try:
             with open(f"/proc/{name}/environ", "rb") as f:
@@ -41,8 +43,9 @@ def marked_processes(exclude: set[int] = frozenset()) -> dict[int, str]:
     return found
 
 
-def wait_no_processes(exclude: set[int] = frozenset(), timeout: float = 10.0) -> dict:
+def wait_no_processes(exclude: set[int] | None = None, timeout: float = 10.0) -> dict:
     """Wait until no marked process is left; return those still there after timeout."""
+    exclude = set(_pool_pids) if exclude is None else exclude
     deadline = time.monotonic() + timeout
     while True:
         left = marked_processes(exclude)
@@ -57,20 +60,19 @@ def pool():
     from scoop._launch import Launcher
 
     job = Launcher(2).start(root_in_process=True)
+    _pool_pids.update(p.pid for p in job.procs.values())
     try:
         yield job
     finally:
         job.stop()
+        _pool_pids.clear()
 
 
 @pytest.fixture
-def no_leftovers(request):
-    """Fail the test if it leaves any process behind (the pool's workers excepted)."""
+def no_leftovers():
+    """Fail the test if it leaves any process behind (the session pool's excepted)."""
     yield
-    pool_pids = set()
-    if "pool" in request.fixturenames:
-        pool_pids = {p.pid for p in request.getfixturevalue("pool").procs.values()}
-    left = wait_no_processes(pool_pids)
+    left = wait_no_processes(set(_pool_pids))
     assert not left, f"processes left behind: {left}"
 
 

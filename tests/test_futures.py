@@ -168,10 +168,10 @@ def test_exception_keeps_type_and_remote_traceback():
 def test_remote_exception_names_worker():
     futs = [futures.submit(fail_at, 3) for _ in range(20)]
     futures.wait(futs)
-    causes = [str(f.exception().__cause__) for f in futs
-              if isinstance(f.exception().__cause__, futures.RemoteTraceback)]
-    assert causes, "no future ran remotely"
-    assert "Traceback from worker" in causes[0] and "in fail_at" in causes[0]
+    causes = [f.exception().__cause__ for f in futs]
+    assert all(isinstance(c, futures.RemoteTraceback) for c in causes)
+    assert all("in fail_at" in str(c) and " on " in str(c) for c in causes)
+    assert any("Traceback from worker 1 " in str(c) for c in causes), "none ran remotely"
 
 
 def test_cancel_pending_future():
