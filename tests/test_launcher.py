@@ -247,3 +247,35 @@ def test_log_file_and_verbosity(tmp_path):
     assert "started 2 workers" in logfile.read_text()
     quiet = run_scoop("-n", "2", "-q", prog)
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_scoop_console_script(tmp_path):
+    import shutil
+
+    exe = shutil.which("scoop")
+    if exe is None:
+        pytest.skip("the scoop console script is not on PATH (package not installed)")
+    prog = write_program(tmp_path, """
+        import sys
+        from scoop import futures
+        if __name__ == "__main__":
+            sys.exit(sum(futures.map(abs, [-1, -2])))
+    """)
+    out = subprocess.run([exe, "-n", "2", prog], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+
+
+def test_constants_reach_workers_that_join_later(tmp_path):
+    prog = write_program(tmp_path, """
+        import time
+        from scoop import futures, shared
+        def read(_):
+            time.sleep(0.02)
+            return shared.getConst("table", timeout=0)   # no waiting: must be there
+        if __name__ == "__main__":
+            shared.setConst(table={"k": "v"})        # before any worker has joined
+            print(set(map(str, futures.map(read, range(40)))))
+    """)
+    out = run_scoop("-n", "3", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "{\"{'k': 'v'}\"}"
