@@ -43,6 +43,9 @@ from . import _protocol as P
 log = logging.getLogger("scoop.broker")
 
 BROKER_ID = 0xFFFFFFFF  # the broker's sender id in message headers
+# A task group whose worker dies is queued again this many times at most; then its tasks
+# fail with WorkerLostError, so a task that kills every worker cannot take the job down.
+MAX_ATTEMPTS = 3
 # The largest message accepted, checked by ZeroMQ before anything is read; big task
 # arguments are fine, a peer announcing gigabytes of garbage is cut off.
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -93,6 +96,7 @@ class Broker:
         self.by_wid: dict[int, _Peer] = {}
         self.queue: deque[P.Parcel] = deque()  # parcels: tag=fid, peer=owner
         self.consts: list[P.Parcel] = []
+        self.losses: dict[tuple[int, int], int] = {}  # (owner, fid) -> workers lost on it
         self.exit_status: int | None = None
         self.finished = threading.Event()  # the loop has ended
         self.stopping = False  # STOP sent; workers that join now are stopped at once
@@ -119,6 +123,10 @@ class Broker:
     def stop_workers(self) -> None:
         """Send STOP to every worker, now and as they join; keep routing (any thread)."""
         self._command(b"stop-workers")
+
+    def worker_lost(self, wid: int, how: str) -> None:
+        """Report that worker ``wid`` is gone (``how``: its end, in words; any thread)."""
+        self._command(b"lost %d %s" % (wid, how.encode()))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every worker, end the loop and close the sockets (any thread).
@@ -153,6 +161,11 @@ class Broker:
                 events = dict(poller.poll(1000))
                 if self._ctl in events:
                     cmd = self._ctl.recv()
+                    if cmd.startswith(b"lost "):
+                        _, wid, how = cmd.decode().split(" ", 2)
+                        self.handle_lost(int(wid), how)
+                        self.dispatch()
+                        continue
                     self._stop_workers()
                     if cmd == b"stop":
                         break
@@ -273,6 +286,39 @@ class Broker:
     def handle_bye(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         self.peers.pop(ident, None)
         self.by_wid.pop(peer.wid, None)
+
+    def handle_lost(self, wid: int, how: str) -> None:
+        """Queue again (first in line) what a dead worker held; fail what keeps killing."""
+        peer = self.by_wid.pop(wid, None)
+        if peer is None or self.stopping:
+            return
+        self.peers.pop(peer.ident, None)
+        requeued = []
+        for key, parcel in peer.held.items():
+            self.losses[key] = attempts = self.losses.get(key, 0) + 1
+            if attempts < MAX_ATTEMPTS:
+                requeued.append(parcel)
+            else:
+                self._fail_group(parcel, attempts, how)
+        self.queue.extendleft(reversed(requeued))
+        log.warning("broker: worker %d (pid %s on %s) is gone (%s); %d task group(s) it "
+                    "held will run again", wid, peer.pid, peer.host, how, len(requeued))
+
+    def _fail_group(self, parcel: P.Parcel, attempts: int, how: str) -> None:
+        from array import array
+
+        from . import _serialize
+        from ._errors import WorkerLostError
+
+        owner = self.by_wid.get(parcel.peer)
+        if owner is None:
+            return
+        tids = array("Q")
+        tids.frombytes(bytes(getattr(parcel.frames[0], "buffer", parcel.frames[0])))
+        err = WorkerLostError(f"{attempts} workers died running this task (the last: {how})")
+        # The broker pickles its own error objects; it still never unpickles user data.
+        frames = _serialize.dumps([(tid, False, err) for tid in tids])
+        self._send(owner, P.RESULTS, parcels=[self.codec.parcel(frames, peer=owner.wid)])
 
     # -- scheduling ------------------------------------------------------------------------
     def dispatch(self) -> None:

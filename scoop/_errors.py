@@ -11,6 +11,7 @@ __all__ = [
     "RemoteError",
     "BrokenJobError",
     "SerializationError",
+    "WorkerLostError",
 ]
 
 
@@ -49,4 +50,12 @@ class BrokenJobError(RuntimeError):
     """The job can no longer run futures (its broker is gone or it was shut down).
 
     Likely causes: the launcher was stopped, or ``futures.shutdown()`` was called.
+    """
+
+
+class WorkerLostError(RuntimeError):
+    """A task's worker died while holding it, again and again (see ``MAX_ATTEMPTS``).
+
+    Likely causes: the task crashes the interpreter (a segfault in an extension, os._exit)
+    or exhausts memory (the OOM killer).
     """

@@ -170,7 +170,8 @@ class Launcher:
             time.sleep(WATCH_PERIOD_S)
 
     def check_workers(self) -> None:
-        """Report each non-root worker that ended before the job did (once)."""
+        """Report each non-root worker that ended before the job did (once), to the log
+        and to the broker, which gives its work to the others."""
         if self.broker is not None and self.broker.stopping:
             return
         for wid, proc in self.procs.items():
@@ -179,6 +180,7 @@ class Launcher:
                 self._reported.add(wid)
                 log.warning("worker %d (pid %d) ended early: %s", wid, proc.pid,
                             describe_status(code))
+                self.broker.worker_lost(wid, describe_status(code))
 
     # -- stopping --------------------------------------------------------------------------
     def stop(self, grace: float = STOP_GRACE_S) -> None:

@@ -54,7 +54,7 @@ from greenlet import GreenletExit, getcurrent, greenlet
 
 from . import _protocol as P
 from . import _serialize
-from ._errors import BrokenJobError, SerializationError, TimeoutError
+from ._errors import BrokenJobError, SerializationError, TimeoutError, WorkerLostError
 from ._future import CANCELLED, FINISHED, PENDING, RUNNING, Future
 
 log = logging.getLogger("scoop")
@@ -598,7 +598,11 @@ class Worker:
                 continue
             pending = self.pending
             for tid, ok, value in _serialize.loads(parcel.frames):
-                self._complete(pending.get(tid), ok, value)
+                fut = pending.get(tid)
+                if isinstance(value, WorkerLostError) and fut is not None and fut._call:
+                    name = getattr(fut._call[0], "__qualname__", repr(fut._call[0]))
+                    value = WorkerLostError(f"{name}(): {value}")
+                self._complete(fut, ok, value)
 
     def handle_const(self, msg: P.Message) -> None:
         for parcel in msg.parcels:

@@ -37,6 +37,7 @@ from ._errors import (
     RemoteTraceback,
     SerializationError,
     TimeoutError,
+    WorkerLostError,
 )
 from ._future import Future
 
@@ -44,7 +45,7 @@ __all__ = [
     "map", "map_as_completed", "submit", "wait", "as_completed", "mapReduce", "mapScan",
     "shutdown", "Future", "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "CancelledError", "TimeoutError", "RemoteError", "RemoteTraceback", "BrokenJobError",
-    "SerializationError", "DoneAndNotDoneFutures",
+    "SerializationError", "WorkerLostError", "DoneAndNotDoneFutures",
 ]
 
 _builtin_map = map

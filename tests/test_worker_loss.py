@@ -1,0 +1,49 @@
+"""A worker that dies mid-task: its work runs again elsewhere, or fails after a bound."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_scoop, write_program
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftovers")]
+
+
+def test_task_of_a_dead_worker_runs_again(tmp_path):
+    marker = tmp_path / "killed-once"
+    prog = write_program(tmp_path, f"""
+        import os, scoop, time
+        from scoop import futures
+        def fragile(x):
+            if not os.path.exists({str(marker)!r}):
+                open({str(marker)!r}, "w").close()
+                os._exit(9)                       # the first worker to run it dies
+            return x * 10, scoop.worker
+        if __name__ == "__main__":
+            # waiting with a timeout, the root leaves the work to the other workers
+            print(futures.submit(fragile, 4).result(timeout=60))
+    """)
+    out = run_scoop("-n", "3", prog)
+    assert out.returncode == 0, out.stderr
+    value, wid = eval(out.stdout)  # noqa: S307 - our own program's output
+    assert value == 40 and wid != 0
+    assert "ended early: exit status 9" in out.stderr
+    assert "will run again" in out.stderr
+
+
+def test_task_that_kills_every_worker_fails_after_bounded_attempts(tmp_path):
+    prog = write_program(tmp_path, """
+        import os
+        from scoop import futures
+        def poison(_):
+            os._exit(1)
+        if __name__ == "__main__":
+            fut = futures.submit(poison, 0)
+            try:
+                fut.result(timeout=60)
+            except futures.WorkerLostError as exc:
+                print("lost:", exc)
+    """)
+    out = run_scoop("-n", "4", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("lost: poison(): 3 workers died running this task")
