@@ -107,6 +107,7 @@ class Broker:
             P.TASKS: self.handle_tasks,
             P.READY: self.handle_ready,
             P.RETURN: self.handle_return,
+            P.WITHDRAW: self.handle_withdraw,
             P.RESULTS: self.handle_results,
             P.CONST: self.handle_const,
             P.SHUTDOWN: self.handle_shutdown,
@@ -256,6 +257,9 @@ class Broker:
 
     def handle_ready(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         peer.credit += msg.arg
+
+    def handle_withdraw(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
+        peer.credit = 0
 
     def handle_return(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         for parcel in reversed(msg.parcels):

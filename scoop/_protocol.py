@@ -34,6 +34,7 @@ Messages (w: worker, b: broker)::
     TASKS    w->b  parcels (tag=fid): task groups submitted by the sender
              b->w  parcels (tag=fid, peer=owner): task groups to run
     READY    w->b  arg=n: the sender can take n more task groups
+    WITHDRAW w->b  the sender's credit drops to 0 (its program runs; it takes no work)
     RETURN   w->b  parcels (tag=fid, peer=owner): unstarted tasks handed back, to be
                    queued first (the sender waits with a deadline and will not run them)
     RESULTS  w->b  parcels (peer=owner): results for that owner; done: finished groups
@@ -60,17 +61,15 @@ REFUSED = b"X"
 TASKS = b"T"
 READY = b"R"
 RETURN = b"U"
+WITHDRAW = b"N"
 RESULTS = b"D"
 CONST = b"C"
 SHUTDOWN = b"Q"
 STOP = b"S"
 BYE = b"B"
 
-KIND_NAMES = {
-    HELLO: "HELLO", WELCOME: "WELCOME", REFUSED: "REFUSED", TASKS: "TASKS", READY: "READY",
-    RETURN: "RETURN", RESULTS: "RESULTS", CONST: "CONST", SHUTDOWN: "SHUTDOWN", STOP: "STOP",
-    BYE: "BYE",
-}
+KIND_NAMES = {value: name for name, value in list(globals().items())
+              if name.isupper() and isinstance(value, bytes) and len(value) == 1}
 
 _HEAD = struct.Struct("<QIIII")
 _PARCEL = struct.Struct("<QII32s")

@@ -69,9 +69,15 @@ GROUP_SPLIT = 4
 # Ship the outbox once this many futures wait in it, even if nobody waits yet, so a long
 # stream of submits starts running before the submitter blocks.
 OUTBOX_MAX = 1024
-# Ask the broker for another group while the queued work is estimated below this many
+# Ask the broker for more groups while the queued work is estimated below this many
 # seconds: hides the round trip for short tasks without hoarding long ones.
 PREFETCH_BACKLOG_S = 0.002
+# At most this many groups requested ahead: more hides more latency for tiny tasks, but a
+# worker whose tasks turn out long holds more work that others could have run.
+MAX_CREDIT = 4
+# After the first group, shipped groups leave in messages of this many: the first one
+# leaves alone, so other workers start while the rest is still being pickled.
+SHIP_BATCH = 8
 # Inline runs nest in the waiting greenlet's stack; past this depth, futures ship instead.
 MAX_INLINE_DEPTH = 100
 # While idle, wake up this often to check that the job is still alive.
@@ -146,7 +152,9 @@ class Worker:
         self.consts: dict[str, object] = {}
         self.const_waiters: list[_Waiter] = []
         self.credit_out = 0
-        self.avg_slice_s = 0.0
+        # Estimated run time of one task slice; starts pessimistic (no prefetch) and rises
+        # at once on a slow slice, decays slowly on fast ones.
+        self.avg_slice_s = PREFETCH_BACKLOG_S
         self.broken: BaseException | None = None
         self.stopped = False
         self.closed = False  # futures.shutdown() was called: no new futures
@@ -249,14 +257,14 @@ class Worker:
         if threading.get_ident() != self.thread:
             raise RuntimeError("scoop futures can only be waited on from the thread that "
                                "started the job")
-        self.ship()
-        waiter.glet = getcurrent()
-        waiter.parked = True
         if deadline is not None:
             heapq.heappush(self.timers, (deadline, next(self._seq), waiter))
             self._timed_waits += 1
-            if not self._may_run():
-                self._give_back()
+        self.ship(keep_first=True)  # keeps nothing if this wait may not run tasks
+        if not self._may_run():
+            self._give_back()
+        waiter.glet = getcurrent()
+        waiter.parked = True
         try:
             self.hub.switch()
         finally:
@@ -321,8 +329,13 @@ class Worker:
     # ==================================================================================
     # Shipping: outbox -> task groups -> broker
     # ==================================================================================
-    def ship(self) -> None:
-        """Send every future of the outbox away (to the broker, or to the local queue)."""
+    def ship(self, keep_first: bool = False) -> None:
+        """Send every future of the outbox away (to the broker, or to the local queue).
+
+        With ``keep_first`` (this worker is about to wait, or a map starts), the first
+        group stays here if nothing else is queued: it runs on this worker without being
+        pickled or making a broker round trip, while the rest leaves at once.
+        """
         if not self.outbox:
             return
         futs = list(self.outbox.values())
@@ -331,16 +344,28 @@ class Worker:
             f._state = RUNNING
             self.pending[f._id] = f
         if self.sock is None:
-            group = _Group(self.wid, next(self._fids), len(futs))
-            self.runq.extend((group, f._id, f._call) for f in futs)
+            self._keep(futs)
             return
-        parcels = []
+        keep = keep_first and not self.runq and self._may_run()
+        batch: list[P.Parcel] = []
+        sent_first = False
         for chunk in self._guided_groups(futs):
+            if keep:
+                self._keep(chunk)
+                keep = False
+                continue
             parcel = self._pack_group(chunk)
             if parcel is not None:
-                parcels.append(parcel)
-        if parcels:
-            self._send(P.TASKS, parcels=parcels)
+                batch.append(parcel)
+            if len(batch) >= (SHIP_BATCH if sent_first else 1):
+                self._send(P.TASKS, parcels=batch)
+                batch, sent_first = [], True
+        if batch:
+            self._send(P.TASKS, parcels=batch)
+
+    def _keep(self, futs: list[Future]) -> None:
+        group = _Group(self.wid, 0, len(futs))  # fid 0: never held by the broker
+        self.runq.extend((group, f._id, f._call) for f in futs)
 
     def _guided_groups(self, futs: list[Future]):
         remaining = sum(f._weight for f in futs)
@@ -384,6 +409,8 @@ class Worker:
         while not self.stopped:
             while wakeups:
                 g = wakeups.popleft()
+                if g is self.main:
+                    self._leave_hub()
                 if not g.dead:
                     g.switch()
             if runq and self._may_run():
@@ -398,6 +425,16 @@ class Worker:
             self._wait_for_events()
         self._wake_all()
 
+    def _leave_hub(self) -> None:
+        """The program's main greenlet resumes: this worker runs no task until it waits
+        again, so it takes no more work and hands back what it had queued."""
+        if self.sock is None:
+            return
+        if self.credit_out:
+            self.credit_out = 0
+            self._send(P.WITHDRAW)
+        self._give_back()
+
     def _may_run(self) -> bool:
         """Whether the hub may start tasks now (see :meth:`park` on deadlines)."""
         return not self._timed_waits or self.size == 1
@@ -405,7 +442,11 @@ class Worker:
     def _start_task(self, entry) -> None:
         t0 = time.perf_counter()
         greenlet(self._execute, parent=self.hub).switch(entry)
-        self.avg_slice_s += (time.perf_counter() - t0 - self.avg_slice_s) * 0.1
+        took = time.perf_counter() - t0
+        if took > self.avg_slice_s:
+            self.avg_slice_s = took  # a slow task: stop prefetching at once
+        else:
+            self.avg_slice_s += (took - self.avg_slice_s) * 0.1
 
     def _execute(self, entry) -> None:
         group, tid, (fn, args, kwargs) = entry
@@ -425,7 +466,7 @@ class Worker:
                 value = _serialize.wire_exception(value, self.where)
             self.results_out.setdefault(group.owner, []).append((tid, ok, value))
         group.remaining -= 1
-        if group.remaining == 0:
+        if group.remaining == 0 and group.fid:
             self.done_out.append((group.owner, group.fid))
 
     def _wait_for_events(self) -> None:
@@ -496,10 +537,18 @@ class Worker:
             self._send(P.RESULTS, parcels=parcels, done=self.done_out)
             self.results_out = {}
             self.done_out = []
-        if (self.credit_out == 0 and self._may_run()
-                and len(self.runq) * self.avg_slice_s < PREFETCH_BACKLOG_S):
-            self.credit_out += 1
-            self._send(P.READY, arg=1)
+        want = self._credit_wanted()
+        if want > 0:
+            self.credit_out += want
+            self._send(P.READY, arg=want)
+
+    def _credit_wanted(self) -> int:
+        """How many more groups to ask for, given the queued work and the task speed."""
+        if (self.wakeups or not self._may_run()
+                or len(self.runq) * self.avg_slice_s >= PREFETCH_BACKLOG_S):
+            return 0
+        target = min(MAX_CREDIT, max(1, int(PREFETCH_BACKLOG_S / max(self.avg_slice_s, 1e-9))))
+        return target - self.credit_out
 
     def _pack_results(self, owner: int, items: list) -> P.Parcel:
         try:

@@ -78,25 +78,34 @@ def submit(func: Callable, *args: Any, **kwargs: Any) -> Future:
     return _worker.current().submit(func, args, kwargs)
 
 
+# The smallest automatic chunk is 1/(MIN_CHUNK_SPLIT * workers) of the items: the tail of
+# a big map is not cut into a long run of tiny tasks, each paying a round trip.
+MIN_CHUNK_SPLIT = 64
+
+
 def _chunks(items: list, chunksize: int | None, size: int) -> Iterator[list]:
     n, i = len(items), 0
+    smallest = max(1, n // (MIN_CHUNK_SPLIT * size))
     while i < n:
-        step = chunksize or max(1, -(-(n - i) // (CHUNK_SPLIT * size)))
+        step = chunksize or max(smallest, -(-(n - i) // (CHUNK_SPLIT * size)))
         yield items[i:i + step]
         i += step
 
 
-def _run_chunk(func: Callable, chunk: list) -> tuple[list, Any]:
-    """Apply ``func`` to a chunk of argument tuples; stop at the first exception.
+def _calls(func: Callable, chunk: list, star: bool) -> Iterator:
+    """``func`` applied over a chunk: of argument tuples (``star``) or of single items."""
+    return itertools.starmap(func, chunk) if star else _builtin_map(func, chunk)
+
+
+def _run_chunk(func: Callable, chunk: list, star: bool) -> tuple[list, Any]:
+    """Apply ``func`` to a chunk; stop at the first exception.
 
     Returns (results so far, None) or (results before the failure, the wire exception),
     so the caller can yield the good results before raising.
     """
-    out = []
-    append = out.append
+    out: list = []
     try:
-        for args in chunk:
-            append(func(*args))
+        out.extend(_calls(func, chunk, star))  # keeps the results before a failure
     except Exception as exc:  # noqa: BLE001 - reported at the failing item
         return out, _serialize.wire_exception(exc, _worker.current().where)
     return out, None
@@ -120,10 +129,11 @@ def _submit_chunks(runner: Callable, prefix: tuple, iterables, chunksize) -> lis
     if chunksize is not None and chunksize < 1:
         raise ValueError("chunksize must be >= 1")
     rt = _worker.current()
-    items = list(zip(*iterables))
-    futs = [rt.submit(runner, (*prefix, chunk), {}, weight=len(chunk))
+    star = len(iterables) != 1
+    items = list(zip(*iterables)) if star else list(iterables[0])
+    futs = [rt.submit(runner, (*prefix, chunk, star), {}, weight=len(chunk))
             for chunk in _chunks(items, chunksize, rt.size)]
-    rt.ship()  # work starts now, before the caller iterates
+    rt.ship(keep_first=True)  # work starts now, before the caller iterates
     return futs
 
 
@@ -244,8 +254,8 @@ def wait(fs: Iterable[Future], timeout: float | None = None,
     return DoneAndNotDoneFutures(done, fs - done)
 
 
-def _map_reduce_chunk(map_func: Callable, reduce_func: Callable, chunk: list):
-    return _reduce(reduce_func, (map_func(*args) for args in chunk))
+def _map_reduce_chunk(map_func: Callable, reduce_func: Callable, chunk: list, star: bool):
+    return _reduce(reduce_func, _calls(map_func, chunk, star))
 
 
 def _reduce(func: Callable, values: Iterable):
@@ -282,8 +292,8 @@ def mapReduce(mapFunc: Callable, reductionFunc: Callable, *iterables: Iterable, 
     return futs[0].result()
 
 
-def _scan_chunk(map_func: Callable, reduce_func: Callable, chunk: list) -> list:
-    return list(itertools.accumulate((map_func(*args) for args in chunk), reduce_func))
+def _scan_chunk(map_func: Callable, reduce_func: Callable, chunk: list, star: bool) -> list:
+    return list(itertools.accumulate(_calls(map_func, chunk, star), reduce_func))
 
 
 def _offset_scan(reduce_func: Callable, offset, values: list) -> list:
