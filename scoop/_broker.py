@@ -267,6 +267,7 @@ class Broker:
             self.queue.appendleft(parcel)  # first in line again
 
     def handle_results(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
+        peer.credit += msg.arg  # a READY riding along
         for key in msg.done:
             peer.held.pop(key, None)
         for parcel in msg.parcels:

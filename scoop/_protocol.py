@@ -37,7 +37,8 @@ Messages (w: worker, b: broker)::
     WITHDRAW w->b  the sender's credit drops to 0 (its program runs; it takes no work)
     RETURN   w->b  parcels (tag=fid, peer=owner): unstarted tasks handed back, to be
                    queued first (the sender waits with a deadline and will not run them)
-    RESULTS  w->b  parcels (peer=owner): results for that owner; done: finished groups
+    RESULTS  w->b  parcels (peer=owner): results for that owner; done: finished groups;
+                   arg=n: as READY n (a credit request riding along)
              b->w  parcels: results of the receiver's futures
     CONST    w->b, b->w  parcels: shared constants (shared.setConst)
     SHUTDOWN w->b  arg=exit status: the root's program ended; stop the job

@@ -78,6 +78,10 @@ MAX_CREDIT = 4
 # After the first group, shipped groups leave in messages of this many: the first one
 # leaves alone, so other workers start while the rest is still being pickled.
 SHIP_BATCH = 8
+# When a future runs inline, the rest of the outbox ships only while fewer than this many
+# (per worker) of this worker's futures are away: enough to keep the others busy; beyond
+# that, small futures (the leaves of a tree) run here without any message.
+IN_FLIGHT_PER_WORKER = 4
 # Inline runs nest in the waiting greenlet's stack; past this depth, futures ship instead.
 MAX_INLINE_DEPTH = 100
 # While idle, wake up this often to check that the job is still alive.
@@ -144,6 +148,7 @@ class Worker:
         self.where = f"worker {wid} on {socket.gethostname()} (pid {os.getpid()})"
         self.outbox: dict[int, Future] = {}
         self.pending: dict[int, Future] = {}  # shipped futures owned here, by id
+        self.away: set[int] = set()  # ids of those sent to the broker, until they finish
         self.runq: deque = deque()  # (group, tid, (fn, args, kwargs))
         self.wakeups: deque = deque()
         self.timers: list = []
@@ -201,7 +206,8 @@ class Worker:
                 and self._inline_depth < MAX_INLINE_DEPTH
                 and getcurrent() is not self.hub):
             del self.outbox[fut._id]
-            self.ship()  # the others leave now, so idle workers can take them
+            if len(self.away) < IN_FLIGHT_PER_WORKER * self.size:
+                self.ship()  # the others leave now, so idle workers can take them
             self._run_inline(fut)
             return
         self.wait_many([fut], 1, False, timeout)
@@ -315,6 +321,7 @@ class Worker:
         if fut is None or fut._state >= FINISHED:
             return  # a duplicate or late result: each result is delivered once
         self.pending.pop(fut._id, None)
+        self.away.discard(fut._id)
         fut._finish(ok, value)
         self._notify(fut)
 
@@ -397,6 +404,7 @@ class Worker:
             futs = good
             frames = _serialize.dumps([f._call for f in futs])
         tids = array(_TIDS, [f._id for f in futs]).tobytes()
+        self.away.update(f._id for f in futs)
         for f in futs:
             f._call = (f._call[0], (), {})  # keep the function for repr, drop the data
         return self.codec.parcel([tids, *frames], tag=next(self._fids))
@@ -531,15 +539,16 @@ class Worker:
         if self.sock is None:
             self.done_out.clear()
             return
+        want = max(0, self._credit_wanted())
+        self.credit_out += want
         if self.results_out or self.done_out:
             parcels = [self._pack_results(owner, items)
                        for owner, items in self.results_out.items()]
-            self._send(P.RESULTS, parcels=parcels, done=self.done_out)
+            # the credit request rides along: one message instead of two
+            self._send(P.RESULTS, arg=want, parcels=parcels, done=self.done_out)
             self.results_out = {}
             self.done_out = []
-        want = self._credit_wanted()
-        if want > 0:
-            self.credit_out += want
+        elif want:
             self._send(P.READY, arg=want)
 
     def _credit_wanted(self) -> int:
