@@ -279,3 +279,26 @@ def test_constants_reach_workers_that_join_later(tmp_path):
     out = run_scoop("-n", "3", prog)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "{\"{'k': 'v'}\"}"
+
+
+def test_shutdown_waits_then_refuses_new_futures(tmp_path):
+    prog = write_program(tmp_path, """
+        import time
+        from scoop import futures
+        def slow(x):
+            time.sleep(0.2)
+            return x
+        if __name__ == "__main__":
+            futs = [futures.submit(slow, i) for i in range(4)]
+            futures.shutdown(wait=True)
+            print(all(f.done() for f in futs), [f.result() for f in futs])
+            try:
+                futures.submit(slow, 9)
+            except RuntimeError as exc:
+                print("refused:", exc)
+    """)
+    out = run_scoop("-n", "2", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "True [0, 1, 2, 3]",
+        "refused: cannot submit new futures after futures.shutdown()"]
