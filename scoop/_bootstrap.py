@@ -23,6 +23,7 @@ import types
 import scoop
 
 from . import _serialize, _worker
+from ._watchdog import Watchdog
 
 log = logging.getLogger("scoop")
 
@@ -102,6 +103,7 @@ def main() -> None:
     except _worker.JobOver:
         return  # started too late to matter: leave quietly
     _worker.install(worker)
+    Watchdog(cfg["address"], bytes.fromhex(cfg["key"]), wid).start()
     scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker = True, root, wid
     scoop.SIZE, scoop.DEBUG = worker.size, bool(cfg.get("debug"))
     if root:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 
 import zmq
@@ -97,6 +98,7 @@ class Broker:
         self.queue: deque[P.Parcel] = deque()  # parcels: tag=fid, peer=owner
         self.consts: list[P.Parcel] = []
         self.losses: dict[tuple[int, int], int] = {}  # (owner, fid) -> workers lost on it
+        self.last_ping: dict[int, float] = {}  # wid -> when its watchdog last pinged
         self.exit_status: int | None = None
         self.finished = threading.Event()  # the loop has ended
         self.stopping = False  # STOP sent; workers that join now are stopped at once
@@ -201,6 +203,9 @@ class Broker:
             except P.AuthError as exc:
                 self._reject(ident, exc)
                 continue
+            if msg.kind == P.PING and ident == b"h%d" % msg.sender:
+                self.handle_ping(ident, msg)
+                continue
             peer = self.peers.get(ident)
             if msg.kind != P.HELLO and (peer is None or peer.wid != msg.sender):
                 self._reject(ident, P.AuthError("sender does not match its connection"))
@@ -257,6 +262,14 @@ class Broker:
 
     def handle_ready(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         peer.credit += msg.arg
+
+    def handle_ping(self, ident: bytes, msg: P.Message) -> None:
+        """A worker's watchdog asks whether the broker lives; note when it last asked."""
+        self.last_ping[msg.sender] = time.monotonic()
+        try:
+            self.router.send_multipart([ident, *self.codec.encode(P.PONG)])
+        except zmq.ZMQError:
+            pass
 
     def handle_withdraw(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         peer.credit = 0

@@ -32,14 +32,18 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 
 import scoop
 
-from . import _broker, _worker
+from . import _agent, _broker, _worker
 
 log = logging.getLogger("scoop")
 
@@ -47,7 +51,10 @@ log = logging.getLogger("scoop")
 STOP_GRACE_S = 3.0
 # How often the launcher checks its processes while the program runs.
 WATCH_PERIOD_S = 0.05
-WORKER_MODULE = "scoop._start_worker"
+AGENT_MODULE = "scoop._start_host"
+# Options every ssh connection gets: never prompt, notice a dead link within ~15 s.
+SSH_OPTIONS = ("-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5",
+               "-o", "ServerAliveCountMax=3")
 
 
 def _cpu_count() -> int:
@@ -88,13 +95,20 @@ class Launcher:
         log_file: where the workers write their log records (None: stderr).
     """
 
-    def __init__(self, n: int, program: str | None = None, args: list[str] | None = None, *,
+    def __init__(self, n: int | None = None, program: str | None = None,
+                 args: list[str] | None = None, *, hosts: list[tuple[str, int]] | None = None,
                  python: str = sys.executable, cwd: str | None = None,
                  pythonpath: str | None = None, nice: int = 0, debug: bool = False,
-                 log_level: int = logging.WARNING, log_file: str | None = None) -> None:
-        if n < 1:
+                 log_level: int = logging.WARNING, log_file: str | None = None,
+                 ssh: str = "ssh", broker_hostname: str | None = None,
+                 prolog: str | None = None) -> None:
+        if hosts is None:
+            hosts = [("127.0.0.1", n or 1)]
+        hosts = [(name, count) for name, count in hosts if count > 0]
+        self.n = sum(count for _, count in hosts)
+        if self.n < 1:
             raise ValueError("a job needs at least one worker")
-        self.n = n
+        self.hosts = hosts
         self.program = program
         self.args = list(args or [])
         self.python = python
@@ -104,20 +118,44 @@ class Launcher:
         self.debug = debug
         self.log_level = log_level
         self.log_file = log_file
+        self.ssh = ssh
+        self.broker_hostname = broker_hostname
+        self.prolog = prolog
         self.key = _broker.new_key()
         self.broker: _broker.Broker | None = None
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen] = {}  # local workers by id
+        self.agents: dict[str, _RemoteHost] = {}  # remote hosts by name
         self.root_worker: _worker.Worker | None = None
         self._reported: set[int] = set()
 
     # -- starting --------------------------------------------------------------------------
     def start(self, root_in_process: bool = False) -> Launcher:
         """Start the broker and the workers; with ``root_in_process``, join as the root."""
-        self.broker = _broker.Broker(self.key, size=self.n).start()
-        first = 1 if root_in_process else 0
+        from ._hosts import is_local
+
+        remote = [name for name, _ in self.hosts if not is_local(name)]
+        if remote:
+            address = self.broker_hostname or guess_broker_address(remote[0], self.ssh)
+            self.broker = _broker.Broker(self.key, size=self.n, host="0.0.0.0").start()
+            port = self.broker.address.rsplit(":", 1)[1]
+            self.worker_address = f"tcp://{address}:{port}"
+        else:
+            self.broker = _broker.Broker(self.key, size=self.n).start()
+            self.worker_address = self.broker.address
         try:
-            for wid in range(first, self.n):
-                self.procs[wid] = self._spawn(wid)
+            wid = 0
+            for name, count in self.hosts:
+                wids = list(range(wid, wid + count))
+                wid += count
+                if root_in_process and wids[0] == 0:
+                    wids = wids[1:]
+                if not wids:
+                    continue
+                if is_local(name):
+                    for w in wids:
+                        self.procs[w] = self._spawn(w)
+                else:
+                    self.agents[name] = _RemoteHost(name, wids, self)
             if root_in_process:
                 self._join_as_root()
         except BaseException:
@@ -125,28 +163,20 @@ class Launcher:
             raise
         return self
 
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        if self.pythonpath:
-            old = env.get("PYTHONPATH")
-            env["PYTHONPATH"] = self.pythonpath + (os.pathsep + old if old else "")
-        return env
+    def worker_config(self, wid: int, address: str) -> dict:
+        """The config a worker reads on its stdin."""
+        return {
+            "address": address, "key": self.key.hex(), "wid": wid, "size": self.n,
+            "program": self.program, "args": self.args, "cwd": self.cwd, "nice": self.nice,
+            "debug": self.debug, "log_level": self.log_level, "log_file": self.log_file,
+        }
 
     def _spawn(self, wid: int) -> subprocess.Popen:
-        cfg = {
-            "address": self.broker.address, "key": self.key.hex(), "wid": wid,
-            "size": self.n, "program": self.program, "args": self.args, "cwd": self.cwd,
-            "nice": self.nice, "debug": self.debug, "log_level": self.log_level,
-            "log_file": self.log_file, "ppid": os.getpid(), "die_with_parent": True,
-        }
         try:
-            proc = subprocess.Popen([self.python, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
-                                    cwd=self.cwd, env=self._env(), start_new_session=True)
-        except OSError as exc:
-            raise LaunchError(f"cannot start a worker with {self.python!r}: {exc}. "
-                              "Check --python-executable.") from exc
-        proc.stdin.write(json.dumps(cfg).encode() + b"\n")
-        proc.stdin.close()
+            proc = _agent.spawn_worker(self.worker_config(wid, self.broker.address),
+                                       self.python, self.cwd, self.pythonpath)
+        except _agent.SpawnError as exc:
+            raise LaunchError(str(exc)) from None
         log.debug("started worker %d (pid %d)", wid, proc.pid)
         return proc
 
@@ -160,11 +190,17 @@ class Launcher:
 
     # -- watching --------------------------------------------------------------------------
     def wait(self) -> int:
-        """Wait for the root worker's process; return its status as a shell would."""
-        root = self.procs[0]
+        """Wait for the root worker's process; return its status as a shell would.
+
+        Raises:
+            LaunchError: a remote host failed (ssh refused, scoop missing there, ...).
+        """
+        root = self.procs.get(0) or self.agents[self.hosts[0][0]].proc
         while True:
             code = root.poll()
             if code is not None:
+                if 0 not in self.procs:
+                    self.agents[self.hosts[0][0]].check_failed()
                 return shell_status(code)
             self.check_workers()
             time.sleep(WATCH_PERIOD_S)
@@ -181,6 +217,8 @@ class Launcher:
                 log.warning("worker %d (pid %d) ended early: %s", wid, proc.pid,
                             describe_status(code))
                 self.broker.worker_lost(wid, describe_status(code))
+        for agent in self.agents.values():
+            agent.check_failed()
 
     # -- stopping --------------------------------------------------------------------------
     def stop(self, grace: float = STOP_GRACE_S) -> None:
@@ -192,21 +230,9 @@ class Launcher:
             scoop.IS_RUNNING, scoop.worker, scoop.SIZE = False, None, 1
         if self.broker is not None:
             self.broker.stop_workers()
-        deadline = time.monotonic() + grace
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            alive = [p for p in self.procs.values() if p.poll() is None]
-            for proc in alive:
-                _signal_group(proc, sig)
-            for proc in alive:
-                try:
-                    proc.wait(1.0)
-                except subprocess.TimeoutExpired:
-                    pass
+        for agent in self.agents.values():
+            agent.close()  # EOF on its stdin: it stops its workers if STOP did not
+        _agent.reap([*self.procs.values(), *(a.proc for a in self.agents.values())], grace)
         if self.broker is not None:
             self.broker.stop()
 
@@ -217,11 +243,95 @@ class Launcher:
         self.stop()
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+class _RemoteHost:
+    """The workers of one remote host: an ssh connection running the host agent."""
+
+    def __init__(self, name: str, wids: list[int], launcher: Launcher) -> None:
+        self.name = name
+        self.wids = wids
+        self.stderr_tail: deque[str] = deque(maxlen=20)
+        spec = {"host": name, "python": launcher.python, "cwd": launcher.cwd,
+                "pythonpath": launcher.pythonpath,
+                "workers": [launcher.worker_config(w, launcher.worker_address) for w in wids]}
+        command = f"cd {shlex.quote(launcher.cwd)} && "
+        if launcher.prolog:
+            command += f". {shlex.quote(launcher.prolog)} && "
+        command += f"exec {shlex.quote(launcher.python)} -m {AGENT_MODULE}"
+        argv = [*shlex.split(launcher.ssh), *SSH_OPTIONS, name, command]
+        log.debug("host %s: %s", name, shlex.join(argv))
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         start_new_session=True)
+        except OSError as exc:
+            raise LaunchError(f"cannot run {launcher.ssh!r} to reach {name}: {exc}. "
+                              "Check --ssh-executable.") from None
+        self.proc.stdin.write(json.dumps(spec).encode() + b"\n")
+        self.proc.stdin.flush()  # kept open: its end tells the agent to stop
+        self._relay = threading.Thread(target=self._relay_stderr, daemon=True)
+        self._relay.start()
+        self._failed_reported = False
+
+    def _relay_stderr(self) -> None:
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.stderr_tail.append(line.rstrip("\n"))
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def check_failed(self) -> None:
+        """Raise LaunchError if the connection ended in failure before the job did."""
+        code = self.proc.poll()
+        if code in (None, 0) or self._failed_reported:
+            return
+        self._failed_reported = True
+        self._relay.join(1.0)
+        said = "\n    ".join(self.stderr_tail) or "(nothing on stderr)"
+        if code == 255:
+            what = "ssh could not connect or was refused"
+            hint = (f"check that `ssh {self.name} true` works without a password "
+                    "(BatchMode), or pass --ssh-executable")
+        elif any("No module named" in line and "scoop" in line for line in self.stderr_tail):
+            what = "scoop is not installed for the Python interpreter there"
+            hint = ("install scoop on that host, or pass --python-executable, or --prolog "
+                    "FILE to activate an environment that has it")
+        elif code == 127:
+            what = "the Python interpreter or scoop was not found there"
+            hint = "pass --python-executable, or --prolog FILE to activate an environment"
+        else:
+            what = f"its workers ended with {describe_status(code)}"
+            hint = ("if they could not reach the broker, pass --broker-hostname with an "
+                    "address of this machine that the host can reach")
+        raise LaunchError(f"host {self.name}: {what}:\n    {said}\n  Try: {hint}.")
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+
+def guess_broker_address(remote: str, ssh: str = "ssh") -> str:
+    """The address of this machine that routes to ``remote`` (no packet is sent).
+
+    ``ssh -G`` resolves ssh config aliases to the real host name without connecting.
+    """
+    target = remote
     try:
-        os.killpg(proc.pid, sig)  # the worker and anything it started
-    except (ProcessLookupError, PermissionError):
+        out = subprocess.run([*shlex.split(ssh), "-G", remote], capture_output=True,
+                             text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("hostname "):
+                target = line.split(None, 1)[1].strip()
+                break
+    except (OSError, subprocess.SubprocessError):
         pass
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((target, 9))  # UDP: picks a route and a source address only
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostname()
 
 
 class LaunchError(RuntimeError):
@@ -236,10 +346,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "several worker processes.",
         epilog="Example: python -m scoop -n 4 program.py --its-own-option 1")
     p.add_argument("-n", type=int, metavar="N", default=None,
-                   help="number of workers, the root included (default: CPUs of this "
-                        f"machine, {_cpu_count()} here)")
+                   help="number of workers, the root included (default: the hosts' counts, "
+                        f"or the CPUs of this machine, {_cpu_count()} here). Fewer than the "
+                        "hosts' total fills hosts in order; more adds workers round-robin "
+                        "from the first host")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--hosts", "--host", nargs="+", metavar="HOST", default=None,
+                       help="hosts, each repeated once per worker; the first runs the "
+                            "program. The list ends where the program begins")
+    where.add_argument("--hostfile", metavar="FILE", default=None,
+                       help="a file of 'host count' lines ('host slots=N' too; # comments)")
+    p.add_argument("--ssh-executable", dest="ssh", metavar="SSH", default="ssh",
+                   help="the ssh command that reaches remote hosts (default: ssh; it "
+                        "honours your ~/.ssh/config)")
+    p.add_argument("--broker-hostname", "--external-hostname", dest="broker_hostname",
+                   metavar="ADDRESS", default=None,
+                   help="the address remote workers use to reach this machine (default: "
+                        "the local address that routes to the first remote host)")
+    p.add_argument("--prolog", metavar="FILE", default=None,
+                   help="a shell file sourced on remote hosts before the workers start "
+                        "(e.g. to activate a virtualenv or `module load`)")
     p.add_argument("--path", "-p", metavar="DIR", default=None,
-                   help="working directory of the workers (default: the current one)")
+                   help="working directory of the workers, on every host (default: the "
+                        "current one)")
     p.add_argument("--nice", type=int, metavar="N", default=0,
                    help="niceness increment of the workers (-20 to 19)")
     p.add_argument("--python-executable", "--python-interpreter", dest="python",
@@ -296,9 +425,37 @@ def _raise_interrupted(signum, frame) -> None:
     raise _Interrupted(signum)
 
 
+def job_hosts(ns: argparse.Namespace) -> list[tuple[str, int]]:
+    """The job's hosts and worker counts, from the options or the batch scheduler.
+
+    Raises:
+        LaunchError: a bad hostfile or host list.
+    """
+    from . import _hosts
+
+    try:
+        if ns.hostfile:
+            hosts = _hosts.parse_hostfile(ns.hostfile)
+        elif ns.hosts:
+            hosts = _hosts.hosts_from_list(ns.hosts)
+        else:
+            found = _hosts.hosts_from_environment()
+            if found is None:
+                return [("127.0.0.1", ns.n or _cpu_count())]
+            scheduler, hosts = found
+            log.info("hosts from the %s allocation: %s", scheduler, _hosts.format_hosts(hosts))
+        hosts = _hosts.distribute(hosts, ns.n, lambda name: _cpu_count())
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    return [(h.name, h.workers) for h in hosts]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m scoop [options] program.py [args]``; return the exit status."""
-    ns = build_parser().parse_args(argv)
+    from ._hosts import split_host_args
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns = build_parser().parse_args(split_host_args(argv))
     level = _log_level(ns)
     logging.basicConfig(level=level, filename=ns.log,
                         format="[%(asctime)s] %(levelname)-7s scoop %(message)s")
@@ -307,18 +464,24 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"scoop: {problem}", file=sys.stderr)
         return 2 if "no such file" in problem or "directory" in problem else 1
-    n = ns.n if ns.n is not None else _cpu_count()
-    if n < 1:
+    if ns.n is not None and ns.n < 1:
         print("scoop: -n must be at least 1", file=sys.stderr)
         return 2
-    launcher = Launcher(n, program, ns.args, python=ns.python,
+    try:
+        hosts = job_hosts(ns)
+    except LaunchError as exc:
+        print(f"scoop: {exc}", file=sys.stderr)
+        return 2
+    launcher = Launcher(program=program, args=ns.args, hosts=hosts, python=ns.python,
                         cwd=os.path.abspath(ns.path) if ns.path else None,
                         pythonpath=ns.pythonpath, nice=ns.nice, debug=ns.debug,
-                        log_level=level, log_file=ns.log and os.path.abspath(ns.log))
+                        log_level=level, log_file=ns.log and os.path.abspath(ns.log),
+                        ssh=ns.ssh, broker_hostname=ns.broker_hostname, prolog=ns.prolog)
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launcher.start()
-        log.info("started %d workers; broker at %s", n, launcher.broker.address)
+        log.info("started %d workers on %s; broker at %s", launcher.n,
+                 " ".join(f"{h}:{c}" for h, c in hosts), launcher.broker.address)
         status = launcher.wait()
     except _Interrupted as exc:
         name = "Ctrl-C" if exc.signum == signal.SIGINT else signal.Signals(exc.signum).name

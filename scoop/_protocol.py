@@ -44,6 +44,8 @@ Messages (w: worker, b: broker)::
     SHUTDOWN w->b  arg=exit status: the root's program ended; stop the job
     STOP     b->w  leave now (the job is over)
     BYE      w->b  the sender leaves on purpose (never read as a crash)
+    PING     w->b  from a worker's watchdog connection (routing id "h<wid>"): alive?
+    PONG     b->w  the broker is alive (a worker that hears none for a while exits)
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ CONST = b"C"
 SHUTDOWN = b"Q"
 STOP = b"S"
 BYE = b"B"
+PING = b"P"
+PONG = b"O"
 
 KIND_NAMES = {value: name for name, value in list(globals().items())
               if name.isupper() and isinstance(value, bytes) and len(value) == 1}
