@@ -104,8 +104,12 @@ def main() -> None:
     gone = threading.Event()
 
     def watch_stdin() -> None:
-        # EOF: the launcher is gone or the ssh connection was cut.
-        while sys.stdin.buffer.read(4096):
+        # EOF: the launcher is gone or the ssh connection was cut. A raw read: a daemon
+        # thread blocked in the buffered reader would abort the interpreter's exit.
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
             pass
         gone.set()
 
@@ -116,7 +120,10 @@ def main() -> None:
             break
         time.sleep(0.05)
     reap(list(procs.values()), 0.5 if gone.is_set() else STOP_GRACE_S)
-    root = procs.get(0)
-    if root is not None and root.returncode is not None:
-        status = root.returncode if root.returncode >= 0 else 128 - root.returncode
+    # The root's status is the job's; otherwise say whether any worker failed.
+    codes = {wid: p.returncode for wid, p in procs.items() if p.returncode is not None}
+    if 0 in codes:
+        status = codes[0] if codes[0] >= 0 else 128 - codes[0]
+    elif any(codes.values()):
+        status = 1
     sys.exit(status)

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,6 +53,9 @@ STOP_GRACE_S = 3.0
 # How often the launcher checks its processes while the program runs.
 WATCH_PERIOD_S = 0.05
 AGENT_MODULE = "scoop._start_host"
+# How long remote workers may take to join before the job is abandoned (ssh, a cold
+# Python start on a loaded node, a network file system).
+JOIN_TIMEOUT_S = 60.0
 # Options every ssh connection gets: never prompt, notice a dead link within ~15 s.
 SSH_OPTIONS = ("-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5",
                "-o", "ServerAliveCountMax=3")
@@ -143,25 +147,50 @@ class Launcher:
             self.broker = _broker.Broker(self.key, size=self.n).start()
             self.worker_address = self.broker.address
         try:
-            wid = 0
+            placed, wid = [], 0
             for name, count in self.hosts:
                 wids = list(range(wid, wid + count))
                 wid += count
                 if root_in_process and wids[0] == 0:
                     wids = wids[1:]
-                if not wids:
-                    continue
-                if is_local(name):
+                if wids:
+                    placed.append((name, wids, is_local(name)))
+            # The root starts last, once every remote worker has joined: a host that
+            # cannot take part stops the job before the program runs, not halfway.
+            for name, wids, local in sorted(placed, key=lambda p: 0 in p[1]):
+                if 0 in wids:
+                    self._await_remote_workers()
+                if local:
                     for w in wids:
                         self.procs[w] = self._spawn(w)
                 else:
                     self.agents[name] = _RemoteHost(name, wids, self)
             if root_in_process:
+                self._await_remote_workers()
                 self._join_as_root()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _await_remote_workers(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """Wait until every remote worker started so far has joined the broker.
+
+        Raises:
+            LaunchError: a host failed, or its workers did not join in time.
+        """
+        expected = {w for agent in self.agents.values() for w in agent.wids}
+        deadline = time.monotonic() + timeout
+        while missing := expected - set(self.broker.by_wid):
+            for agent in self.agents.values():
+                agent.check_failed(ended_early=bool(set(agent.wids) & missing))
+            if time.monotonic() > deadline:
+                hosts = sorted({a.name for a in self.agents.values() if set(a.wids) & missing})
+                raise LaunchError(
+                    f"workers on {', '.join(hosts)} did not join the broker within "
+                    f"{timeout:.0f} s. If they cannot reach {self.worker_address}, pass "
+                    "--broker-hostname with an address of this machine they can reach")
+            time.sleep(0.02)
 
     def worker_config(self, wid: int, address: str) -> dict:
         """The config a worker reads on its stdin."""
@@ -257,7 +286,7 @@ class _RemoteHost:
         if launcher.prolog:
             command += f". {shlex.quote(launcher.prolog)} && "
         command += f"exec {shlex.quote(launcher.python)} -m {AGENT_MODULE}"
-        argv = [*shlex.split(launcher.ssh), *SSH_OPTIONS, name, command]
+        argv = [*_die_with_launcher(), *shlex.split(launcher.ssh), *SSH_OPTIONS, name, command]
         log.debug("host %s: %s", name, shlex.join(argv))
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -278,10 +307,11 @@ class _RemoteHost:
             sys.stderr.write(line)
             sys.stderr.flush()
 
-    def check_failed(self) -> None:
-        """Raise LaunchError if the connection ended in failure before the job did."""
+    def check_failed(self, ended_early: bool = False) -> None:
+        """Raise LaunchError if the connection ended in failure before the job did
+        (or ended at all, with ``ended_early``: its workers were still expected)."""
         code = self.proc.poll()
-        if code in (None, 0) or self._failed_reported:
+        if code is None or (code == 0 and not ended_early) or self._failed_reported:
             return
         self._failed_reported = True
         self._relay.join(1.0)
@@ -290,8 +320,9 @@ class _RemoteHost:
             what = "ssh could not connect or was refused"
             hint = (f"check that `ssh {self.name} true` works without a password "
                     "(BatchMode), or pass --ssh-executable")
-        elif any("No module named" in line and "scoop" in line for line in self.stderr_tail):
-            what = "scoop is not installed for the Python interpreter there"
+        elif missing := [line for line in self.stderr_tail if "No module named" in line]:
+            what = ("scoop is not installed for the Python interpreter there, or a module "
+                    f"it needs is missing ({missing[-1].strip()})")
             hint = ("install scoop on that host, or pass --python-executable, or --prolog "
                     "FILE to activate an environment that has it")
         elif code == 127:
@@ -308,6 +339,14 @@ class _RemoteHost:
             self.proc.stdin.close()
         except OSError:
             pass
+
+
+def _die_with_launcher() -> list[str]:
+    """A prefix that kills the ssh client if the launcher dies (Linux util-linux setpriv):
+    the agent at the other end then sees its stdin close and stops its workers at once,
+    instead of waiting for the watchdogs to notice the broker is gone."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
 
 
 def guess_broker_address(remote: str, ssh: str = "ssh") -> str:

@@ -1,0 +1,233 @@
+"""Jobs over real ssh hosts: network namespaces with their own sshd (tests/testhosts.py).
+
+Skipped, with the reason, where test hosts cannot be made (not root, no sshd or ip).
+Traffic goes only to the test hosts' private addresses and to loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_scoop, wait_no_processes, write_program
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftovers")]
+
+WHERE = """
+    import os, sys, time, scoop
+    from scoop import futures
+    def where(_):
+        time.sleep(0.05)
+        return os.readlink("/proc/self/ns/net"), scoop.worker, os.getcwd()
+    if __name__ == "__main__":
+        seen = set(futures.map(where, range(int(sys.argv[1]) if len(sys.argv) > 1 else 60)))
+        print(sorted(seen))
+"""
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    testhosts = pytest.importorskip("testhosts")
+    reason = testhosts.supported()
+    if reason:
+        pytest.skip(f"no test hosts here: {reason}")
+    th = testhosts.TestHosts()
+    th.up(3)
+    try:
+        yield th
+    finally:
+        th.down()
+
+
+def _netns(pid: int | str = "self") -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+def _ssh(hosts) -> str:
+    return str(hosts.ssh_wrapper)
+
+
+def _hostfile(tmp_path, lines: list[str]) -> str:
+    path = tmp_path / "hosts"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _host_ns(hosts, name: str) -> str:
+    out = hosts.run(name, "readlink /proc/self/ns/net", timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def _assert_namespaces_empty(hosts) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        left = {h: [p for p in hosts.pids_in(h) if _is_scoop(p)] for h in hosts.names}
+        if not any(left.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not any(left.values()), f"scoop processes left in the test hosts: {left}"
+
+
+def _is_scoop(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"scoop._start_" in f.read()  # a worker or a host agent
+    except OSError:
+        return False
+
+
+def test_hostfile_spreads_workers_over_every_host(hosts, tmp_path):
+    a, b, c = hosts.names[:3]
+    hostfile = _hostfile(tmp_path, ["127.0.0.1 1", f"{a} 1", f"{b} 1", f"{c} 1"])
+    prog = write_program(tmp_path, WHERE)
+    out = run_scoop("--hostfile", hostfile, "--ssh-executable", _ssh(hosts), prog, "80")
+    assert out.returncode == 0, out.stderr
+    seen = eval(out.stdout)  # noqa: S307 - our own program's output
+    by_worker = {wid: ns for ns, wid, _ in seen}
+    assert by_worker[0] == _netns()
+    assert {by_worker[w] for w in (1, 2, 3)} == {_host_ns(hosts, h) for h in (a, b, c)}
+    _assert_namespaces_empty(hosts)
+
+
+def test_n_placement_and_root_on_a_remote_host(hosts, tmp_path):
+    a, b = hosts.names[:2]
+    prog = write_program(tmp_path, WHERE)
+    # -n 3 over a:1 b:1 adds the third worker round-robin from the first host
+    out = run_scoop("--hosts", a, b, "-n", "3", "--ssh-executable", _ssh(hosts), prog, "60")
+    assert out.returncode == 0, out.stderr
+    seen = eval(out.stdout)  # noqa: S307
+    ns = {wid: n for n, wid, _ in seen}
+    assert ns[0] == _host_ns(hosts, a)  # the first host runs the program
+    assert sorted(ns) == [0, 1, 2]
+    assert list(ns.values()).count(_host_ns(hosts, a)) == 2
+
+
+def test_broker_hostname_path_and_prolog(hosts, tmp_path):
+    a = hosts.names[0]
+    workdir = tmp_path / "remote-cwd"
+    workdir.mkdir()
+    prolog = tmp_path / "prolog.sh"
+    prolog.write_text("export SCOOP_TEST_PROLOG=activated\n")
+    prog = write_program(tmp_path, """
+        import os, time, scoop
+        from scoop import futures
+        def probe(_):
+            time.sleep(0.05)
+            return scoop.worker, os.environ.get("SCOOP_TEST_PROLOG"), os.getcwd()
+        if __name__ == "__main__":
+            print(sorted(set(futures.map(probe, range(40)))))
+    """)
+    out = run_scoop("--hosts", "127.0.0.1", a, "--ssh-executable", _ssh(hosts),
+                    "--broker-hostname", hosts.head, "--prolog", str(prolog),
+                    "--path", str(workdir), prog)
+    assert out.returncode == 0, out.stderr
+    seen = eval(out.stdout)  # noqa: S307
+    remote = [s for s in seen if s[0] == 1]
+    assert remote == [(1, "activated", str(workdir))]
+
+
+def test_unreachable_host_fails_fast_with_advice(hosts, tmp_path):
+    a, b = hosts.names[:2]
+    hosts.cut(b)
+    try:
+        prog = write_program(tmp_path, WHERE)
+        t0 = time.monotonic()
+        out = run_scoop("--hosts", "127.0.0.1", a, b, "--ssh-executable", _ssh(hosts), prog)
+        took = time.monotonic() - t0
+    finally:
+        hosts.heal(b)
+    assert out.returncode != 0
+    assert f"host {b}" in out.stderr and "ssh" in out.stderr
+    assert took < 30
+    _assert_namespaces_empty(hosts)
+
+
+def test_host_without_scoop(hosts, tmp_path):
+    a = hosts.names[0]
+    nosite = tmp_path / "python-without-scoop"
+    nosite.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    nosite.chmod(0o755)
+    prog = write_program(tmp_path, WHERE)
+    elsewhere = tmp_path / "cwd"  # not the source tree, where scoop would be importable
+    elsewhere.mkdir()
+    t0 = time.monotonic()
+    out = run_scoop("--hosts", "127.0.0.1", a, "--ssh-executable", _ssh(hosts),
+                    "--python-executable", str(nosite), "--path", str(elsewhere), prog)
+    assert out.returncode != 0
+    assert f"host {a}" in out.stderr and "scoop is not installed" in out.stderr
+    assert "No module named 'scoop'" in out.stderr
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_nothing_left_on_remote_hosts_after_interrupt_or_kill(hosts, tmp_path, how):
+    a, b = hosts.names[:2]
+    prog = write_program(tmp_path, """
+        import time
+        from scoop import futures
+        def spin(_):
+            end = time.time() + 60
+            while time.time() < end:
+                time.sleep(0.01)
+        if __name__ == "__main__":
+            print("started", flush=True)
+            list(futures.map(spin, range(6)))
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "scoop", "--hosts", "127.0.0.1", a, b,
+                             "--ssh-executable", _ssh(hosts), prog],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        deadline = time.monotonic() + 20
+        while not all(any(_is_scoop(p) for p in hosts.pids_in(h)) for h in (a, b)):
+            assert time.monotonic() < deadline, "remote workers never started"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        if how == "sigint":
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+            assert proc.returncode == 130
+        else:
+            proc.kill()
+            proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _assert_namespaces_empty(hosts)
+    assert not wait_no_processes(timeout=15)
+
+
+def _scheduler_env(kind: str, names: list[str], tmp_path) -> dict[str, str]:
+    if kind == "slurm":
+        return {"SLURM_JOB_NODELIST": ",".join(names),
+                "SLURM_TASKS_PER_NODE": f"1(x{len(names)})"}
+    if kind == "pbs":
+        nodefile = tmp_path / "nodefile"
+        nodefile.write_text("".join(f"{n}\n" for n in names))
+        return {"PBS_NODEFILE": str(nodefile)}
+    if kind == "sge":
+        pe = tmp_path / "pe_hostfile"
+        pe.write_text("".join(f"{n} 1 all.q@{n} UNDEFINED\n" for n in names))
+        return {"PE_HOSTFILE": str(pe)}
+    return {"LSB_MCPU_HOSTS": " ".join(f"{n} 1" for n in names)}
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs", "sge", "lsf"])
+def test_batch_scheduler_allocation_runs_on_its_hosts(hosts, tmp_path, kind):
+    names = hosts.names[:2]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "PBS_", "PE_", "LSB_"))}
+    env.update(_scheduler_env(kind, names, tmp_path))
+    prog = write_program(tmp_path, WHERE)
+    out = run_scoop("-v", "--ssh-executable", _ssh(hosts), prog, "40", env=env)
+    assert out.returncode == 0, out.stderr
+    seen = eval(out.stdout)  # noqa: S307
+    assert {ns for ns, _, _ in seen} == {_host_ns(hosts, n) for n in names}
+    assert " allocation: " in out.stderr  # -v logs where the hosts came from

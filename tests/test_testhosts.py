@@ -1,0 +1,242 @@
+"""The test hosts of tests/testhosts.py: network namespaces with their own sshd.
+
+Skipped (with the reason) where this machine cannot host them: not root, no ``ip`` or
+``sshd``, no network namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from testhosts import FileLock, TestHosts, supported
+
+pytestmark = pytest.mark.timeout(120)
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    reason = supported()
+    if reason:
+        pytest.skip(reason)
+    # Other sessions may run this module at the same time on this machine: one at a time
+    # (prefix "sct" alone is locked by TestHosts; this also covers "sctx" below).
+    with FileLock("/tmp/.scoop-test-testhosts.lock", timeout=90):
+        th = TestHosts()
+        try:
+            th.up(3)
+            yield th
+        finally:
+            th.down()
+        with th.locked():  # no other process can bring up "sct" hosts while we look
+            assert th.leftovers() == []
+
+
+def running(pid: int) -> bool:
+    """pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def wrapper(hosts, *args, timeout=30) -> subprocess.CompletedProcess:
+    return subprocess.run([str(hosts.ssh_wrapper), *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_ssh_runs_in_each_hosts_namespace(hosts):
+    assert hosts.names == ["sct1", "sct2", "sct3"]
+    assert hosts.addresses == ["10.213.77.2", "10.213.77.3", "10.213.77.4"]
+    root_ns = os.readlink("/proc/self/ns/net")
+    py = shlex.quote(sys.executable)  # the same filesystem: this interpreter runs there too
+    command = ("readlink /proc/self/ns/net; cat /proc/sys/kernel/hostname;"
+               f" {py} -c 'import socket; print(socket.gethostname())';"
+               ' echo "mark=$SCOOP_TEST_RUN"; ip -o -4 addr show dev eth0')
+    for name, addr in zip(hosts.names, hosts.addresses):
+        r = wrapper(hosts, name, command)
+        assert r.returncode == 0, r.stderr
+        ns, hostname, py_hostname, mark, ip_addr = r.stdout.splitlines()
+        assert ns == f"net:[{hosts.ns_inode(name)}]"
+        assert ns != root_ns
+        assert hostname == py_hostname == name
+        # SendEnv: remote processes carry the run's mark, so conftest's leak check sees them
+        assert mark == f"mark={os.environ.get('SCOOP_TEST_RUN', '')}"
+        assert f" {addr}/24 " in ip_addr
+        assert hosts.alive(name)
+        assert hosts.pids_in(name)  # its sshd
+    # by address as well; run() uses the same config
+    r = wrapper(hosts, hosts.addresses[0], "cat /proc/sys/kernel/hostname")
+    assert (r.returncode, r.stdout.strip()) == (0, "sct1"), r.stderr
+    r = hosts.run("sct2", ["echo", "a b"])
+    assert (r.returncode, r.stdout) == (0, "a b\n"), r.stderr
+
+
+def test_hosts_reach_each_other_and_the_head_only(hosts):
+    # A server on the head's test address, as a broker for remote workers would be.
+    server = socket.create_server((hosts.head, 0))
+    port = server.getsockname()[1]
+    server.settimeout(20)
+
+    def serve():
+        try:
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(b"HEAD")
+        except OSError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        for name in hosts.names:
+            # every other host's sshd by address, and the head by name ("head" and this
+            # machine's hostname resolve to the head address inside the hosts)
+            targets = [f"{a}:22" for a in hosts.addresses if a != hosts.address(name)]
+            targets += [f"head:{port}", f"{socket.gethostname()}:{port}"]
+            script = ("import socket, sys\n"
+                      "for t in sys.argv[1:]:\n"
+                      "    a, p = t.rsplit(':', 1)\n"
+                      "    with socket.create_connection((a, int(p)), 3) as s:\n"
+                      "        print(t, s.recv(4).decode())\n")
+            r = hosts.run(name, [sys.executable, "-c", script, *targets])
+            assert r.returncode == 0, r.stderr
+            got = dict(line.split() for line in r.stdout.splitlines())
+            assert got == {t: ("HEAD" if t.endswith(f":{port}") else "SSH-") for t in targets}
+    finally:
+        server.close()
+    # No route out of the test /24 (asking the routing table sends no packet), not even
+    # to this machine's own other addresses.
+    own = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True).stdout.split("\n")
+    own = [line.split()[3].split("/")[0] for line in own if line]
+    own = [a for a in own if not a.startswith("10.213.")]
+    for name in hosts.names:
+        assert subprocess.run(["ip", "-n", name, "route", "show", "default"],
+                              capture_output=True, text=True).stdout == ""
+        for outside in ("10.99.99.99", "8.8.8.8", "10.213.78.2", *own):
+            r = subprocess.run(["ip", "-n", name, "route", "get", outside],
+                               capture_output=True, text=True)
+            assert r.returncode != 0, r.stdout
+            assert "unreachable" in r.stderr
+        r = subprocess.run(["ip", "-n", name, "route", "get", hosts.head],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and " dev eth0 " in r.stdout, r.stderr
+
+
+def test_the_head_resolves_test_names_without_dns(hosts):
+    code = "import socket; print(socket.gethostbyname('sct2'), socket.gethostbyname('head'))"
+    r = subprocess.run(hosts.head_cmd([sys.executable, "-c", code]), capture_output=True,
+                       text=True, timeout=30)
+    assert (r.returncode, r.stdout.split()) == (0, ["10.213.77.3", "10.213.77.1"]), r.stderr
+    # the plain "ssh" of hosts.env() is the wrapper
+    r = subprocess.run(["ssh", "sct3", "cat /proc/sys/kernel/hostname"], env=hosts.env(),
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert (r.returncode, r.stdout) == (0, "sct3\n"), r.stderr
+
+
+def test_a_host_outside_the_config_is_refused_quickly(hosts):
+    for target in ("nosuchhost.invalid", "sct99", "203.0.113.7", "10.213.77.200"):
+        t0 = time.monotonic()
+        r = wrapper(hosts, target, "true", timeout=10)
+        elapsed = time.monotonic() - t0
+        assert r.returncode == 255, (target, r.stdout, r.stderr)
+        assert f"refusing to ssh to {target}" in r.stderr
+        assert elapsed < 2, (target, elapsed)
+
+
+def test_cut_and_heal(hosts):
+    name = "sct3"
+    addr = hosts.address(name)
+    hosts.cut(name)
+    try:
+        assert not hosts.alive(name)
+        with pytest.raises(OSError):
+            socket.create_connection((addr, 22), timeout=1).close()
+        assert hosts.run("sct1", "true").returncode == 0  # the others are unaffected
+    finally:
+        hosts.heal(name)
+    assert hosts.alive(name)
+    r = hosts.run(name, "cat /proc/sys/kernel/hostname")
+    assert (r.returncode, r.stdout) == (0, "sct3\n"), r.stderr
+
+
+def test_crash_kills_everything_and_up_restores(hosts):
+    name = "sct2"
+    inode = hosts.ns_inode(name)
+    r = hosts.run(name, "setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!")
+    assert r.returncode == 0, r.stderr
+    sleeper = int(r.stdout)
+    before = hosts.pids_in(name)
+    assert sleeper in before and len(before) >= 2  # sshd and the sleeper
+    killed = hosts.crash(name)
+    assert sleeper in killed
+    assert hosts.pids_in(name) == []
+    assert not any(running(pid) for pid in before + killed)
+    assert not hosts.alive(name)
+    t0 = time.monotonic()
+    r = hosts.run(name, "true", timeout=10)
+    assert r.returncode == 255 and time.monotonic() - t0 < 3  # refused, not a timeout
+    assert hosts.run("sct1", "true").returncode == 0  # the others are unaffected
+
+    hosts.up(3)
+    assert hosts.alive(name)
+    assert hosts.ns_inode(name) == inode  # repaired in place
+    r = hosts.run(name, "cat /proc/sys/kernel/hostname")
+    assert (r.returncode, r.stdout) == (0, "sct2\n"), r.stderr
+
+
+def test_leftovers_of_a_crashed_run_are_removed(hosts):
+    """A run that died without down(): the next up() of its prefix clears it all."""
+    prefix, net = "sctx", "10.213.78"
+    links_before = {x for x in os.listdir("/sys/class/net") if x.startswith(prefix)}
+    code = ("import os, sys\n"
+            f"sys.path.insert(0, {TESTS!r})\n"
+            "from testhosts import TestHosts\n"
+            f"TestHosts({prefix!r}, {net!r}).up(2)\n"
+            "os._exit(0)\n")  # no down(), no atexit: everything is left behind
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    th = TestHosts(prefix, net)
+    try:
+        left = th.leftovers()
+        assert {"namespace sctx1", "namespace sctx2", "namespace sctx-sw",
+                "link sctx-head"} <= set(left)
+        old_sshd = [int(x.split()[1].rstrip(":")) for x in left if x.startswith("process ")]
+        assert len(old_sshd) == 2
+        th.up(1)
+        assert th.names == ["sctx1"]
+        assert not any(running(pid) for pid in old_sshd)
+        assert "namespace sctx2" not in th.leftovers()
+        r = th.run("sctx1", "cat /proc/sys/kernel/hostname")
+        assert (r.returncode, r.stdout) == (0, "sctx1\n"), r.stderr
+        assert hosts.run("sct1", "true").returncode == 0  # the other prefix is untouched
+    finally:
+        th.down()
+    assert th.leftovers() == []
+    assert {x for x in os.listdir("/sys/class/net") if x.startswith(prefix)} == links_before
+    th.down()  # idempotent
+
+
+def test_down_leaves_nothing(hosts):
+    pids = [pid for name in hosts.names for pid in hosts.pids_in(name)]
+    assert pids
+    hosts.down()
+    assert not any(running(pid) for pid in pids)
+    with hosts.locked():  # another process could bring up "sct" hosts once we let go
+        assert hosts.leftovers() == []
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not [line for line in netns.splitlines() if line.startswith("sct")]
+        assert subprocess.run(["ip", "link", "show", "dev", "sct-head"],
+                              capture_output=True).returncode != 0
+        assert not os.path.exists(hosts.state)
+        assert not os.path.exists("/etc/netns/sct1")
+    hosts.down()  # idempotent
