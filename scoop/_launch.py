@@ -105,7 +105,7 @@ class Launcher:
                  pythonpath: str | None = None, nice: int = 0, debug: bool = False,
                  log_level: int = logging.WARNING, log_file: str | None = None,
                  ssh: str = "ssh", broker_hostname: str | None = None,
-                 prolog: str | None = None) -> None:
+                 prolog: str | None = None, tunnel: bool = False) -> None:
         if hosts is None:
             hosts = [("127.0.0.1", n or 1)]
         hosts = [(name, count) for name, count in hosts if count > 0]
@@ -125,6 +125,7 @@ class Launcher:
         self.ssh = ssh
         self.broker_hostname = broker_hostname
         self.prolog = prolog
+        self.tunnel = tunnel
         self.key = _broker.new_key()
         self.broker: _broker.Broker | None = None
         self.procs: dict[int, subprocess.Popen] = {}  # local workers by id
@@ -138,7 +139,12 @@ class Launcher:
         from ._hosts import is_local
 
         remote = [name for name, _ in self.hosts if not is_local(name)]
-        if remote:
+        if remote and self.tunnel:
+            # Remote workers reach the broker through ssh reverse tunnels: it listens on
+            # loopback only, and each host forwards the same port on its own loopback.
+            self.broker = _broker.Broker(self.key, size=self.n).start()
+            self.worker_address = self.broker.address
+        elif remote:
             address = self.broker_hostname or guess_broker_address(remote[0], self.ssh)
             self.broker = _broker.Broker(self.key, size=self.n, host="0.0.0.0").start()
             port = self.broker.address.rsplit(":", 1)[1]
@@ -286,7 +292,12 @@ class _RemoteHost:
         if launcher.prolog:
             command += f". {shlex.quote(launcher.prolog)} && "
         command += f"exec {shlex.quote(launcher.python)} -m {AGENT_MODULE}"
-        argv = [*_die_with_launcher(), *shlex.split(launcher.ssh), *SSH_OPTIONS, name, command]
+        tunnel = []
+        if launcher.tunnel:
+            port = launcher.broker.address.rsplit(":", 1)[1]
+            tunnel = ["-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:{port}"]
+        argv = [*_die_with_launcher(), *shlex.split(launcher.ssh), *SSH_OPTIONS, *tunnel,
+                name, command]
         log.debug("host %s: %s", name, shlex.join(argv))
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -316,7 +327,10 @@ class _RemoteHost:
         self._failed_reported = True
         self._relay.join(1.0)
         said = "\n    ".join(self.stderr_tail) or "(nothing on stderr)"
-        if code == 255:
+        if code == 255 and any("forwarding failed" in line for line in self.stderr_tail):
+            what = "ssh could not open the tunnel (-e) to the broker's port there"
+            hint = "run again (the port is chosen anew), or drop -e and use --broker-hostname"
+        elif code == 255:
             what = "ssh could not connect or was refused"
             hint = (f"check that `ssh {self.name} true` works without a password "
                     "(BatchMode), or pass --ssh-executable")
@@ -402,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="ADDRESS", default=None,
                    help="the address remote workers use to reach this machine (default: "
                         "the local address that routes to the first remote host)")
+    p.add_argument("-e", "--tunnel", action="store_true",
+                   help="remote workers reach the broker through ssh reverse tunnels (when "
+                        "they cannot reach this machine directly; slower)")
     p.add_argument("--prolog", metavar="FILE", default=None,
                    help="a shell file sourced on remote hosts before the workers start "
                         "(e.g. to activate a virtualenv or `module load`)")
@@ -515,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                         cwd=os.path.abspath(ns.path) if ns.path else None,
                         pythonpath=ns.pythonpath, nice=ns.nice, debug=ns.debug,
                         log_level=level, log_file=ns.log and os.path.abspath(ns.log),
-                        ssh=ns.ssh, broker_hostname=ns.broker_hostname, prolog=ns.prolog)
+                        ssh=ns.ssh, broker_hostname=ns.broker_hostname, prolog=ns.prolog,
+                        tunnel=ns.tunnel)
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launcher.start()

@@ -132,6 +132,35 @@ def test_broker_hostname_path_and_prolog(hosts, tmp_path):
     assert remote == [(1, "activated", str(workdir))]
 
 
+def test_tunnel_reaches_a_loopback_only_broker(hosts, tmp_path):
+    a = hosts.names[0]
+    prog = write_program(tmp_path, WHERE)
+    out = run_scoop("-v", "-e", "--hosts", "127.0.0.1", a, "--ssh-executable", _ssh(hosts),
+                    prog, "40")
+    assert out.returncode == 0, out.stderr
+    # the broker listened on loopback only: the host could reach it only through ssh
+    assert "broker at tcp://127.0.0.1:" in out.stderr
+    seen = eval(out.stdout)  # noqa: S307
+    assert {ns for ns, _, _ in seen} == {_netns(), _host_ns(hosts, a)}
+
+
+def test_remote_output_reaches_the_terminal(hosts, tmp_path):
+    a = hosts.names[0]
+    prog = write_program(tmp_path, """
+        import sys, time, scoop
+        from scoop import futures
+        def shout(i):
+            time.sleep(0.05)
+            print(f"task {i} on worker {scoop.worker}", flush=True)
+            print(f"err {i} on worker {scoop.worker}", file=sys.stderr, flush=True)
+        if __name__ == "__main__":
+            list(futures.map(shout, range(20)))
+    """)
+    out = run_scoop("--hosts", "127.0.0.1", a, "--ssh-executable", _ssh(hosts), prog)
+    assert out.returncode == 0, out.stderr
+    assert "on worker 1" in out.stdout and "on worker 1" in out.stderr
+
+
 def test_unreachable_host_fails_fast_with_advice(hosts, tmp_path):
     a, b = hosts.names[:2]
     hosts.cut(b)
