@@ -44,6 +44,10 @@ from . import _protocol as P
 log = logging.getLogger("scoop.broker")
 
 BROKER_ID = 0xFFFFFFFF  # the broker's sender id in message headers
+# A worker whose watchdog has not pinged for this long counts as dead and its work runs
+# elsewhere. Pings come every second, even while the worker runs a long task, so this
+# only has to ride out a stalled machine or a network hiccup.
+WORKER_SILENCE_S = 5.0
 # A task group whose worker dies is queued again this many times at most; then its tasks
 # fail with WorkerLostError, so a task that kills every worker cannot take the job down.
 MAX_ATTEMPTS = 3
@@ -160,8 +164,12 @@ class Broker:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._ctl, zmq.POLLIN)
         try:
+            next_check = time.monotonic() + WORKER_SILENCE_S
             while True:
-                events = dict(poller.poll(1000))
+                events = dict(poller.poll(500))
+                if time.monotonic() >= next_check:
+                    self._check_silent()
+                    next_check = time.monotonic() + 0.5
                 if self._ctl in events:
                     cmd = self._ctl.recv()
                     if cmd.startswith(b"lost "):
@@ -207,6 +215,10 @@ class Broker:
                 self.handle_ping(ident, msg)
                 continue
             peer = self.peers.get(ident)
+            if peer is None and msg.kind != P.HELLO and ident == b"w%d" % msg.sender:
+                # A worker counted as lost speaks again: its work was queued elsewhere.
+                self.router.send_multipart([ident, *self.codec.encode(P.STOP)])
+                continue
             if msg.kind != P.HELLO and (peer is None or peer.wid != msg.sender):
                 self._reject(ident, P.AuthError("sender does not match its connection"))
                 continue
@@ -304,6 +316,16 @@ class Broker:
     def handle_bye(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         self.peers.pop(ident, None)
         self.by_wid.pop(peer.wid, None)
+
+    def _check_silent(self) -> None:
+        """Count as lost the workers whose watchdog stopped pinging (the root excepted:
+        losing it ends the job, which its launcher sees)."""
+        now = time.monotonic()
+        for wid, last in list(self.last_ping.items()):
+            if wid and now - last > WORKER_SILENCE_S and wid in self.by_wid:
+                del self.last_ping[wid]
+                self.handle_lost(wid, f"no heartbeat for {now - last:.0f} s")
+        self.dispatch()
 
     def handle_lost(self, wid: int, how: str) -> None:
         """Queue again (first in line) what a dead worker held; fail what keeps killing."""

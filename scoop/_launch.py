@@ -253,7 +253,7 @@ class Launcher:
                             describe_status(code))
                 self.broker.worker_lost(wid, describe_status(code))
         for agent in self.agents.values():
-            agent.check_failed()
+            agent.check_ended()
 
     # -- stopping --------------------------------------------------------------------------
     def stop(self, grace: float = STOP_GRACE_S) -> None:
@@ -347,6 +347,15 @@ class _RemoteHost:
             hint = ("if they could not reach the broker, pass --broker-hostname with an "
                     "address of this machine that the host can reach")
         raise LaunchError(f"host {self.name}: {what}:\n    {said}\n  Try: {hint}.")
+
+    def check_ended(self) -> None:
+        """Once the job runs, a host whose agent ended is reported, not fatal: the
+        broker notices its silent workers and gives their work to the others."""
+        code = self.proc.poll()
+        if code is not None and not self._failed_reported:
+            self._failed_reported = True
+            log.warning("host %s: its workers are gone (%s); their work runs elsewhere",
+                        self.name, describe_status(code))
 
     def close(self) -> None:
         try:

@@ -161,6 +161,47 @@ def test_remote_output_reaches_the_terminal(hosts, tmp_path):
     assert "on worker 1" in out.stdout and "on worker 1" in out.stderr
 
 
+def test_remote_worker_killed_midway_its_work_runs_elsewhere(hosts, tmp_path):
+    a = hosts.names[0]
+    prog = write_program(tmp_path, """
+        import time
+        from scoop import futures
+        def work(i):
+            time.sleep(0.1)
+            return i * i
+        if __name__ == "__main__":
+            print("started", flush=True)
+            assert list(futures.map(work, range(60), chunksize=1)) == [i * i for i in range(60)]
+            print("all results right", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "scoop", "--hosts", "127.0.0.1", a,
+                             "--ssh-executable", _ssh(hosts), prog],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(0.8)
+        victims = [p for p in hosts.pids_in(a) if _is_worker(p)]
+        assert victims, "no remote worker to kill"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.strip().endswith("all results right")
+    assert "no heartbeat" in err
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"scoop._start_worker" in f.read()
+    except OSError:
+        return False
+
+
 def test_unreachable_host_fails_fast_with_advice(hosts, tmp_path):
     a, b = hosts.names[:2]
     hosts.cut(b)
