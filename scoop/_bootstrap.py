@@ -84,9 +84,19 @@ def _die_with_parent(ppid: int) -> None:
 
 
 def main() -> None:
+    """A worker started by the launcher or a host agent: its config comes on stdin."""
     cfg = json.loads(sys.stdin.readline())
     sys.stdin.close()
     sys.stdin = open(os.devnull)  # noqa: SIM115 - the program sees an empty input
+    start(cfg)
+
+
+def start(cfg: dict) -> None:
+    """Set this process up as the worker ``cfg`` describes and run it until the job ends.
+
+    ``cfg["wid"]`` None: the worker was started by another launcher (python -m
+    scoop.join) and takes the id the broker gives it.
+    """
     if cfg.get("die_with_parent"):
         _die_with_parent(cfg.get("ppid", 0))
     logging.basicConfig(level=cfg.get("log_level", logging.WARNING),
@@ -96,14 +106,17 @@ def main() -> None:
         os.nice(cfg["nice"])
     if cfg.get("cwd"):
         os.chdir(cfg["cwd"])
-    wid, root = cfg["wid"], cfg["wid"] == 0
-    worker = _worker.Worker(wid, cfg["size"])
+    key = bytes.fromhex(cfg["key"])
+    worker = _worker.Worker(cfg["wid"] or 0, cfg["size"])
     try:
-        worker.connect(cfg["address"], bytes.fromhex(cfg["key"]))
+        if cfg["wid"] is None:
+            worker.ask_id(cfg["address"], key)
+        worker.connect(cfg["address"], key)
     except _worker.JobOver:
         return  # started too late to matter: leave quietly
+    wid, root = worker.wid, worker.wid == 0
     _worker.install(worker)
-    Watchdog(cfg["address"], bytes.fromhex(cfg["key"]), wid).start()
+    Watchdog(cfg["address"], key, wid).start()
     scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker = True, root, wid
     scoop.SIZE, scoop.DEBUG = worker.size, bool(cfg.get("debug"))
     if root:

@@ -81,9 +81,11 @@ class Broker:
     """
 
     def __init__(self, key: bytes, size: int = 1, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, first_free_wid: int | None = None) -> None:
         self.codec = P.Codec(key, BROKER_ID)
         self.size = size
+        # Ids handed to workers that join on their own (python -m scoop.join).
+        self.next_free_wid = size if first_free_wid is None else first_free_wid
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -211,6 +213,9 @@ class Broker:
             except P.AuthError as exc:
                 self._reject(ident, exc)
                 continue
+            if msg.kind == P.JOIN and ident.startswith(b"j") and msg.sender == P.ANY_WORKER:
+                self.handle_join(ident, msg)
+                continue
             if msg.kind == P.PING and ident == b"h%d" % msg.sender:
                 self.handle_ping(ident, msg)
                 continue
@@ -274,6 +279,17 @@ class Broker:
 
     def handle_ready(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         peer.credit += msg.arg
+
+    def handle_join(self, ident: bytes, msg: P.Message) -> None:
+        """A worker started by another launcher asks for an id: the next free one."""
+        if self.stopping:
+            self.router.send_multipart([ident, *self.codec.encode(P.STOP)])
+            return
+        while self.next_free_wid in self.by_wid:
+            self.next_free_wid += 1
+        wid = self.next_free_wid
+        self.next_free_wid += 1
+        self.router.send_multipart([ident, *self.codec.encode(P.ASSIGN, body={"wid": wid})])
 
     def handle_ping(self, ident: bytes, msg: P.Message) -> None:
         """A worker's watchdog asks whether the broker lives; note when it last asked."""

@@ -186,7 +186,7 @@ HOST_OPTIONS = frozenset({"--host", "--hosts"})
 OPTIONS_WITH_VALUE = frozenset({
     "-n", "--path", "-p", "--nice", "--python-executable", "--python-interpreter",
     "--pythonpath", "--log", "--hostfile", "--broker-hostname", "--external-hostname",
-    "--prolog", "--backend", "--ssh-executable",
+    "--prolog", "--backend", "--ssh-executable", "--launcher", "--external", "--job-file",
 })
 
 

@@ -105,11 +105,13 @@ class Launcher:
                  pythonpath: str | None = None, nice: int = 0, debug: bool = False,
                  log_level: int = logging.WARNING, log_file: str | None = None,
                  ssh: str = "ssh", broker_hostname: str | None = None,
-                 prolog: str | None = None, tunnel: bool = False) -> None:
+                 prolog: str | None = None, tunnel: bool = False, external: int = 0,
+                 job_file: str | None = None, launcher: str = "ssh") -> None:
         if hosts is None:
             hosts = [("127.0.0.1", n or 1)]
         hosts = [(name, count) for name, count in hosts if count > 0]
-        self.n = sum(count for _, count in hosts)
+        self.external = external  # workers another launcher starts (python -m scoop.join)
+        self.n = sum(count for _, count in hosts) + external
         if self.n < 1:
             raise ValueError("a job needs at least one worker")
         self.hosts = hosts
@@ -126,6 +128,9 @@ class Launcher:
         self.broker_hostname = broker_hostname
         self.prolog = prolog
         self.tunnel = tunnel
+        self.launcher = launcher
+        self.job_file = job_file
+        self._wrote_job_file = False
         self.key = _broker.new_key()
         self.broker: _broker.Broker | None = None
         self.procs: dict[int, subprocess.Popen] = {}  # local workers by id
@@ -138,8 +143,20 @@ class Launcher:
         """Start the broker and the workers; with ``root_in_process``, join as the root."""
         from ._hosts import is_local
 
+        if self.launcher == "srun":
+            return self._start_with_srun(root_in_process)
         remote = [name for name, _ in self.hosts if not is_local(name)]
-        if remote and self.tunnel:
+        placed = self.n - self.external
+        if self.external:
+            # Joining workers may run anywhere: listen on every interface.
+            self.broker = _broker.Broker(self.key, size=self.n, host="0.0.0.0",
+                                         first_free_wid=placed).start()
+            port = self.broker.address.rsplit(":", 1)[1]
+            address = self.broker_hostname or (
+                guess_broker_address(remote[0], self.ssh) if remote else socket.getfqdn())
+            self.worker_address = f"tcp://{address}:{port}"
+            self.write_job_file()
+        elif remote and self.tunnel:
             # Remote workers reach the broker through ssh reverse tunnels: it listens on
             # loopback only, and each host forwards the same port on its own loopback.
             self.broker = _broker.Broker(self.key, size=self.n).start()
@@ -179,6 +196,48 @@ class Launcher:
             raise
         return self
 
+    def _start_with_srun(self, root_in_process: bool) -> Launcher:
+        """Every worker but the root comes from one srun step running scoop.join."""
+        others = self.n - 1
+        hosts = [name for name, _ in self.hosts]
+        self.broker = _broker.Broker(self.key, size=self.n, host="0.0.0.0",
+                                     first_free_wid=1).start()
+        port = self.broker.address.rsplit(":", 1)[1]
+        address = self.broker_hostname or guess_broker_address(
+            hosts[1] if len(hosts) > 1 else hosts[0], self.ssh)
+        self.worker_address = f"tcp://{address}:{port}"
+        try:
+            self.write_job_file()
+            if others:
+                argv = [*_die_with_launcher(), "srun", f"--ntasks={others}",
+                        "--kill-on-bad-exit=0", self.python, "-m", "scoop.join",
+                        self.job_file]
+                self.agents["srun"] = _RemoteHost("srun", list(range(1, self.n)), self,
+                                                  argv=argv)
+            self._await_remote_workers()
+            if root_in_process:
+                self._join_as_root()
+            else:
+                self.procs[0] = self._spawn(0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def write_job_file(self) -> str:
+        """Write the job file joining workers read (mode 0600: it holds the key)."""
+        if self.job_file is None:
+            folder = os.path.join(os.path.expanduser("~"), ".scoop", "jobs")
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            self.job_file = os.path.join(folder, f"job-{os.getpid()}-{self.key[:4].hex()}.json")
+        job = self.worker_config(None, self.worker_address)
+        fd = os.open(self.job_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(job, f)
+        self._wrote_job_file = True
+        log.info("job file for joining workers: %s", self.job_file)
+        return self.job_file
+
     def _await_remote_workers(self, timeout: float = JOIN_TIMEOUT_S) -> None:
         """Wait until every remote worker started so far has joined the broker.
 
@@ -198,7 +257,7 @@ class Launcher:
                     "--broker-hostname with an address of this machine they can reach")
             time.sleep(0.02)
 
-    def worker_config(self, wid: int, address: str) -> dict:
+    def worker_config(self, wid: int | None, address: str) -> dict:
         """The config a worker reads on its stdin."""
         return {
             "address": address, "key": self.key.hex(), "wid": wid, "size": self.n,
@@ -270,6 +329,12 @@ class Launcher:
         _agent.reap([*self.procs.values(), *(a.proc for a in self.agents.values())], grace)
         if self.broker is not None:
             self.broker.stop()
+        if self._wrote_job_file:
+            self._wrote_job_file = False
+            try:
+                os.unlink(self.job_file)
+            except OSError:
+                pass
 
     def __enter__(self) -> Launcher:
         return self.start(root_in_process=True) if self.root_worker is None else self
@@ -281,32 +346,30 @@ class Launcher:
 class _RemoteHost:
     """The workers of one remote host: an ssh connection running the host agent."""
 
-    def __init__(self, name: str, wids: list[int], launcher: Launcher) -> None:
+    def __init__(self, name: str, wids: list[int], launcher: Launcher,
+                 argv: list[str] | None = None) -> None:
         self.name = name
         self.wids = wids
         self.stderr_tail: deque[str] = deque(maxlen=20)
-        spec = {"host": name, "python": launcher.python, "cwd": launcher.cwd,
-                "pythonpath": launcher.pythonpath,
-                "workers": [launcher.worker_config(w, launcher.worker_address) for w in wids]}
-        command = f"cd {shlex.quote(launcher.cwd)} && "
-        if launcher.prolog:
-            command += f". {shlex.quote(launcher.prolog)} && "
-        command += f"exec {shlex.quote(launcher.python)} -m {AGENT_MODULE}"
-        tunnel = []
-        if launcher.tunnel:
-            port = launcher.broker.address.rsplit(":", 1)[1]
-            tunnel = ["-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:{port}"]
-        argv = [*_die_with_launcher(), *shlex.split(launcher.ssh), *SSH_OPTIONS, *tunnel,
-                name, command]
+        spec = None
+        if argv is None:  # an ssh connection running the host agent
+            spec = {"host": name, "python": launcher.python, "cwd": launcher.cwd,
+                    "pythonpath": launcher.pythonpath,
+                    "workers": [launcher.worker_config(w, launcher.worker_address)
+                                for w in wids]}
+            argv = _ssh_argv(name, launcher)
         log.debug("host %s: %s", name, shlex.join(argv))
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         cwd=launcher.cwd,
+                                         env=_agent.worker_env(launcher.pythonpath),
                                          start_new_session=True)
         except OSError as exc:
-            raise LaunchError(f"cannot run {launcher.ssh!r} to reach {name}: {exc}. "
-                              "Check --ssh-executable.") from None
-        self.proc.stdin.write(json.dumps(spec).encode() + b"\n")
-        self.proc.stdin.flush()  # kept open: its end tells the agent to stop
+            raise LaunchError(f"cannot run {argv[0]!r} to start workers on {name}: {exc}. "
+                              "Check --ssh-executable or --launcher.") from None
+        if spec is not None:
+            self.proc.stdin.write(json.dumps(spec).encode() + b"\n")
+            self.proc.stdin.flush()  # kept open: its end tells the agent to stop
         self._relay = threading.Thread(target=self._relay_stderr, daemon=True)
         self._relay.start()
         self._failed_reported = False
@@ -362,6 +425,20 @@ class _RemoteHost:
             self.proc.stdin.close()
         except OSError:
             pass
+
+
+def _ssh_argv(name: str, launcher: Launcher) -> list[str]:
+    """The ssh command that runs the host agent on ``name``."""
+    command = f"cd {shlex.quote(launcher.cwd)} && "
+    if launcher.prolog:
+        command += f". {shlex.quote(launcher.prolog)} && "
+    command += f"exec {shlex.quote(launcher.python)} -m {AGENT_MODULE}"
+    tunnel = []
+    if launcher.tunnel:
+        port = launcher.broker.address.rsplit(":", 1)[1]
+        tunnel = ["-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:{port}"]
+    return [*_die_with_launcher(), *shlex.split(launcher.ssh), *SSH_OPTIONS, *tunnel, name,
+            command]
 
 
 def _die_with_launcher() -> list[str]:
@@ -425,6 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="ADDRESS", default=None,
                    help="the address remote workers use to reach this machine (default: "
                         "the local address that routes to the first remote host)")
+    p.add_argument("--launcher", choices=("ssh", "srun"), default=None,
+                   help="how workers start on other hosts: ssh, or srun (default inside a "
+                        "SLURM allocation when srun is on PATH, where ssh between nodes is "
+                        "often forbidden)")
+    p.add_argument("--external", type=int, metavar="N", default=0,
+                   help="N more workers will be started by another launcher (srun, mpirun, "
+                        "a container) with `python -m scoop.join JOBFILE`")
+    p.add_argument("--job-file", metavar="FILE", default=None,
+                   help="where to write the job file joining workers read (default: "
+                        "~/.scoop/jobs/; it holds the job key and is made readable only "
+                        "by you)")
     p.add_argument("-e", "--tunnel", action="store_true",
                    help="remote workers reach the broker through ssh reverse tunnels (when "
                         "they cannot reach this machine directly; slower)")
@@ -490,6 +578,14 @@ def _raise_interrupted(signum, frame) -> None:
     raise _Interrupted(signum)
 
 
+def _default_launcher(ns: argparse.Namespace) -> str:
+    """srun inside a SLURM allocation (when on PATH) unless hosts were named; else ssh."""
+    inside_slurm = "SLURM_JOB_NODELIST" in os.environ or "SLURM_NODELIST" in os.environ
+    if inside_slurm and not (ns.hosts or ns.hostfile) and shutil.which("srun"):
+        return "srun"
+    return "ssh"
+
+
 def job_hosts(ns: argparse.Namespace) -> list[tuple[str, int]]:
     """The job's hosts and worker counts, from the options or the batch scheduler.
 
@@ -542,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
                         pythonpath=ns.pythonpath, nice=ns.nice, debug=ns.debug,
                         log_level=level, log_file=ns.log and os.path.abspath(ns.log),
                         ssh=ns.ssh, broker_hostname=ns.broker_hostname, prolog=ns.prolog,
-                        tunnel=ns.tunnel)
+                        tunnel=ns.tunnel, external=ns.external, job_file=ns.job_file,
+                        launcher=ns.launcher or _default_launcher(ns))
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launcher.start()

@@ -44,6 +44,9 @@ Messages (w: worker, b: broker)::
     SHUTDOWN w->b  arg=exit status: the root's program ended; stop the job
     STOP     b->w  leave now (the job is over)
     BYE      w->b  the sender leaves on purpose (never read as a crash)
+    JOIN     w->b  from a worker started by another launcher (routing id "j<random>",
+                   sender ANY_WORKER): which worker id may I take?
+    ASSIGN   b->w  body {wid}: take this id, then reconnect as "w<wid>" and say HELLO
     PING     w->b  from a worker's watchdog connection (routing id "h<wid>"): alive?
     PONG     b->w  the broker is alive (a worker that hears none for a while exits)
 """
@@ -57,6 +60,7 @@ import struct
 from collections.abc import Sequence
 
 VERSION = 1
+ANY_WORKER = 0xFFFFFFFE  # the sender id of a JOIN: the worker has no id yet
 
 HELLO = b"H"
 WELCOME = b"W"
@@ -70,6 +74,8 @@ CONST = b"C"
 SHUTDOWN = b"Q"
 STOP = b"S"
 BYE = b"B"
+JOIN = b"J"
+ASSIGN = b"A"
 PING = b"P"
 PONG = b"O"
 

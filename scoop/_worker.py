@@ -681,6 +681,38 @@ class Worker:
     # ==================================================================================
     # Life cycle
     # ==================================================================================
+    def ask_id(self, address: str, key: bytes, timeout: float = 30.0) -> int:
+        """Get a worker id from the broker (a worker started by another launcher)."""
+        import zmq
+
+        codec = P.Codec(key, P.ANY_WORKER)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"j" + os.urandom(8).hex().encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        try:
+            sock.send_multipart(codec.encode(P.JOIN))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1):
+                try:
+                    msg = codec.decode(sock.recv_multipart())
+                except P.AuthError as exc:
+                    self._reject("broker", exc)
+                    continue
+                if msg.kind == P.STOP:
+                    raise JobOver("the job ended before this worker joined")
+                if msg.kind == P.ASSIGN:
+                    self.wid = int(msg.body["wid"])
+                    self.where = f"worker {self.wid} on {socket.gethostname()} (pid {os.getpid()})"
+                    return self.wid
+            raise BrokenJobError(f"no answer from the broker at {address} within "
+                                 f"{timeout:.0f} s: is the job running, and reachable from "
+                                 "here?")
+        finally:
+            sock.close(0)
+            ctx.term()
+
     def connect(self, address: str, key: bytes, timeout: float = 30.0) -> dict:
         """Join the broker at ``address``; return the WELCOME body."""
         import zmq
