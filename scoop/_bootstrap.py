@@ -28,6 +28,9 @@ from ._watchdog import Watchdog
 log = logging.getLogger("scoop")
 
 MAIN_RUN_NAME = "__scoop_main__"  # the program's module name on non-root workers
+# How long a worker tries to reach the broker: the handshake takes milliseconds, so this
+# only has to cover a loaded machine; an unreachable broker is reported this quickly.
+CONNECT_TIMEOUT_S = 10.0
 
 
 def load_program(path: str, run_name: str) -> types.ModuleType:
@@ -108,12 +111,18 @@ def start(cfg: dict) -> None:
         os.chdir(cfg["cwd"])
     key = bytes.fromhex(cfg["key"])
     worker = _worker.Worker(cfg["wid"] or 0, cfg["size"])
+    timeout = cfg.get("connect_timeout", CONNECT_TIMEOUT_S)
     try:
         if cfg["wid"] is None:
-            worker.ask_id(cfg["address"], key)
-        worker.connect(cfg["address"], key)
+            worker.ask_id(cfg["address"], key, timeout)
+        worker.connect(cfg["address"], key, timeout)
     except _worker.JobOver:
         return  # started too late to matter: leave quietly
+    except _worker.BrokenJobError as exc:
+        print(f"scoop: {worker.where}: {exc}. If this host cannot reach that address, "
+              "start the job with --broker-hostname ADDRESS (one it can reach) or -e.",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
     wid, root = worker.wid, worker.wid == 0
     _worker.install(worker)
     Watchdog(cfg["address"], key, wid).start()

@@ -578,6 +578,29 @@ def _raise_interrupted(signum, frame) -> None:
     raise _Interrupted(signum)
 
 
+def host_cpu_count(name: str, ssh: str = "ssh") -> int:
+    """The CPUs of ``name``: this machine's, or asked over ssh (``nproc``) for a remote host.
+
+    Raises:
+        LaunchError: the remote host could not be asked.
+    """
+    from ._hosts import is_local
+
+    if is_local(name):
+        return _cpu_count()
+    argv = [*shlex.split(ssh), *SSH_OPTIONS, name, "nproc"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = str(exc)
+    else:
+        if out.returncode == 0 and out.stdout.strip().isdigit():
+            return max(1, int(out.stdout.strip()))
+        detail = out.stderr.strip() or f"exit status {out.returncode}"
+    raise LaunchError(f"host {name}: cannot count its CPUs over ssh ({detail}); give its "
+                      "worker count in the hostfile ('name count')")
+
+
 def _default_launcher(ns: argparse.Namespace) -> str:
     """srun inside a SLURM allocation (when on PATH) unless hosts were named; else ssh."""
     inside_slurm = "SLURM_JOB_NODELIST" in os.environ or "SLURM_NODELIST" in os.environ
@@ -605,7 +628,7 @@ def job_hosts(ns: argparse.Namespace) -> list[tuple[str, int]]:
                 return [("127.0.0.1", ns.n or _cpu_count())]
             scheduler, hosts = found
             log.info("hosts from the %s allocation: %s", scheduler, _hosts.format_hosts(hosts))
-        hosts = _hosts.distribute(hosts, ns.n, lambda name: _cpu_count())
+        hosts = _hosts.distribute(hosts, ns.n, lambda name: host_cpu_count(name, ns.ssh))
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
     return [(h.name, h.workers) for h in hosts]

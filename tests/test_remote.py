@@ -202,6 +202,30 @@ def _is_worker(pid: int) -> bool:
         return False
 
 
+def test_host_without_count_gets_its_cpu_count(hosts, tmp_path):
+    a = hosts.names[0]
+    remote_cpus = int(hosts.run(a, "nproc").stdout)
+    hostfile = _hostfile(tmp_path, ["127.0.0.1 1", a])
+    prog = write_program(tmp_path, "import scoop\nif __name__ == '__main__':\n"
+                                   "    print(scoop.SIZE)\n")
+    out = run_scoop("--hostfile", hostfile, "--ssh-executable", _ssh(hosts), prog)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 1 + remote_cpus
+
+
+def test_unreachable_broker_address_fails_fast_with_advice(hosts, tmp_path):
+    a = hosts.names[0]
+    prog = write_program(tmp_path, WHERE)
+    unused = f"{hosts.net}.250"  # in the test range, where no host answers
+    t0 = time.monotonic()
+    out = run_scoop("--hosts", "127.0.0.1", a, "--ssh-executable", _ssh(hosts),
+                    "--broker-hostname", unused, prog)
+    assert out.returncode != 0
+    assert time.monotonic() - t0 < 30
+    assert f"host {a}" in out.stderr and "--broker-hostname" in out.stderr
+    _assert_namespaces_empty(hosts)
+
+
 def test_unreachable_host_fails_fast_with_advice(hosts, tmp_path):
     a, b = hosts.names[:2]
     hosts.cut(b)
