@@ -13,6 +13,8 @@ Attributes:
     IS_ORIGIN: True in the process that runs the program's ``__main__`` block.
     worker: this worker's id (an int; the root worker is 0), None outside a job.
     SIZE: the number of workers the job was started with (1 outside a job).
+    HOSTS: the job's hosts as (name, worker count) pairs, in placement order (the first
+        runs the program); workers started by another launcher are not listed.
     DEBUG: True when the job was started with ``--debug``.
     logger: the ``logging.Logger`` scoop reports through ("scoop").
 """
@@ -22,11 +24,13 @@ from __future__ import annotations
 import logging
 
 __version__ = "0.9.0"
-__all__ = ["IS_RUNNING", "IS_ORIGIN", "worker", "SIZE", "DEBUG", "logger", "__version__"]
+__all__ = ["IS_RUNNING", "IS_ORIGIN", "worker", "SIZE", "HOSTS", "DEBUG", "logger",
+           "__version__"]
 
 IS_RUNNING: bool = False
 IS_ORIGIN: bool = True
 worker: int | None = None
 SIZE: int = 1
+HOSTS: list[tuple[str, int]] = []
 DEBUG: bool = False
 logger: logging.Logger = logging.getLogger("scoop")

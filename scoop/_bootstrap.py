@@ -128,6 +128,7 @@ def start(cfg: dict) -> None:
     Watchdog(cfg["address"], key, wid).start()
     scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker = True, root, wid
     scoop.SIZE, scoop.DEBUG = worker.size, bool(cfg.get("debug"))
+    scoop.HOSTS = [tuple(h) for h in cfg.get("hosts", [])]
     if root:
         sys.exit(_run_root(worker, cfg))
     _run_worker(worker, cfg)

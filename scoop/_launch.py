@@ -263,6 +263,7 @@ class Launcher:
             "address": address, "key": self.key.hex(), "wid": wid, "size": self.n,
             "program": self.program, "args": self.args, "cwd": self.cwd, "nice": self.nice,
             "debug": self.debug, "log_level": self.log_level, "log_file": self.log_file,
+            "hosts": self.hosts,
         }
 
     def _spawn(self, wid: int) -> subprocess.Popen:
@@ -280,7 +281,7 @@ class Launcher:
         _worker.install(worker)
         self.root_worker = worker
         scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker, scoop.SIZE = True, True, 0, self.n
-        scoop.DEBUG = self.debug
+        scoop.DEBUG, scoop.HOSTS = self.debug, [tuple(h) for h in self.hosts]
 
     # -- watching --------------------------------------------------------------------------
     def wait(self) -> int:

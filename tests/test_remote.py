@@ -97,11 +97,14 @@ def test_hostfile_spreads_workers_over_every_host(hosts, tmp_path):
 
 def test_n_placement_and_root_on_a_remote_host(hosts, tmp_path):
     a, b = hosts.names[:2]
-    prog = write_program(tmp_path, WHERE)
+    prog = write_program(tmp_path, WHERE.replace(
+        "print(sorted(seen))", "print(sorted(seen)); print(scoop.HOSTS)"))
     # -n 3 over a:1 b:1 adds the third worker round-robin from the first host
     out = run_scoop("--hosts", a, b, "-n", "3", "--ssh-executable", _ssh(hosts), prog, "60")
     assert out.returncode == 0, out.stderr
-    seen = eval(out.stdout)  # noqa: S307
+    seen_line, hosts_line = out.stdout.splitlines()
+    assert eval(hosts_line) == [(a, 2), (b, 1)]  # noqa: S307 - scoop.HOSTS
+    seen = eval(seen_line)  # noqa: S307
     ns = {wid: n for n, wid, _ in seen}
     assert ns[0] == _host_ns(hosts, a)  # the first host runs the program
     assert sorted(ns) == [0, 1, 2]
@@ -224,6 +227,43 @@ def test_unreachable_broker_address_fails_fast_with_advice(hosts, tmp_path):
     assert time.monotonic() - t0 < 30
     assert f"host {a}" in out.stderr and "--broker-hostname" in out.stderr
     _assert_namespaces_empty(hosts)
+
+
+def test_workers_of_a_cut_host_leave_by_themselves(hosts, tmp_path):
+    """No ssh EOF can reach a host whose cable is cut: its workers' watchdogs must notice
+    the broker is gone, and the job finishes on the workers it has left."""
+    a = hosts.names[0]
+    prog = write_program(tmp_path, """
+        import time
+        from scoop import futures
+        def work(i):
+            time.sleep(0.2)
+            return i
+        if __name__ == "__main__":
+            print("started", flush=True)
+            assert list(futures.map(work, range(80), chunksize=1)) == list(range(80))
+            print("all results right", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "scoop", "--hosts", "127.0.0.1", a,
+                             "--ssh-executable", _ssh(hosts), prog],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(1.0)
+        assert [p for p in hosts.pids_in(a) if _is_worker(p)], "no remote worker"
+        hosts.cut(a)
+        t0 = time.monotonic()
+        while [p for p in hosts.pids_in(a) if _is_worker(p)]:
+            assert time.monotonic() - t0 < 25, "workers of the cut host did not leave"
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        hosts.heal(a)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.strip().endswith("all results right")
 
 
 def test_unreachable_host_fails_fast_with_advice(hosts, tmp_path):
