@@ -209,7 +209,7 @@ class Broker:
                 return
             ident = frames[0].bytes
             try:
-                msg = self.codec.decode(frames[1:])
+                msg = self.codec.decode(frames[1:], peer=ident)
             except P.AuthError as exc:
                 self._reject(ident, exc)
                 continue

@@ -11,7 +11,8 @@ Frames of one message (the broker's ROUTER socket sees the peer's routing id fir
 ``kind``
     One byte naming the message (the constants below).
 ``hdr``
-    ``seq u64, sender u32, arg u32, nparcels u32, ndone u32``, then ``nparcels`` parcel
+    ``seq u64, sender u32, arg u32, nparcels u32, ndone u32`` (seq rises with every message
+    of a sender; a receiver drops one that is not newer: no replays), then ``nparcels`` parcel
     records ``(tag u64, peer u32, nframes u32, mac 32s)``, then ``ndone`` records
     ``(owner u32, fid u64)``, then an optional JSON body (control messages only).
 ``payload``
@@ -57,6 +58,7 @@ import hashlib
 import hmac
 import json
 import struct
+import time
 from collections.abc import Sequence
 
 VERSION = 1
@@ -142,7 +144,10 @@ class Codec:
             raise ValueError("the job key must be at least 16 bytes")
         self.key = key
         self.sender = sender
-        self._seq = 0
+        # Sequence numbers start at the clock, so they keep rising across restarts: a
+        # receiver rejects any message not newer than the last from that connection.
+        self._seq = time.time_ns()
+        self._last_seen: dict = {}
 
     # -- parcels ---------------------------------------------------------------------
     def mac(self, frames: Sequence) -> bytes:
@@ -181,10 +186,12 @@ class Codec:
         sig = hmac.digest(self.key, kind + hdr, "sha256")
         return [sig, kind, hdr, *frames]
 
-    def decode(self, frames: Sequence) -> Message:
+    def decode(self, frames: Sequence, peer=None) -> Message:
         """Authenticate and parse a message's frames; raise AuthError if they are not ours.
 
-        Payload frames are returned as received (zero-copy zmq.Frame objects stay so).
+        With ``peer`` (the connection it came from), a message not newer than the last one
+        accepted from that peer is rejected as a replay. Payload frames are returned as
+        received (zero-copy zmq.Frame objects stay so).
         """
         if len(frames) < 3:
             raise AuthError(f"too few frames ({len(frames)})")
@@ -200,9 +207,9 @@ class Codec:
             parcels = []
             pos = 3
             for _ in range(nparcels):
-                tag, peer, nfr, mac = _PARCEL.unpack_from(hdr, off)
+                tag, to, nfr, mac = _PARCEL.unpack_from(hdr, off)
                 off += _PARCEL.size
-                parcels.append(Parcel(tag, peer, frames[pos:pos + nfr], mac))
+                parcels.append(Parcel(tag, to, frames[pos:pos + nfr], mac))
                 pos += nfr
             done = []
             for _ in range(ndone):
@@ -213,4 +220,8 @@ class Codec:
             raise AuthError(f"malformed header: {exc}") from None
         if pos != len(frames):
             raise AuthError("frame count does not match header")
+        if peer is not None:
+            if seq <= self._last_seen.get(peer, 0):
+                raise AuthError(f"replayed or reordered message (seq {seq})")
+            self._last_seen[peer] = seq
         return Message(kind, seq, sender, arg, parcels, done, body)

@@ -58,7 +58,8 @@ class Watchdog(threading.Thread):
                 while (left := deadline - time.monotonic()) > 0:
                     if sock.poll(int(left * 1000) + 1):
                         try:
-                            if self.codec.decode(sock.recv_multipart()).kind == P.PONG:
+                            msg = self.codec.decode(sock.recv_multipart(), "broker")
+                            if msg.kind == P.PONG:
                                 heard = time.monotonic()
                         except P.AuthError:
                             pass

@@ -586,7 +586,7 @@ class Worker:
             except zmq.Again:
                 return
             try:
-                msg = self.codec.decode(frames)
+                msg = self.codec.decode(frames, peer="broker")
             except P.AuthError as exc:
                 self._reject("broker", exc)
                 continue
@@ -734,7 +734,7 @@ class Worker:
                 raise BrokenJobError(f"no answer from the broker at {address} "
                                      f"within {timeout:.0f} s")
             try:
-                msg = self.codec.decode(sock.recv_multipart(copy=False))
+                msg = self.codec.decode(sock.recv_multipart(copy=False), peer="broker")
             except P.AuthError as exc:
                 self._reject("broker", exc)
                 continue

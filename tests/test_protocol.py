@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import time
 
 import cloudpickle
 import pytest
@@ -152,3 +153,56 @@ def test_hostile_traffic_at_the_broker_port_changes_nothing(pool, caplog):
             s.close(0)
         ctx.term()
     assert list(futures.map(_square, range(10))) == [x * x for x in range(10)]
+
+
+def test_replayed_message_rejected():
+    sender, receiver = P.Codec(KEY, 1), P.Codec(KEY, 0)
+    first = sender.encode(P.READY, arg=1)
+    second = sender.encode(P.READY, arg=2)
+    assert receiver.decode(first, peer=b"w1").arg == 1
+    assert receiver.decode(second, peer=b"w1").arg == 2
+    with pytest.raises(P.AuthError, match="replayed"):
+        receiver.decode(first, peer=b"w1")
+    # a restarted sender starts above its old sequence numbers
+    assert receiver.decode(P.Codec(KEY, 1).encode(P.READY), peer=b"w1").kind == P.READY
+
+
+def test_replay_at_a_live_broker_is_dropped(pool, caplog):
+    """A peer's captured message, sent again on a new connection under its identity."""
+    codec = P.Codec(pool.key, 7)
+    hello = codec.encode(P.HELLO, body={"version": P.VERSION, "wid": 7, "pid": 0,
+                                        "host": "test"})
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, b"w7")
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(pool.broker.address)
+        s.send_multipart(hello)
+        assert s.poll(5000), "no WELCOME"
+        assert P.Codec(pool.key, 0).decode(s.recv_multipart()).kind == P.WELCOME
+        s.send_multipart(codec.encode(P.BYE))  # leave on purpose
+        time.sleep(0.3)  # until the broker has let go of the identity "w7"
+        s.close(0)
+        time.sleep(0.3)
+        with caplog.at_level("WARNING", logger="scoop"):
+            again = ctx.socket(zmq.DEALER)
+            again.setsockopt(zmq.IDENTITY, b"w7")
+            again.setsockopt(zmq.LINGER, 0)
+            again.connect(pool.broker.address)
+            again.send_multipart(hello)  # the replay
+            assert not again.poll(1000), "the broker answered a replayed HELLO"
+            again.close(0)
+        assert "replayed" in caplog.text
+    finally:
+        ctx.term()
+    assert list(futures.map(_square, range(10))) == [x * x for x in range(10)]
+
+
+def test_replay_window_is_per_connection_not_per_parcel_owner():
+    receiver = P.Codec(KEY, 0)
+    older, newer = P.Codec(KEY, 1), P.Codec(KEY, 2)  # older's clock-based seq is lower
+    late = older.encode(P.RESULTS, parcels=[older.parcel([b"x"], peer=0)])
+    early = newer.encode(P.RESULTS, parcels=[newer.parcel([b"y"], peer=0)])
+    assert receiver.decode(early, peer=b"w2").parcels[0].peer == 0
+    assert receiver.decode(late, peer=b"w1").parcels[0].peer == 0  # not a replay
