@@ -75,14 +75,17 @@ class Broker:
 
     Args:
         key: the job's secret (random, at least 16 bytes).
+        max_attempts: workers that may die holding a task group before its tasks fail.
         size: the number of workers the job was started with (sent to each worker).
         host: the address to bind; loopback when every worker is local.
         port: the port to bind (0: any free port).
     """
 
     def __init__(self, key: bytes, size: int = 1, host: str = "127.0.0.1",
-                 port: int = 0, first_free_wid: int | None = None) -> None:
+                 port: int = 0, first_free_wid: int | None = None,
+                 max_attempts: int = MAX_ATTEMPTS) -> None:
         self.codec = P.Codec(key, BROKER_ID)
+        self.max_attempts = max(1, max_attempts)
         self.size = size
         # Ids handed to workers that join on their own (python -m scoop.join).
         self.next_free_wid = size if first_free_wid is None else first_free_wid
@@ -352,7 +355,7 @@ class Broker:
         requeued = []
         for key, parcel in peer.held.items():
             self.losses[key] = attempts = self.losses.get(key, 0) + 1
-            if attempts < MAX_ATTEMPTS:
+            if attempts < self.max_attempts:
                 requeued.append(parcel)
             else:
                 self._fail_group(parcel, attempts, how)

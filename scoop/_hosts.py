@@ -187,6 +187,7 @@ OPTIONS_WITH_VALUE = frozenset({
     "-n", "--path", "-p", "--nice", "--python-executable", "--python-interpreter",
     "--pythonpath", "--log", "--hostfile", "--broker-hostname", "--external-hostname",
     "--prolog", "--backend", "--ssh-executable", "--launcher", "--external", "--job-file",
+    "--max-attempts",
 })
 
 

@@ -106,7 +106,8 @@ class Launcher:
                  log_level: int = logging.WARNING, log_file: str | None = None,
                  ssh: str = "ssh", broker_hostname: str | None = None,
                  prolog: str | None = None, tunnel: bool = False, external: int = 0,
-                 job_file: str | None = None, launcher: str = "ssh") -> None:
+                 job_file: str | None = None, launcher: str = "ssh",
+                 max_attempts: int = _broker.MAX_ATTEMPTS) -> None:
         if hosts is None:
             hosts = [("127.0.0.1", n or 1)]
         hosts = [(name, count) for name, count in hosts if count > 0]
@@ -129,6 +130,7 @@ class Launcher:
         self.prolog = prolog
         self.tunnel = tunnel
         self.launcher = launcher
+        self.max_attempts = max_attempts
         self.job_file = job_file
         self._wrote_job_file = False
         self.key = _broker.new_key()
@@ -149,8 +151,7 @@ class Launcher:
         placed = self.n - self.external
         if self.external:
             # Joining workers may run anywhere: listen on every interface.
-            self.broker = _broker.Broker(self.key, size=self.n, host="0.0.0.0",
-                                         first_free_wid=placed).start()
+            self.broker = self._new_broker("0.0.0.0", first_free_wid=placed)
             port = self.broker.address.rsplit(":", 1)[1]
             address = self.broker_hostname or (
                 guess_broker_address(remote[0], self.ssh) if remote else socket.getfqdn())
@@ -159,15 +160,15 @@ class Launcher:
         elif remote and self.tunnel:
             # Remote workers reach the broker through ssh reverse tunnels: it listens on
             # loopback only, and each host forwards the same port on its own loopback.
-            self.broker = _broker.Broker(self.key, size=self.n).start()
+            self.broker = self._new_broker()
             self.worker_address = self.broker.address
         elif remote:
             address = self.broker_hostname or guess_broker_address(remote[0], self.ssh)
-            self.broker = _broker.Broker(self.key, size=self.n, host="0.0.0.0").start()
+            self.broker = self._new_broker("0.0.0.0")
             port = self.broker.address.rsplit(":", 1)[1]
             self.worker_address = f"tcp://{address}:{port}"
         else:
-            self.broker = _broker.Broker(self.key, size=self.n).start()
+            self.broker = self._new_broker()
             self.worker_address = self.broker.address
         try:
             placed, wid = [], 0
@@ -196,12 +197,16 @@ class Launcher:
             raise
         return self
 
+    def _new_broker(self, host: str = "127.0.0.1", first_free_wid: int | None = None):
+        """Start this job's broker in a thread, bound to ``host``."""
+        return _broker.Broker(self.key, size=self.n, host=host, first_free_wid=first_free_wid,
+                              max_attempts=self.max_attempts).start()
+
     def _start_with_srun(self, root_in_process: bool) -> Launcher:
         """Every worker but the root comes from one srun step running scoop.join."""
         others = self.n - 1
         hosts = [name for name, _ in self.hosts]
-        self.broker = _broker.Broker(self.key, size=self.n, host="0.0.0.0",
-                                     first_free_wid=1).start()
+        self.broker = self._new_broker("0.0.0.0", first_free_wid=1)
         port = self.broker.address.rsplit(":", 1)[1]
         address = self.broker_hostname or guess_broker_address(
             hosts[1] if len(hosts) > 1 else hosts[0], self.ssh)
@@ -514,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the job file joining workers read (default: "
                         "~/.scoop/jobs/; it holds the job key and is made readable only "
                         "by you)")
+    p.add_argument("--max-attempts", type=int, metavar="N", default=_broker.MAX_ATTEMPTS,
+                   help="workers that may die running a task before it fails with "
+                        f"WorkerLostError (default: {_broker.MAX_ATTEMPTS})")
     p.add_argument("-e", "--tunnel", action="store_true",
                    help="remote workers reach the broker through ssh reverse tunnels (when "
                         "they cannot reach this machine directly; slower)")
@@ -663,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
                         log_level=level, log_file=ns.log and os.path.abspath(ns.log),
                         ssh=ns.ssh, broker_hostname=ns.broker_hostname, prolog=ns.prolog,
                         tunnel=ns.tunnel, external=ns.external, job_file=ns.job_file,
-                        launcher=ns.launcher or _default_launcher(ns))
+                        launcher=ns.launcher or _default_launcher(ns),
+                        max_attempts=ns.max_attempts)
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launcher.start()

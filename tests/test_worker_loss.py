@@ -47,3 +47,56 @@ def test_task_that_kills_every_worker_fails_after_bounded_attempts(tmp_path):
     out = run_scoop("-n", "4", prog)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("lost: poison(): 3 workers died running this task")
+    out = run_scoop("-n", "3", "--max-attempts", "2", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("lost: poison(): 2 workers died running this task")
+
+
+def test_healthy_long_task_runs_exactly_once(tmp_path):
+    """A task far longer than the heartbeat silence limit is not taken for lost."""
+    from scoop import _broker
+
+    runs = tmp_path / "runs"
+    prog = write_program(tmp_path, f"""
+        import time
+        from scoop import futures
+        def long_task(seconds):
+            with open({str(runs)!r}, "a") as f:
+                f.write("run\\n")
+            end = time.time() + seconds
+            while time.time() < end:      # busy: no chance to answer anything
+                pass
+            return "done"
+        if __name__ == "__main__":
+            print(futures.submit(long_task, {_broker.WORKER_SILENCE_S + 2}).result(timeout=60))
+    """)
+    out = run_scoop("-n", "2", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"
+    assert runs.read_text().count("run") == 1
+
+
+def test_nested_parent_on_a_dead_worker_runs_again(tmp_path):
+    marker = tmp_path / "killed"
+    prog = write_program(tmp_path, f"""
+        import os, time, scoop
+        from scoop import futures
+        def leaf(i):
+            time.sleep(0.01)
+            return i
+        def parent(n):
+            kids = [futures.submit(leaf, i) for i in range(n)]
+            total = sum(k.result() for k in kids)
+            if scoop.worker != 0 and not os.path.exists({str(marker)!r}):
+                open({str(marker)!r}, "w").close()
+                os._exit(9)                 # dies after its children ran
+            return total
+        if __name__ == "__main__":
+            futs = [futures.submit(parent, 20) for _ in range(6)]
+            print([f.result(timeout=60) for f in futs])
+    """)
+    out = run_scoop("-n", "3", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str([190] * 6)
+    assert marker.exists(), "no parent ran on another worker"
+    assert "ended early: exit status 9" in out.stderr
