@@ -306,6 +306,8 @@ class Broker:
         peer.credit = 0
 
     def handle_return(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
+        # A whole group comes back under its own id (dropped from the sender's hold); a
+        # partial one under a fresh id, while the sender still holds the original.
         for parcel in reversed(msg.parcels):
             peer.held.pop((parcel.peer, parcel.tag), None)
             self.queue.appendleft(parcel)  # first in line again
@@ -314,6 +316,7 @@ class Broker:
         peer.credit += msg.arg  # a READY riding along
         for key in msg.done:
             peer.held.pop(key, None)
+            self.losses.pop(key, None)
         for parcel in msg.parcels:
             owner = self.by_wid.get(parcel.peer)
             if owner is None:
@@ -352,6 +355,7 @@ class Broker:
         if peer is None or self.stopping:
             return
         self.peers.pop(peer.ident, None)
+        self.last_ping.pop(wid, None)
         requeued = []
         for key, parcel in peer.held.items():
             self.losses[key] = attempts = self.losses.get(key, 0) + 1

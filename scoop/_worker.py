@@ -165,6 +165,7 @@ class Worker:
         self.closed = False  # futures.shutdown() was called: no new futures
         self._ids = itertools.count(1)
         self._fids = itertools.count(1)
+        self._returned = itertools.count(1)  # ids of partial groups handed back
         self._seq = itertools.count()
         self._inline_depth = 0
         self._timed_waits = 0  # parked greenlets that wait with a deadline
@@ -641,9 +642,15 @@ class Worker:
             except Exception:  # noqa: BLE001 - keep what cannot travel; run it later
                 self.runq.extend((group, tid, call) for tid, call in items)
                 continue
+            if group.remaining > len(items) or not group.fid:
+                # Part of the group runs here (or it never came from the broker): the rest
+                # travels as a group of its own, so that the broker keeps tracking both.
+                tag = (1 << 63) | (self.wid << 32) | next(self._returned)
+            else:
+                tag = group.fid  # the whole group goes back: the broker drops our hold
             group.remaining -= len(items)
             tids = array(_TIDS, [tid for tid, _ in items]).tobytes()
-            parcels.append(self.codec.parcel([tids, *frames], tag=group.fid, peer=group.owner))
+            parcels.append(self.codec.parcel([tids, *frames], tag=tag, peer=group.owner))
         if parcels:
             self._send(P.RETURN, parcels=parcels)
 

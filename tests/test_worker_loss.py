@@ -100,3 +100,29 @@ def test_nested_parent_on_a_dead_worker_runs_again(tmp_path):
     assert out.stdout.strip() == str([190] * 6)
     assert marker.exists(), "no parent ran on another worker"
     assert "ended early: exit status 9" in out.stderr
+
+
+def test_task_started_before_a_timed_wait_is_not_lost_with_its_worker(tmp_path):
+    """A worker that hands back the rest of a group keeps responsibility for the task it
+    is running: if it then dies, that task runs again (reproducer from bench/soak.py)."""
+    mark = tmp_path / "died-once"
+    prog = write_program(tmp_path, f"""
+        import os, threading, time
+        from scoop import futures
+        def child():
+            time.sleep(3)
+            return 1
+        def task(i):
+            if i == 0 and not os.path.exists({str(mark)!r}):
+                open({str(mark)!r}, "w").close()
+                threading.Timer(1.0, os._exit, (9,)).start()   # this worker dies in 1 s
+                futures.submit(child).result(timeout=30)         # a timed wait: gives back
+            return i
+        if __name__ == "__main__":
+            fs = [futures.submit(task, i) for i in range(64)]
+            done, not_done = futures.wait(fs, timeout=40)
+            print("done", len(done), "not done", [i for i in range(64) if fs[i] in not_done])
+    """)
+    out = run_scoop("-n", "3", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done 64 not done []"
