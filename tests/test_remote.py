@@ -44,6 +44,29 @@ def hosts():
         th.down()
 
 
+CHECKED_MAP = """
+    import sys, time
+    from scoop import futures
+    def work(i):
+        time.sleep(float(sys.argv[2]))
+        return i * i
+    if __name__ == "__main__":
+        n = int(sys.argv[1])
+        print("started", flush=True)
+        assert list(futures.map(work, range(n), chunksize=1)) == [i * i for i in range(n)]
+        print("all results right", flush=True)
+"""
+
+
+def _start_job(hosts, prog: str, names: list[str], *prog_args: str) -> subprocess.Popen:
+    """Start a job on this machine plus ``names``; return once its program has started."""
+    proc = subprocess.Popen([sys.executable, "-m", "scoop", "--hosts", "127.0.0.1", *names,
+                             "--ssh-executable", _ssh(hosts), prog, *prog_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started", proc.stderr.read()
+    return proc
+
+
 def _netns(pid: int | str = "self") -> str:
     return os.readlink(f"/proc/{pid}/ns/net")
 
@@ -166,22 +189,8 @@ def test_remote_output_reaches_the_terminal(hosts, tmp_path):
 
 def test_remote_worker_killed_midway_its_work_runs_elsewhere(hosts, tmp_path):
     a = hosts.names[0]
-    prog = write_program(tmp_path, """
-        import time
-        from scoop import futures
-        def work(i):
-            time.sleep(0.1)
-            return i * i
-        if __name__ == "__main__":
-            print("started", flush=True)
-            assert list(futures.map(work, range(60), chunksize=1)) == [i * i for i in range(60)]
-            print("all results right", flush=True)
-    """)
-    proc = subprocess.Popen([sys.executable, "-m", "scoop", "--hosts", "127.0.0.1", a,
-                             "--ssh-executable", _ssh(hosts), prog],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start_job(hosts, write_program(tmp_path, CHECKED_MAP), [a], "60", "0.1")
     try:
-        assert proc.stdout.readline().strip() == "started"
         time.sleep(0.8)
         victims = [p for p in hosts.pids_in(a) if _is_worker(p)]
         assert victims, "no remote worker to kill"
@@ -233,22 +242,8 @@ def test_workers_of_a_cut_host_leave_by_themselves(hosts, tmp_path):
     """No ssh EOF can reach a host whose cable is cut: its workers' watchdogs must notice
     the broker is gone, and the job finishes on the workers it has left."""
     a = hosts.names[0]
-    prog = write_program(tmp_path, """
-        import time
-        from scoop import futures
-        def work(i):
-            time.sleep(0.2)
-            return i
-        if __name__ == "__main__":
-            print("started", flush=True)
-            assert list(futures.map(work, range(80), chunksize=1)) == list(range(80))
-            print("all results right", flush=True)
-    """)
-    proc = subprocess.Popen([sys.executable, "-m", "scoop", "--hosts", "127.0.0.1", a,
-                             "--ssh-executable", _ssh(hosts), prog],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start_job(hosts, write_program(tmp_path, CHECKED_MAP), [a], "80", "0.2")
     try:
-        assert proc.stdout.readline().strip() == "started"
         time.sleep(1.0)
         assert [p for p in hosts.pids_in(a) if _is_worker(p)], "no remote worker"
         hosts.cut(a)
@@ -313,11 +308,8 @@ def test_nothing_left_on_remote_hosts_after_interrupt_or_kill(hosts, tmp_path, h
             print("started", flush=True)
             list(futures.map(spin, range(6)))
     """)
-    proc = subprocess.Popen([sys.executable, "-m", "scoop", "--hosts", "127.0.0.1", a, b,
-                             "--ssh-executable", _ssh(hosts), prog],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start_job(hosts, prog, [a, b])
     try:
-        assert proc.stdout.readline().strip() == "started"
         deadline = time.monotonic() + 20
         while not all(any(_is_scoop(p) for p in hosts.pids_in(h)) for h in (a, b)):
             assert time.monotonic() < deadline, "remote workers never started"
