@@ -23,6 +23,7 @@ import types
 import scoop
 
 from . import _serialize, _worker
+from ._transport import Credentials
 from ._watchdog import Watchdog
 
 log = logging.getLogger("scoop")
@@ -109,13 +110,13 @@ def start(cfg: dict) -> None:
         os.nice(cfg["nice"])
     if cfg.get("cwd"):
         os.chdir(cfg["cwd"])
-    key = bytes.fromhex(cfg["key"])
+    creds = Credentials.from_config(cfg)
     worker = _worker.Worker(cfg["wid"] or 0, cfg["size"])
     timeout = cfg.get("connect_timeout", CONNECT_TIMEOUT_S)
     try:
         if cfg["wid"] is None:
-            worker.ask_id(cfg["address"], key, timeout)
-        worker.connect(cfg["address"], key, timeout)
+            worker.ask_id(cfg["address"], creds, timeout)
+        worker.connect(cfg["address"], creds, timeout)
     except _worker.JobOver:
         return  # started too late to matter: leave quietly
     except _worker.BrokenJobError as exc:
@@ -125,7 +126,7 @@ def start(cfg: dict) -> None:
         sys.exit(1)
     wid, root = worker.wid, worker.wid == 0
     _worker.install(worker)
-    Watchdog(cfg["address"], key, wid).start()
+    Watchdog(cfg["address"], creds, wid).start()
     scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker = True, root, wid
     scoop.SIZE, scoop.DEBUG = worker.size, bool(cfg.get("debug"))
     scoop.HOSTS = [tuple(h) for h in cfg.get("hosts", [])]

@@ -32,7 +32,6 @@ The broker runs its loop in a thread (:meth:`Broker.start`) or the caller's thre
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -40,6 +39,7 @@ from collections import deque
 import zmq
 
 from . import _protocol as P
+from ._transport import Credentials, Gate
 
 log = logging.getLogger("scoop.broker")
 
@@ -51,9 +51,6 @@ WORKER_SILENCE_S = 5.0
 # A task group whose worker dies is queued again this many times at most; then its tasks
 # fail with WorkerLostError, so a task that kills every worker cannot take the job down.
 MAX_ATTEMPTS = 3
-# The largest message accepted, checked by ZeroMQ before anything is read; big task
-# arguments are fine, a peer announcing gigabytes of garbage is cut off.
-MAX_MESSAGE_BYTES = 2**31 - 1
 
 
 class _Peer:
@@ -74,31 +71,25 @@ class Broker:
     """Routes one job's futures between its workers.
 
     Args:
-        key: the job's secret (random, at least 16 bytes).
+        creds: the job's secrets (see ``_transport.Credentials``).
         max_attempts: workers that may die holding a task group before its tasks fail.
         size: the number of workers the job was started with (sent to each worker).
         host: the address to bind; loopback when every worker is local.
         port: the port to bind (0: any free port).
     """
 
-    def __init__(self, key: bytes, size: int = 1, host: str = "127.0.0.1",
+    def __init__(self, creds: Credentials, size: int = 1, host: str = "127.0.0.1",
                  port: int = 0, first_free_wid: int | None = None,
                  max_attempts: int = MAX_ATTEMPTS) -> None:
-        self.codec = P.Codec(key, BROKER_ID)
+        self.codec = P.Codec(creds.key, BROKER_ID)
         self.max_attempts = max(1, max_attempts)
         self.size = size
         # Ids handed to workers that join on their own (python -m scoop.join).
         self.next_free_wid = size if first_free_wid is None else first_free_wid
         self.ctx = zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        if port:
-            self.router.bind(f"tcp://{host}:{port}")
-        else:
-            port = self.router.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        self.gate = Gate(self.ctx, creds)  # first: it checks every connection's handshake
+        self.router, self.address = creds.listen(self.ctx, host, port)
+        self.gate.watch(self.router)
         self._ctl_addr = f"inproc://scoop-broker-{id(self)}"
         self._ctl = self.ctx.socket(zmq.PULL)  # commands from other threads
         self._ctl.bind(self._ctl_addr)
@@ -168,6 +159,8 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._ctl, zmq.POLLIN)
+        for sock in self.gate.sockets:
+            poller.register(sock, zmq.POLLIN)
         try:
             next_check = time.monotonic() + WORKER_SILENCE_S
             while True:
@@ -188,11 +181,15 @@ class Broker:
                 if self.router in events:
                     self._drain()
                     self.dispatch()
+                for sock in self.gate.sockets:
+                    if sock in events:
+                        self.gate.handle(sock)
         finally:
             self._close()
 
     def _close(self) -> None:
         self.finished.set()
+        self.gate.close()
         self.router.close(0)
         self._ctl.close(0)
         self.ctx.term()
@@ -211,19 +208,20 @@ class Broker:
             except zmq.Again:
                 return
             ident = frames[0].bytes
+            name = P.peer_name(ident)
             try:
-                msg = self.codec.decode(frames[1:], peer=ident)
+                msg = self.codec.decode(frames[1:], peer=name, join=False)
             except P.AuthError as exc:
                 self._reject(ident, exc)
                 continue
-            if msg.kind == P.JOIN and ident.startswith(b"j") and msg.sender == P.ANY_WORKER:
+            if msg.kind == P.JOIN and name.startswith(b"j") and msg.sender == P.ANY_WORKER:
                 self.handle_join(ident, msg)
                 continue
-            if msg.kind == P.PING and ident == b"h%d" % msg.sender:
+            if msg.kind == P.PING and name == b"h%d" % msg.sender:
                 self.handle_ping(ident, msg)
                 continue
             peer = self.peers.get(ident)
-            if peer is None and msg.kind != P.HELLO and ident == b"w%d" % msg.sender:
+            if peer is None and msg.kind != P.HELLO and name == b"w%d" % msg.sender:
                 # A worker counted as lost speaks again: its work was queued elsewhere.
                 self.router.send_multipart([ident, *self.codec.encode(P.STOP)])
                 continue
@@ -255,9 +253,9 @@ class Broker:
         if body.get("version") != P.VERSION:
             reason = (f"protocol version {body.get('version')} does not match the broker's "
                       f"{P.VERSION}: install the same scoop version on every host")
-        elif wid != msg.sender or ident != b"w%d" % msg.sender:
+        elif wid != msg.sender or P.peer_name(ident) != b"w%d" % msg.sender:
             reason = "worker id does not match its connection"
-        elif ident in self.peers:
+        elif wid in self.by_wid:
             reason = f"worker {wid} is already connected"
         else:
             reason = None
@@ -401,8 +399,4 @@ class Broker:
                     peer.held[(parcel.peer, parcel.tag)] = parcel
                 self._send(peer, P.TASKS, parcels=parcels)
 
-
-def new_key() -> bytes:
-    """A fresh random job key."""
-    return os.urandom(32)
 

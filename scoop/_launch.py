@@ -45,6 +45,7 @@ from collections import deque
 import scoop
 
 from . import _agent, _broker, _worker
+from ._transport import Credentials
 
 log = logging.getLogger("scoop")
 
@@ -97,6 +98,7 @@ class Launcher:
         debug: sets ``scoop.DEBUG`` on the workers.
         log_level: the workers' logging level.
         log_file: where the workers write their log records (None: stderr).
+        encrypt: encrypt the job's traffic with ZeroMQ CURVE (see ``_transport``).
     """
 
     def __init__(self, n: int | None = None, program: str | None = None,
@@ -107,7 +109,7 @@ class Launcher:
                  ssh: str = "ssh", broker_hostname: str | None = None,
                  prolog: str | None = None, tunnel: bool = False, external: int = 0,
                  job_file: str | None = None, launcher: str = "ssh",
-                 max_attempts: int = _broker.MAX_ATTEMPTS) -> None:
+                 max_attempts: int = _broker.MAX_ATTEMPTS, encrypt: bool = False) -> None:
         if hosts is None:
             hosts = [("127.0.0.1", n or 1)]
         hosts = [(name, count) for name, count in hosts if count > 0]
@@ -133,7 +135,8 @@ class Launcher:
         self.max_attempts = max_attempts
         self.job_file = job_file
         self._wrote_job_file = False
-        self.key = _broker.new_key()
+        self.creds = Credentials.new(encrypt)
+        self.key = self.creds.key
         self.broker: _broker.Broker | None = None
         self.procs: dict[int, subprocess.Popen] = {}  # local workers by id
         self.agents: dict[str, _RemoteHost] = {}  # remote hosts by name
@@ -199,7 +202,7 @@ class Launcher:
 
     def _new_broker(self, host: str = "127.0.0.1", first_free_wid: int | None = None):
         """Start this job's broker in a thread, bound to ``host``."""
-        return _broker.Broker(self.key, size=self.n, host=host, first_free_wid=first_free_wid,
+        return _broker.Broker(self.creds, size=self.n, host=host, first_free_wid=first_free_wid,
                               max_attempts=self.max_attempts).start()
 
     def _start_with_srun(self, root_in_process: bool) -> Launcher:
@@ -265,7 +268,7 @@ class Launcher:
     def worker_config(self, wid: int | None, address: str) -> dict:
         """The config a worker reads on its stdin."""
         return {
-            "address": address, "key": self.key.hex(), "wid": wid, "size": self.n,
+            **self.creds.for_worker(), "address": address, "wid": wid, "size": self.n,
             "program": self.program, "args": self.args, "cwd": self.cwd, "nice": self.nice,
             "debug": self.debug, "log_level": self.log_level, "log_file": self.log_file,
             "hosts": self.hosts,
@@ -282,7 +285,7 @@ class Launcher:
 
     def _join_as_root(self) -> None:
         worker = _worker.Worker(0, self.n)
-        worker.connect(self.broker.address, self.key)
+        worker.connect(self.broker.address, self.creds)
         _worker.install(worker)
         self.root_worker = worker
         scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker, scoop.SIZE = True, True, 0, self.n
@@ -522,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, metavar="N", default=_broker.MAX_ATTEMPTS,
                    help="workers that may die running a task before it fails with "
                         f"WorkerLostError (default: {_broker.MAX_ATTEMPTS})")
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypt all job traffic (ZeroMQ CURVE, keys made for this job): "
+                        "for networks you do not trust where -e is too slow")
     p.add_argument("-e", "--tunnel", action="store_true",
                    help="remote workers reach the broker through ssh reverse tunnels (when "
                         "they cannot reach this machine directly; slower)")
@@ -672,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
                         ssh=ns.ssh, broker_hostname=ns.broker_hostname, prolog=ns.prolog,
                         tunnel=ns.tunnel, external=ns.external, job_file=ns.job_file,
                         launcher=ns.launcher or _default_launcher(ns),
-                        max_attempts=ns.max_attempts)
+                        max_attempts=ns.max_attempts, encrypt=ns.encrypt)
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launcher.start()

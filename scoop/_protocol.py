@@ -11,12 +11,16 @@ Frames of one message (the broker's ROUTER socket sees the peer's routing id fir
 ``kind``
     One byte naming the message (the constants below).
 ``hdr``
-    ``seq u64, sender u32, arg u32, nparcels u32, ndone u32`` (seq rises with every message
-    of a sender; a receiver drops one that is not newer: no replays), then ``nparcels`` parcel
-    records ``(tag u64, peer u32, nframes u32, mac 32s)``, then ``ndone`` records
-    ``(owner u32, fid u64)``, then an optional JSON body (control messages only).
+    ``seq u64, sender u32, arg u32, nparcels u32, ndone u32, nsplit u32`` (seq rises with
+    every message of a sender; a receiver drops one that is not newer: no replays), then
+    ``nparcels`` parcel records ``(tag u64, peer u32, nframes u32, mac 32s)``, then
+    ``ndone`` records ``(owner u32, fid u64)``, then ``nsplit`` records ``(frame u32,
+    pieces u32)``, then an optional JSON body (control messages only).
 ``payload``
-    The frames of the parcels, in order.
+    The frames of the parcels, in order. A frame larger than :data:`MAX_FRAME_BYTES`
+    travels as ``pieces`` wire frames (a split record names it), because every socket
+    refuses longer frames before reading them (``_transport``). The broker forwards the
+    pieces as they came; a worker joins them.
 
 A *parcel* is pickled user data: a group of tasks, a batch of results, or shared
 constants. It is one pickle frame followed by its out-of-band buffers (pickle protocol
@@ -57,11 +61,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import struct
 import time
 from collections.abc import Sequence
 
-VERSION = 1
+VERSION = 2
 ANY_WORKER = 0xFFFFFFFE  # the sender id of a JOIN: the worker has no id yet
 
 HELLO = b"H"
@@ -84,11 +89,28 @@ PONG = b"O"
 KIND_NAMES = {value: name for name, value in list(globals().items())
               if name.isupper() and isinstance(value, bytes) and len(value) == 1}
 
-_HEAD = struct.Struct("<QIIII")
+_HEAD = struct.Struct("<QIIIII")
 _PARCEL = struct.Struct("<QII32s")
 _DONE = struct.Struct("<IQ")
+_SPLIT = struct.Struct("<II")
 _LEN = struct.Struct("<Q")
 SIG_SIZE = 32
+# The largest wire frame; a socket drops a peer that announces a longer one (checked by
+# ZeroMQ from the length prefix, before the frame is read or any signature checked).
+MAX_FRAME_BYTES = 64 * 2**20
+
+
+def routing_id(role: bytes, wid: int) -> bytes:
+    """A connection's name at the broker: its role (``w`` worker, ``h`` watchdog, ``j``
+    joiner), its worker id, and a random part, so that no one can take the name of a
+    worker that has not connected yet (ZeroMQ refuses a name that is in use)."""
+    return b"%s%d.%s" % (role, wid, os.urandom(8).hex().encode())
+
+
+def peer_name(ident: bytes) -> bytes:
+    """The role and worker id of a routing id (``b"w3"``): what messages must match, and
+    what the replay window is kept by, whichever connection it came on."""
+    return ident.split(b".", 1)[0]
 
 
 class AuthError(ValueError):
@@ -130,20 +152,43 @@ class Message:
                 f"arg={self.arg} parcels={len(self.parcels)} done={len(self.done)}>")
 
 
+class Pieces(tuple):
+    """One logical frame received as several wire frames (kept apart while forwarded)."""
+
+    __slots__ = ()
+
+
 def _buf(frame) -> memoryview | bytes:
     """The bytes of a frame, whether it is bytes, a buffer, or a zmq.Frame."""
     b = getattr(frame, "buffer", None)
     return frame if b is None else b
 
 
+def _nbytes(b) -> int:
+    return len(b) if isinstance(b, bytes) else memoryview(b).nbytes
+
+
+def _split(frame, limit: int) -> list:
+    """The wire frames of one logical frame: itself, or slices of at most ``limit``."""
+    if isinstance(frame, Pieces):
+        return list(frame)
+    b = _buf(frame)
+    n = _nbytes(b)
+    if n <= limit:
+        return [frame]
+    view = memoryview(b).cast("B")
+    return [view[i:i + limit] for i in range(0, n, limit)]
+
+
 class Codec:
     """Signs and checks messages with one job key; one per socket owner."""
 
-    def __init__(self, key: bytes, sender: int) -> None:
+    def __init__(self, key: bytes, sender: int, max_frame: int = MAX_FRAME_BYTES) -> None:
         if len(key) < 16:
             raise ValueError("the job key must be at least 16 bytes")
         self.key = key
         self.sender = sender
+        self.max_frame = max_frame
         # Sequence numbers start at the clock, so they keep rising across restarts: a
         # receiver rejects any message not newer than the last from that connection.
         self._seq = time.time_ns()
@@ -154,9 +199,10 @@ class Codec:
         """The mac of a parcel's frames (lengths are hashed so frames cannot shift)."""
         h = hmac.new(self.key, digestmod=hashlib.sha256)
         for f in frames:
-            b = _buf(f)
-            h.update(_LEN.pack(len(b) if isinstance(b, bytes) else b.nbytes))
-            h.update(b)
+            pieces = [_buf(p) for p in f] if isinstance(f, Pieces) else [_buf(f)]
+            h.update(_LEN.pack(sum(_nbytes(b) for b in pieces)))
+            for b in pieces:
+                h.update(b)
         return h.digest()
 
     def parcel(self, frames: Sequence, tag: int = 0, peer: int = 0) -> Parcel:
@@ -173,25 +219,37 @@ class Codec:
                done: Sequence[tuple[int, int]] = (), body: dict | None = None) -> list:
         """Build the frames of one signed message."""
         self._seq += 1
-        parts = [_HEAD.pack(self._seq, self.sender, arg, len(parcels), len(done))]
+        parts = [b""]
         frames: list = []
+        splits: list[tuple[int, int]] = []
+        index = 0
         for p in parcels:
             parts.append(_PARCEL.pack(p.tag, p.peer, len(p.frames), p.mac))
-            frames.extend(p.frames)
+            for f in p.frames:
+                wire = _split(f, self.max_frame)
+                if len(wire) > 1:
+                    splits.append((index, len(wire)))
+                frames.extend(wire)
+                index += 1
+        parts[0] = _HEAD.pack(self._seq, self.sender, arg, len(parcels), len(done),
+                              len(splits))
         for owner, fid in done:
             parts.append(_DONE.pack(owner, fid))
+        for split in splits:
+            parts.append(_SPLIT.pack(*split))
         if body is not None:
             parts.append(json.dumps(body, separators=(",", ":")).encode())
         hdr = b"".join(parts)
         sig = hmac.digest(self.key, kind + hdr, "sha256")
         return [sig, kind, hdr, *frames]
 
-    def decode(self, frames: Sequence, peer=None) -> Message:
+    def decode(self, frames: Sequence, peer=None, join: bool = True) -> Message:
         """Authenticate and parse a message's frames; raise AuthError if they are not ours.
 
         With ``peer`` (the connection it came from), a message not newer than the last one
         accepted from that peer is rejected as a replay. Payload frames are returned as
-        received (zero-copy zmq.Frame objects stay so).
+        received (zero-copy zmq.Frame objects stay so); a frame that came split is joined
+        into one bytearray, or with ``join`` false kept as :class:`Pieces` (to forward).
         """
         if len(frames) < 3:
             raise AuthError(f"too few frames ({len(frames)})")
@@ -202,26 +260,52 @@ class Codec:
             raise AuthError("bad signature")
         # From here on the header was written by a holder of the job key.
         try:
-            seq, sender, arg, nparcels, ndone = _HEAD.unpack_from(hdr, 0)
+            seq, sender, arg, nparcels, ndone, nsplit = _HEAD.unpack_from(hdr, 0)
             off = _HEAD.size
-            parcels = []
-            pos = 3
+            records = []
             for _ in range(nparcels):
-                tag, to, nfr, mac = _PARCEL.unpack_from(hdr, off)
+                records.append(_PARCEL.unpack_from(hdr, off))
                 off += _PARCEL.size
-                parcels.append(Parcel(tag, to, frames[pos:pos + nfr], mac))
-                pos += nfr
             done = []
             for _ in range(ndone):
                 done.append(_DONE.unpack_from(hdr, off))
                 off += _DONE.size
+            splits = []
+            for _ in range(nsplit):
+                splits.append(_SPLIT.unpack_from(hdr, off))
+                off += _SPLIT.size
             body = json.loads(hdr[off:]) if off < len(hdr) else None
         except (struct.error, ValueError) as exc:
             raise AuthError(f"malformed header: {exc}") from None
-        if pos != len(frames):
+        payload = _join(frames[3:], splits, join) if splits else frames[3:]
+        parcels = []
+        pos = 0
+        for tag, to, nfr, mac in records:
+            parcels.append(Parcel(tag, to, payload[pos:pos + nfr], mac))
+            pos += nfr
+        if pos != len(payload):
             raise AuthError("frame count does not match header")
         if peer is not None:
             if seq <= self._last_seen.get(peer, 0):
                 raise AuthError(f"replayed or reordered message (seq {seq})")
             self._last_seen[peer] = seq
         return Message(kind, seq, sender, arg, parcels, done, body)
+
+
+def _join(wire: Sequence, splits: list[tuple[int, int]], join: bool) -> list:
+    """The logical payload frames of a message whose header lists ``splits``."""
+    out: list = []
+    pos = 0
+    for index, pieces in splits:
+        if index < len(out) or pieces < 2:
+            raise AuthError("malformed split record")
+        take = index - len(out)
+        out.extend(wire[pos:pos + take])
+        pos += take
+        group = wire[pos:pos + pieces]
+        if len(group) != pieces:
+            raise AuthError("frame count does not match header")
+        pos += pieces
+        out.append(bytearray().join(_buf(f) for f in group) if join else Pieces(group))
+    out.extend(wire[pos:])
+    return out

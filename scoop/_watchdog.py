@@ -15,6 +15,7 @@ import threading
 import time
 
 from . import _protocol as P
+from ._transport import Credentials
 
 log = logging.getLogger("scoop")
 
@@ -28,11 +29,12 @@ BROKER_TIMEOUT_S = 10.0
 class Watchdog(threading.Thread):
     """Pings the broker; calls ``on_lost`` (default: exit the process) when it is gone."""
 
-    def __init__(self, address: str, key: bytes, wid: int, on_lost=None,
+    def __init__(self, address: str, creds: Credentials, wid: int, on_lost=None,
                  timeout: float = BROKER_TIMEOUT_S, period: float = PING_PERIOD_S) -> None:
         super().__init__(name="scoop-watchdog", daemon=True)
         self.address = address
-        self.codec = P.Codec(key, wid)
+        self.creds = creds
+        self.codec = P.Codec(creds.key, wid)
         self.wid = wid
         self.timeout = timeout
         self.period = period
@@ -46,10 +48,7 @@ class Watchdog(threading.Thread):
         import zmq
 
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, b"h%d" % self.wid)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.address)
+        sock = self.creds.connect(ctx, P.routing_id(b"h", self.wid), self.address)
         heard = time.monotonic()
         try:
             while not self._stop_event.is_set():

@@ -49,6 +49,7 @@ import threading
 import time
 from array import array
 from collections import deque
+from typing import TYPE_CHECKING
 
 from greenlet import GreenletExit, getcurrent, greenlet
 
@@ -56,6 +57,9 @@ from . import _protocol as P
 from . import _serialize
 from ._errors import BrokenJobError, SerializationError, TimeoutError, WorkerLostError
 from ._future import CANCELLED, FINISHED, PENDING, RUNNING, Future
+
+if TYPE_CHECKING:
+    from ._transport import Credentials
 
 log = logging.getLogger("scoop")
 
@@ -688,16 +692,13 @@ class Worker:
     # ==================================================================================
     # Life cycle
     # ==================================================================================
-    def ask_id(self, address: str, key: bytes, timeout: float = 30.0) -> int:
+    def ask_id(self, address: str, creds: Credentials, timeout: float = 30.0) -> int:
         """Get a worker id from the broker (a worker started by another launcher)."""
         import zmq
 
-        codec = P.Codec(key, P.ANY_WORKER)
+        codec = P.Codec(creds.key, P.ANY_WORKER)
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, b"j" + os.urandom(8).hex().encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
+        sock = creds.connect(ctx, P.routing_id(b"j", 0), address)
         try:
             sock.send_multipart(codec.encode(P.JOIN))
             deadline = time.monotonic() + timeout
@@ -720,17 +721,14 @@ class Worker:
             sock.close(0)
             ctx.term()
 
-    def connect(self, address: str, key: bytes, timeout: float = 30.0) -> dict:
+    def connect(self, address: str, creds: Credentials, timeout: float = 30.0) -> dict:
         """Join the broker at ``address``; return the WELCOME body."""
         import zmq
 
-        self.codec = P.Codec(key, self.wid)
+        self.codec = P.Codec(creds.key, self.wid)
         self.ctx = zmq.Context()
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, b"w%d" % self.wid)
-        sock.setsockopt(zmq.LINGER, 2000)
-        sock.connect(address)
-        self.sock = sock
+        sock = self.sock = creds.connect(self.ctx, P.routing_id(b"w", self.wid), address,
+                                         linger_ms=2000)
         self._send(P.HELLO, body={"version": P.VERSION, "wid": self.wid, "pid": os.getpid(),
                                   "host": socket.gethostname()})
         deadline = time.monotonic() + timeout

@@ -170,6 +170,16 @@ def test_tunnel_reaches_a_loopback_only_broker(hosts, tmp_path):
     assert {ns for ns, _, _ in seen} == {_netns(), _host_ns(hosts, a)}
 
 
+def test_encrypted_job_over_ssh_hosts(hosts, tmp_path):
+    a, b = hosts.names[:2]
+    prog = write_program(tmp_path, WHERE)
+    out = run_scoop("--encrypt", "--hosts", "127.0.0.1", a, b, "--ssh-executable",
+                    _ssh(hosts), prog, "60")
+    assert out.returncode == 0, out.stderr
+    seen = eval(out.stdout)  # noqa: S307
+    assert {ns for ns, _, _ in seen} == {_netns(), _host_ns(hosts, a), _host_ns(hosts, b)}
+
+
 def test_remote_output_reaches_the_terminal(hosts, tmp_path):
     a = hosts.names[0]
     prog = write_program(tmp_path, """

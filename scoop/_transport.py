@@ -1,0 +1,203 @@
+"""The job's sockets: who may connect, how large a frame may be, and optional encryption.
+
+Every ZeroMQ socket that crosses a process boundary is made here, so the same rules hold
+on every port of a job::
+
+    worker, watchdog, joiner (DEALER)           broker (ROUTER)              Gate (ZAP)
+    ---------------------------------           ---------------              ----------
+    connect: ZMTP greeting + handshake  ---->   handshake command  ------>  credentials of
+             (PLAIN token, or CURVE keys)                                    this job?
+                                        <----   accepted or closed  <-----  200 / 400
+    messages (each HMAC-signed, see _protocol)  only after "accepted"
+
+*Handshake.* The broker's socket runs a ZeroMQ security mechanism with a ZAP handler
+(:class:`Gate`), so a connection carries no message at all until its peer proved it holds
+the job's credentials. By default the mechanism is PLAIN with a token derived from the
+job key: it gates connections but is not secret from someone who can read the network,
+which is why every message is still signed (``_protocol``). With ``encrypt`` the
+mechanism is CURVE: per-job key pairs, every byte encrypted, and only the job's client
+key is let in.
+
+*Frame size.* ZeroMQ reads a frame's length before its bytes; every socket refuses a
+frame over :data:`scoop._protocol.MAX_FRAME_BYTES` and drops the connection at once, so no
+one can make a process buffer a huge frame, before or after the handshake. Larger user
+data still travels: ``_protocol`` splits it into frames of that size.
+
+*Secrets.* The job key and the CURVE keys reach workers on their standard input, or in
+a job file readable only by its owner (``scoop.join``); never on a command line. Workers
+get the client key pair and the server's public key, never the server's secret key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+
+import zmq
+import zmq.utils.z85
+
+from . import _protocol as P
+
+log = logging.getLogger("scoop.broker")
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP specification (RFC 27)
+ZAP_DOMAIN = b"scoop"
+PLAIN_USER = b"scoop"
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+
+
+class Credentials:
+    """A job's secrets: the message key and, when the job is encrypted, its CURVE keys.
+
+    ``curve`` maps ``server_public``, ``public`` and ``secret`` (the workers' key pair),
+    and in the launcher also ``server_secret``, to Z85 text.
+    """
+
+    def __init__(self, key: bytes, curve: dict | None = None) -> None:
+        if len(key) < 16:
+            raise ValueError("the job key must be at least 16 bytes")
+        self.key = key
+        self.curve = curve
+        # What a PLAIN client presents: derived, so the key itself never crosses the wire.
+        self.token = hmac.new(key, b"scoop handshake token", hashlib.sha256).hexdigest().encode()
+
+    @classmethod
+    def new(cls, encrypt: bool = False) -> Credentials:
+        """Fresh random credentials for one job (CURVE key pairs too with ``encrypt``)."""
+        curve = None
+        if encrypt:
+            if not zmq.has("curve"):
+                raise RuntimeError("this pyzmq/libzmq has no CURVE support; install a pyzmq "
+                                   "wheel (it bundles libsodium) or leave encryption off")
+            server_public, server_secret = zmq.curve_keypair()
+            public, secret = zmq.curve_keypair()
+            curve = {"server_public": server_public.decode(),
+                     "server_secret": server_secret.decode(),
+                     "public": public.decode(), "secret": secret.decode()}
+        return cls(os.urandom(32), curve)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.curve is not None
+
+    def for_worker(self) -> dict:
+        """The entries of a worker's config that carry these credentials."""
+        cfg: dict = {"key": self.key.hex()}
+        if self.curve:
+            cfg["curve"] = {k: v for k, v in self.curve.items() if k != "server_secret"}
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Credentials:
+        """The credentials in a worker's config (see :meth:`for_worker`)."""
+        return cls(bytes.fromhex(cfg["key"]), cfg.get("curve"))
+
+    def connect(self, ctx: zmq.Context, identity: bytes, address: str,
+                linger_ms: int = 0) -> zmq.Socket:
+        """A DEALER connected to the broker at ``address``, presenting these credentials."""
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        if self.curve:
+            sock.curve_serverkey = self.curve["server_public"].encode()
+            sock.curve_publickey = self.curve["public"].encode()
+            sock.curve_secretkey = self.curve["secret"].encode()
+        else:
+            sock.plain_username = PLAIN_USER
+            sock.plain_password = self.token
+        sock.connect(address)
+        return sock
+
+    def listen(self, ctx: zmq.Context, host: str, port: int = 0) -> tuple[zmq.Socket, str]:
+        """The broker's ROUTER bound to ``host:port`` (0: any free port), and its address.
+
+        Start a :class:`Gate` on ``ctx`` first: it decides who gets through the handshake.
+        """
+        if self.curve and "server_secret" not in self.curve:
+            raise ValueError("only the launcher's credentials can serve an encrypted job")
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        sock.zap_domain = ZAP_DOMAIN
+        if self.curve:
+            sock.curve_server = True
+            sock.curve_secretkey = self.curve["server_secret"].encode()
+        else:
+            sock.plain_server = True
+        if port:
+            sock.bind(f"tcp://{host}:{port}")
+        else:
+            port = sock.bind_to_random_port(f"tcp://{host}")
+        return sock, f"tcp://{host}:{port}"
+
+
+class Gate:
+    """Answers ZeroMQ's handshake checks (ZAP) for the broker; logs each refusal once.
+
+    Lives in the broker's thread: register :attr:`sockets` with its poller and pass the
+    ready ones to :meth:`handle`.
+    """
+
+    def __init__(self, ctx: zmq.Context, creds: Credentials) -> None:
+        self.creds = creds
+        self.zap = ctx.socket(zmq.REP)
+        self.zap.setsockopt(zmq.LINGER, 0)
+        self.zap.bind(ZAP_ENDPOINT)  # before the broker binds: no connection goes unchecked
+        self.monitor: zmq.Socket | None = None
+        self.sockets = [self.zap]
+        self.refused = 0
+        self._logged: set = set()
+
+    def watch(self, router: zmq.Socket) -> None:
+        """Also count connections that fail before the credentials check (garbage, a
+        client without credentials): ZeroMQ reports those on a monitor socket."""
+        self.monitor = router.get_monitor_socket(_HANDSHAKE_FAILED)
+        self.sockets.append(self.monitor)
+
+    def handle(self, sock: zmq.Socket) -> None:
+        if sock is self.zap:
+            self._answer(self.zap.recv_multipart())
+        else:
+            from zmq.utils.monitor import recv_monitor_message
+
+            event = recv_monitor_message(sock)["event"]
+            why = ("it broke off during the ZeroMQ handshake"
+                   if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else
+                   "it failed the ZeroMQ handshake (not ZeroMQ, or without this job's "
+                   "credentials)")
+            self._refuse("a connection", why)
+
+    def _answer(self, request: list[bytes]) -> None:
+        version, request_id, _domain, address, _identity, mechanism, *creds = request
+        ok = False
+        if mechanism == b"PLAIN" and not self.creds.curve and len(creds) == 2:
+            ok = creds[0] == PLAIN_USER and hmac.compare_digest(creds[1], self.creds.token)
+        elif mechanism == b"CURVE" and self.creds.curve and len(creds) == 1:
+            ok = hmac.compare_digest(
+                zmq.utils.z85.encode(creds[0]), self.creds.curve["public"].encode())
+        if ok:
+            self.zap.send_multipart([version, request_id, b"200", b"OK", b"worker", b""])
+            return
+        self.zap.send_multipart([version, request_id, b"400", b"not a worker of this job",
+                                 b"", b""])
+        self._refuse(address.decode(errors="replace"),
+                     f"wrong {mechanism.decode(errors='replace')} credentials")
+
+    def _refuse(self, who: str, why: str) -> None:
+        self.refused += 1
+        if who not in self._logged:  # one line per peer, not per attempt
+            self._logged.add(who)
+            log.warning("broker: refused %s: %s (further refusals are counted)", who, why)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close(0)
+        self.zap.close(0)
+        if self.refused:
+            log.info("broker: refused %d connection(s) that were not of this job",
+                     self.refused)

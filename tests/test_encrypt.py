@@ -1,0 +1,138 @@
+"""The handshake gate and the optional encrypted transport (--encrypt, ZeroMQ CURVE)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+import zmq
+
+from scoop import _protocol as P
+from scoop._broker import Broker
+from scoop._transport import Credentials
+
+from conftest import run_scoop, write_program
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftovers")]
+
+ECHO = """
+    import sys
+    from scoop import futures
+    def echo(s):
+        return s + "!"
+    if __name__ == "__main__":
+        marker = sys.argv[1]
+        assert list(futures.map(echo, [marker] * 200, chunksize=1)) == [marker + "!"] * 200
+        print("ok")
+"""
+
+
+class LoopbackCapture:
+    """Every byte that crosses the loopback interface meanwhile (needs CAP_NET_RAW)."""
+
+    def __init__(self) -> None:
+        try:
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+            self.sock.bind(("lo", 0))
+        except (OSError, AttributeError) as exc:
+            pytest.skip(f"cannot capture loopback traffic here: {exc}")
+        self.sock.settimeout(0.05)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 2**20)
+        self.data = bytearray()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.data += self.sock.recv(1 << 17)
+            except TimeoutError:
+                continue
+
+    def __enter__(self) -> LoopbackCapture:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.1)
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("encrypt", [False, True])
+def test_encrypt_hides_task_data_on_the_wire(tmp_path, encrypt):
+    """The same job, captured on loopback: its data is readable in the clear without
+    --encrypt (which shows that the capture sees the job) and nowhere with it."""
+    marker = os.urandom(16).hex()
+    prog = write_program(tmp_path, ECHO)
+    with LoopbackCapture() as cap:
+        out = run_scoop(*(["--encrypt"] if encrypt else []), "-n", "3", prog, marker)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    seen = marker.encode() in cap.data
+    assert seen != encrypt, (f"marker {'found' if seen else 'not found'} in "
+                             f"{len(cap.data)} captured bytes")
+
+
+def _hello(codec: P.Codec, wid: int) -> list:
+    return codec.encode(P.HELLO, body={"version": P.VERSION, "wid": wid, "pid": 0,
+                                       "host": "test"})
+
+
+def _answered(sock: zmq.Socket, timeout_ms: int) -> bool:
+    return bool(sock.poll(timeout_ms))
+
+
+def test_encrypted_broker_lets_in_only_the_jobs_key_pair(caplog):
+    creds = Credentials.new(encrypt=True)
+    worker_creds = Credentials.from_config(creds.for_worker())
+    assert "server_secret" not in worker_creds.curve  # workers never get the server's secret
+    broker = Broker(creds, size=2).start()
+    ctx = zmq.Context()
+    try:
+        with caplog.at_level("WARNING", logger="scoop"):
+            good = worker_creds.connect(ctx, b"w1", broker.address)
+            good.send_multipart(_hello(P.Codec(creds.key, 1), 1))
+            assert _answered(good, 5000), "the job's own key pair was not let in"
+            assert P.Codec(creds.key, 0).decode(good.recv_multipart()).kind == P.WELCOME
+
+            # someone else's key pair, even knowing the server's public key and job key
+            other = Credentials.new(encrypt=True).curve
+            stranger = Credentials(creds.key, {**other, "server_public":
+                                               creds.curve["server_public"]})
+            s1 = stranger.connect(ctx, b"w1", broker.address)
+            s1.send_multipart(_hello(P.Codec(creds.key, 1), 1))
+            # the PLAIN token of the job: not accepted by an encrypted broker
+            s2 = Credentials(creds.key).connect(ctx, b"w1", broker.address)
+            s2.send_multipart(_hello(P.Codec(creds.key, 1), 1))
+            assert not _answered(s1, 1000) and not _answered(s2, 100)
+            time.sleep(0.2)
+        assert "wrong CURVE credentials" in caplog.text
+        assert "failed the ZeroMQ handshake" in caplog.text
+        for s in (good, s1, s2):
+            s.close(0)
+    finally:
+        broker.stop()
+        ctx.term()
+
+
+def test_plain_broker_refuses_a_wrong_token():
+    creds = Credentials.new()
+    broker = Broker(creds, size=2).start()
+    ctx = zmq.Context()
+    try:
+        wrong = Credentials(os.urandom(32)).connect(ctx, b"w1", broker.address)
+        wrong.send_multipart(_hello(P.Codec(creds.key, 1), 1))  # right key, wrong token
+        right = creds.connect(ctx, b"w1", broker.address)
+        right.send_multipart(_hello(P.Codec(creds.key, 1), 1))
+        assert _answered(right, 5000) and not _answered(wrong, 200)
+        assert broker.gate.refused >= 1
+        wrong.close(0)
+        right.close(0)
+    finally:
+        broker.stop()
+        ctx.term()
