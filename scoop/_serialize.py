@@ -9,6 +9,10 @@
   names are top-level is read from the program's syntax tree (:func:`main_exports`).
 * Buffers of at least ``OOB_MIN`` bytes (numpy arrays, bytearrays, PickleBuffer) leave
   the pickle and travel as frames of their own, without a copy on the sending side.
+* A list of tasks or results travels as one pickle. If the fast unpickler fails on it,
+  a lenient one (:func:`loads_items`) loads it again, leaving an :class:`Unloadable` in
+  place of each object that could not be rebuilt, so that only the items holding one
+  fail (a module missing on one host, a reducer that raises there).
 * A task's exception keeps its type; the worker-side traceback rides along as its
   ``__cause__`` (a :class:`RemoteTraceback`), like CPython's ProcessPoolExecutor. An
   exception that cannot be pickled arrives as a :class:`RemoteError` with the same text.
@@ -17,6 +21,7 @@
 from __future__ import annotations
 
 import ast
+import gc
 import io
 import pickle
 import sys
@@ -119,12 +124,168 @@ def _view(frame):
     return frame if b is None else b
 
 
-def loads(frames):
-    """Unpickle frames made by :func:`dumps` (authenticate them first)."""
+def _buffers(frames) -> list:
     # Out-of-band buffers are copied once so that arrays built on them are writable, as
     # they would be after a plain pickle round trip.
-    buffers = [bytearray(_view(f)) for f in frames[1:]]
-    return pickle.loads(_view(frames[0]), buffers=buffers)
+    return [bytearray(_view(f)) for f in frames[1:]]
+
+
+def loads(frames):
+    """Unpickle frames made by :func:`dumps` (authenticate them first)."""
+    return pickle.loads(_view(frames[0]), buffers=_buffers(frames))
+
+
+# -- lenient loading ----------------------------------------------------------------------
+
+class Unloadable:
+    """Stands, in a lenient load, for an object that could not be rebuilt: ``error`` says
+    why. It absorbs what later opcodes do to it, so the rest of the pickle still loads."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        object.__setattr__(self, "error", error)
+
+    def __call__(self, *args, **kwargs):
+        return self  # whatever it builds cannot be rebuilt either
+
+    def __setattr__(self, name, value) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def append(self, item) -> None:
+        pass
+
+    extend = add = append
+
+    def __repr__(self) -> str:
+        return f"<unloadable: {type(self.error).__name__}: {self.error}>"
+
+
+def _marker_in(objs, depth: int = 3) -> Unloadable | None:
+    """An Unloadable among ``objs`` or in the containers they are (a few levels deep)."""
+    for obj in objs:
+        if isinstance(obj, Unloadable):
+            return obj
+        if depth and type(obj) in (tuple, list, dict, set, frozenset):
+            found = _marker_in(obj.values() if type(obj) is dict else obj, depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _or_marker(load, consumed: int | None, replaces_memo: bool = False):
+    """Wrap an opcode's loader: if it raises, the ``consumed`` stack items (None: those
+    back to the mark) give way to an Unloadable carrying the first cause."""
+
+    def load_or_mark(self) -> None:
+        stack, marks = self.stack, len(self.metastack)
+        if consumed is None:
+            taken = list(stack)  # copy: the loader may consume the list in place
+        else:
+            depth = len(stack) - consumed
+            taken = stack[depth:]
+        try:
+            load(self)
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the marker's cause
+            if consumed is not None and depth < 0:
+                raise  # stack underflow: the pickle itself is broken
+            # A marker already consumed means this failure is a consequence of it: keep
+            # the first cause, the one the user can act on.
+            marker = _marker_in(taken) or Unloadable(exc)
+            if consumed is None:
+                if len(self.metastack) == marks:
+                    self.pop_mark()  # failed before the mark was popped
+            else:
+                del stack[depth:]
+            if replaces_memo:  # BUILD: the memo may hand out the half-built object
+                for key, value in self.memo.items():
+                    if value is taken[0]:
+                        self.memo[key] = marker
+            self.append(marker)
+
+    return load_or_mark
+
+
+class _LenientUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, except that opcodes importing or calling user code leave
+    an :class:`Unloadable` on the stack instead of failing."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # a copy: the base table stays as it is
+    for _code, _consumed in ((pickle.GLOBAL, 0), (pickle.STACK_GLOBAL, 2), (pickle.REDUCE, 2),
+                             (pickle.NEWOBJ, 2), (pickle.NEWOBJ_EX, 3), (pickle.EXT1, 0),
+                             (pickle.EXT2, 0), (pickle.EXT4, 0), (pickle.INST, None),
+                             (pickle.OBJ, None)):
+        dispatch[_code[0]] = _or_marker(dispatch[_code[0]], _consumed)
+    dispatch[pickle.BUILD[0]] = _or_marker(dispatch[pickle.BUILD[0]], 2, replaces_memo=True)
+    del _code, _consumed
+
+
+_ATOMS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+def _unloadable_items(items: list) -> dict[int, BaseException]:
+    """Index -> cause, for the items of ``items`` whose object graph holds an Unloadable.
+
+    One walk records who refers to what; each marker then taints whatever reaches it, so
+    objects shared between items (and cycles) are visited once.
+    """
+    modules = [m for m in list(sys.modules.values()) if isinstance(m, types.ModuleType)]
+    module_dicts = {id(vars(m)) for m in modules}  # globals of loaded code: no marker there
+    parents: dict[int, list[int]] = {}
+    markers: list[Unloadable] = []
+    seen = {id(x) for x in items}
+    todo = list(items)
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, Unloadable):
+            markers.append(obj)
+            continue
+        if isinstance(obj, types.ModuleType) or id(obj) in module_dicts:
+            continue
+        for ref in gc.get_referents(obj):
+            if type(ref) in _ATOMS:
+                continue  # holds no marker; large data is mostly these
+            parents.setdefault(id(ref), []).append(id(obj))
+            if id(ref) not in seen:
+                seen.add(id(ref))
+                todo.append(ref)
+    tainted: dict[int, Unloadable] = {}
+    for marker in markers:
+        up = [id(marker)]
+        while up:
+            i = up.pop()
+            if i not in tainted:
+                tainted[i] = marker
+                up.extend(parents.get(i, ()))
+    return {i: tainted[id(x)].error for i, x in enumerate(items) if id(x) in tainted}
+
+
+def loads_items(frames) -> tuple[list, dict[int, BaseException]]:
+    """Unpickle a list made by :func:`dumps`, even if some of its items cannot be rebuilt.
+
+    Returns the items and, by index, why those that could not be rebuilt failed (such
+    an item holds an :class:`Unloadable`). Raises, as :func:`loads`, if the pickle
+    itself is broken.
+    """
+    try:
+        return loads(frames), {}
+    except Exception as exc:  # noqa: BLE001 - retry slowly, item by item
+        # The fast unpickler stops at the first failure. Reducers that ran before it run
+        # again here; the objects they built are dropped.
+        try:
+            items = _LenientUnpickler(io.BytesIO(_view(frames[0])),
+                                      buffers=_buffers(frames)).load()
+        except Exception:  # noqa: BLE001 - the pickle is broken: report the first error
+            raise exc from None
+        if not isinstance(items, list):
+            raise exc from None
+        return items, _unloadable_items(items)
 
 
 def describe_unpicklable(func, args, kwargs) -> str:

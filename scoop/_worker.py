@@ -620,13 +620,15 @@ class Worker:
                                  else parcel.frames[0]))
             group = _Group(parcel.peer, parcel.tag, len(tids))
             try:
-                calls = _serialize.loads(parcel.frames[1:])
+                calls, broken = _serialize.loads_items(parcel.frames[1:])
             except Exception as exc:  # noqa: BLE001 - fail the group's tasks, keep working
-                err = SerializationError(
-                    f"{self.where} could not unpickle a task: {type(exc).__name__}: {exc}")
-                for tid in tids:
-                    self.runq.append((group, tid, (_raise, (err,), {})))
-                continue
+                err = self._unpickling_error("a task group", exc)
+                calls, broken = [(_raise, (err,), {})] * len(tids), {}
+            for i, exc in broken.items():
+                # Only this task fails. Queued as the raising call, not the marker, so
+                # that it can also be handed back to another worker.
+                err = self._unpickling_error("the task's function or arguments", exc)
+                calls[i] = (_raise, (err,), {})
             self.runq.extend(zip(itertools.repeat(group), tids, calls))
         if not self._may_run():
             self._give_back()
@@ -665,13 +667,32 @@ class Worker:
             except P.AuthError as exc:
                 self._reject("a result parcel", exc)
                 continue
+            try:
+                results, broken = _serialize.loads_items(parcel.frames)
+            except Exception as exc:  # noqa: BLE001 - keep the hub alive for the others
+                # The task ids are inside the broken pickle: these futures cannot be told.
+                log.error("%s: dropped a batch of results that could not be unpickled; "
+                          "their futures will never complete: %s: %s",
+                          self.where, type(exc).__name__, exc)
+                continue
             pending = self.pending
-            for tid, ok, value in _serialize.loads(parcel.frames):
+            for i, (tid, ok, value) in enumerate(results):
                 fut = pending.get(tid)
-                if isinstance(value, WorkerLostError) and fut is not None and fut._call:
-                    name = getattr(fut._call[0], "__qualname__", repr(fut._call[0]))
-                    value = WorkerLostError(f"{name}(): {value}")
+                if fut is None:
+                    continue  # a duplicate or late result
+                if i in broken:
+                    what = "the result of" if ok else "the exception raised by"
+                    ok, value = False, self._unpickling_error(
+                        f"{what} {_call_name(fut)}()", broken[i])
+                elif isinstance(value, WorkerLostError) and fut._call:
+                    value = WorkerLostError(f"{_call_name(fut)}(): {value}")
                 self._complete(fut, ok, value)
+
+    def _unpickling_error(self, what: str, exc: BaseException) -> SerializationError:
+        hint = (" (is that module importable on this worker's host, from its sys.path?)"
+                if isinstance(exc, ImportError) else "")
+        return SerializationError(f"{self.where} could not unpickle {what}: "
+                                  f"{type(exc).__name__}: {exc}{hint}")
 
     def handle_const(self, msg: P.Message) -> None:
         for parcel in msg.parcels:
@@ -814,6 +835,11 @@ class JobOver(BrokenJobError):
 
 def _raise(exc: BaseException):
     raise exc
+
+
+def _call_name(fut: Future) -> str:
+    fn = fut._call[0] if fut._call else None
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 # -- the runtime of this process --------------------------------------------------------
