@@ -21,6 +21,8 @@ Data flow through the broker (one ROUTER socket; every worker has a DEALER)::
 
 *Credits.* A worker sends READY(n) when its own queue runs low; the broker sends it up to
 n groups. Work therefore goes to whoever is free, and a busy worker does not hoard work.
+A worker waiting with a deadline takes no work (WITHDRAW 1, "standby") unless every
+worker is on standby: then each gets one group to run anyway, so the job never stalls.
 
 *Routing.* A RESULTS message carries one parcel per owner; each is forwarded to its owner
 untouched. Finished groups listed in it are dropped from the sender's held set.
@@ -51,17 +53,24 @@ WORKER_SILENCE_S = 5.0
 # A task group whose worker dies is queued again this many times at most; then its tasks
 # fail with WorkerLostError, so a task that kills every worker cannot take the job down.
 MAX_ATTEMPTS = 3
+# While some of the job's workers have not joined yet, the broker gives them this long
+# before it has workers that wait with a deadline run work anyway (see _dispatch_to_standby).
+STANDBY_GRACE_S = 2.0
 
 
 class _Peer:
     """What the broker knows of one connected worker."""
 
-    __slots__ = ("wid", "ident", "credit", "held", "pid", "host")
+    __slots__ = ("wid", "ident", "credit", "standby", "forced", "held", "pid", "host")
 
     def __init__(self, wid: int, ident: bytes, pid: int, host: str) -> None:
         self.wid = wid
         self.ident = ident
         self.credit = 0
+        # Waiting with a deadline: it takes work only when no worker else can (then
+        # ``forced`` holds the groups it was sent that way).
+        self.standby = False
+        self.forced: set[tuple[int, int]] = set()
         self.held: dict[tuple[int, int], P.Parcel] = {}
         self.pid = pid
         self.host = host
@@ -99,6 +108,8 @@ class Broker:
         self.consts: list[P.Parcel] = []
         self.losses: dict[tuple[int, int], int] = {}  # (owner, fid) -> workers lost on it
         self.last_ping: dict[int, float] = {}  # wid -> when its watchdog last pinged
+        self.seen: set[int] = set()  # ids of the workers that joined or were lost
+        self._all_standby_since: float | None = None
         self.exit_status: int | None = None
         self.finished = threading.Event()  # the loop has ended
         self.stopping = False  # STOP sent; workers that join now are stopped at once
@@ -167,6 +178,7 @@ class Broker:
                 events = dict(poller.poll(500))
                 if time.monotonic() >= next_check:
                     self._check_silent()
+                    self.dispatch()
                     next_check = time.monotonic() + 0.5
                 if self._ctl in events:
                     cmd = self._ctl.recv()
@@ -270,6 +282,7 @@ class Broker:
         peer = _Peer(wid, ident, body.get("pid", 0), body.get("host", "?"))
         self.peers[ident] = peer
         self.by_wid[wid] = peer
+        self.seen.add(wid)
         log.debug("broker: worker %d joined (pid %s on %s)", wid, peer.pid, peer.host)
         self._send(peer, P.WELCOME, parcels=self.consts, body={"size": self.size})
 
@@ -280,6 +293,7 @@ class Broker:
 
     def handle_ready(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         peer.credit += msg.arg
+        peer.standby = False
 
     def handle_join(self, ident: bytes, msg: P.Message) -> None:
         """A worker started by another launcher asks for an id: the next free one."""
@@ -302,18 +316,25 @@ class Broker:
 
     def handle_withdraw(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         peer.credit = 0
+        peer.standby = bool(msg.arg)
+        # Standing by again: what it was sent anyway waits too, so it may take more.
+        peer.forced.clear()
 
     def handle_return(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         # A whole group comes back under its own id (dropped from the sender's hold); a
         # partial one under a fresh id, while the sender still holds the original.
         for parcel in reversed(msg.parcels):
             peer.held.pop((parcel.peer, parcel.tag), None)
+            peer.forced.discard((parcel.peer, parcel.tag))
             self.queue.appendleft(parcel)  # first in line again
 
     def handle_results(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
-        peer.credit += msg.arg  # a READY riding along
+        if msg.arg:  # a READY riding along
+            peer.credit += msg.arg
+            peer.standby = False
         for key in msg.done:
             peer.held.pop(key, None)
+            peer.forced.discard(key)
             self.losses.pop(key, None)
         for parcel in msg.parcels:
             owner = self.by_wid.get(parcel.peer)
@@ -349,6 +370,7 @@ class Broker:
 
     def handle_lost(self, wid: int, how: str) -> None:
         """Queue again (first in line) what a dead worker held; fail what keeps killing."""
+        self.seen.add(wid)
         peer = self.by_wid.pop(wid, None)
         if peer is None or self.stopping:
             return
@@ -388,6 +410,7 @@ class Broker:
         while queue:
             ready = [p for p in self.peers.values() if p.credit > 0]
             if not ready:
+                self._dispatch_to_standby()
                 return
             for peer in ready:
                 n = min(peer.credit, len(queue))
@@ -398,5 +421,28 @@ class Broker:
                 for parcel in parcels:
                     peer.held[(parcel.peer, parcel.tag)] = parcel
                 self._send(peer, P.TASKS, parcels=parcels)
+
+    def _dispatch_to_standby(self) -> None:
+        """When every worker waits with a deadline, nobody would ever ask for the queued
+        work, and each wait would time out for want of the work it waits for (the root
+        alone after losing every other worker, or all workers in nested timed waits).
+        Then each of them is sent one group it runs anyway, at the cost of its wait
+        perhaps overrunning: progress beats a certain timeout."""
+        peers = list(self.peers.values())
+        if not peers or not all(p.standby for p in peers):
+            self._all_standby_since = None
+            return
+        now = time.monotonic()
+        if self._all_standby_since is None:
+            self._all_standby_since = now
+        if len(self.seen) < self.size and now - self._all_standby_since < STANDBY_GRACE_S:
+            return  # workers still starting will take the work
+        for peer in peers:
+            if self.queue and not peer.forced:
+                parcel = self.queue.popleft()
+                key = (parcel.peer, parcel.tag)
+                peer.held[key] = parcel
+                peer.forced.add(key)
+                self._send(peer, P.TASKS, arg=1, parcels=[parcel])
 
 

@@ -37,9 +37,11 @@ Messages (w: worker, b: broker)::
     WELCOME  b->w  body {size, ...}; parcels: the shared constants set so far
     REFUSED  b->w  body {reason}: wrong protocol version or duplicate worker id
     TASKS    w->b  parcels (tag=fid): task groups submitted by the sender
-             b->w  parcels (tag=fid, peer=owner): task groups to run
+             b->w  parcels (tag=fid, peer=owner): task groups to run; arg=1: run them
+                   even while waiting with a deadline (every worker is on standby)
     READY    w->b  arg=n: the sender can take n more task groups
-    WITHDRAW w->b  the sender's credit drops to 0 (its program runs; it takes no work)
+    WITHDRAW w->b  the sender's credit drops to 0 (its program runs; it takes no work);
+                   arg=1: it waits with a deadline (standby: work only if no one else can)
     RETURN   w->b  parcels (tag=fid, peer=owner): unstarted tasks handed back, to be
                    queued first (the sender waits with a deadline and will not run them)
     RESULTS  w->b  parcels (peer=owner): results for that owner; done: finished groups;

@@ -97,14 +97,19 @@ _TIDS = "Q"  # array typecode of the task-id frame that opens every task parcel
 
 
 class _Group:
-    """A task group received from the broker: who owns it and how many tasks remain."""
+    """A task group received from the broker: who owns it and how many tasks remain.
 
-    __slots__ = ("owner", "fid", "remaining")
+    ``forced``: the broker sent it while every worker waited with a deadline; it runs
+    even during such a wait (see :meth:`Worker.park`).
+    """
 
-    def __init__(self, owner: int, fid: int, remaining: int) -> None:
+    __slots__ = ("owner", "fid", "remaining", "forced")
+
+    def __init__(self, owner: int, fid: int, remaining: int, forced: bool = False) -> None:
         self.owner = owner
         self.fid = fid
         self.remaining = remaining
+        self.forced = forced
 
 
 class _Waiter:
@@ -173,6 +178,8 @@ class Worker:
         self._seq = itertools.count()
         self._inline_depth = 0
         self._timed_waits = 0  # parked greenlets that wait with a deadline
+        self._standby = False  # the broker knows this worker waits with a deadline
+        self._forced_since = False  # work was forced on it since it said so
         self._bad_peers: set = set()
         self._handlers = {
             P.TASKS: self.handle_tasks,
@@ -261,7 +268,9 @@ class Worker:
 
         Meanwhile this worker runs other tasks, except while a wait has a deadline: then
         it starts none (unless it is the job's only worker), so that a task cannot make
-        the wait overrun; the other workers do the work.
+        the wait overrun; the other workers do the work. It stands by instead: if every
+        worker of the job waits with a deadline, the broker sends each one group to run
+        anyway (nobody else would, and every wait would time out).
         """
         if getcurrent() is self.hub:
             raise RuntimeError("scoop cannot wait from inside its own scheduler")
@@ -274,6 +283,7 @@ class Worker:
         self.ship(keep_first=True)  # keeps nothing if this wait may not run tasks
         if not self._may_run():
             self._give_back()
+            self._stand_by()
         waiter.glet = getcurrent()
         waiter.parked = True
         try:
@@ -426,14 +436,14 @@ class Worker:
                     self._leave_hub()
                 if not g.dead:
                     g.switch()
-            if runq and self._may_run():
+            if self._runnable():
                 self._start_task(runq.popleft())
                 if self.done_out and self.sock is not None:
                     self._flush()
                     self._poll(0)
                 continue
             self._flush()
-            if wakeups or (runq and self._may_run()):
+            if wakeups or self._runnable():
                 continue
             self._wait_for_events()
         self._wake_all()
@@ -443,14 +453,28 @@ class Worker:
         again, so it takes no more work and hands back what it had queued."""
         if self.sock is None:
             return
-        if self.credit_out:
+        if self.credit_out or self._standby:
             self.credit_out = 0
+            self._standby = False
             self._send(P.WITHDRAW)
         self._give_back()
+
+    def _stand_by(self) -> None:
+        """Tell the broker this worker waits with a deadline (takes work only if no one
+        else can); again after it was sent work anyway, which may be what waits now."""
+        if self.sock is not None and (not self._standby or self._forced_since):
+            self.credit_out = 0
+            self._standby = True
+            self._forced_since = False
+            self._send(P.WITHDRAW, arg=1)
 
     def _may_run(self) -> bool:
         """Whether the hub may start tasks now (see :meth:`park` on deadlines)."""
         return not self._timed_waits or self.size == 1
+
+    def _runnable(self) -> bool:
+        """Whether the hub should start the next queued task now."""
+        return bool(self.runq) and (self._may_run() or self.runq[0][0].forced)
 
     def _start_task(self, entry) -> None:
         t0 = time.perf_counter()
@@ -546,6 +570,8 @@ class Worker:
             return
         want = max(0, self._credit_wanted())
         self.credit_out += want
+        if want:
+            self._standby = False  # asking for work ends the standby at the broker too
         if self.results_out or self.done_out:
             parcels = [self._pack_results(owner, items)
                        for owner, items in self.results_out.items()]
@@ -618,7 +644,8 @@ class Worker:
             tids = array(_TIDS)
             tids.frombytes(bytes(parcel.frames[0].buffer if hasattr(parcel.frames[0], "buffer")
                                  else parcel.frames[0]))
-            group = _Group(parcel.peer, parcel.tag, len(tids))
+            group = _Group(parcel.peer, parcel.tag, len(tids), forced=bool(msg.arg))
+            self._forced_since |= group.forced
             try:
                 calls, broken = _serialize.loads_items(parcel.frames[1:])
             except Exception as exc:  # noqa: BLE001 - fail the group's tasks, keep working
@@ -638,9 +665,12 @@ class Worker:
         if not self.runq or self.sock is None:
             return
         groups: dict[int, tuple[_Group, list]] = {}
+        forced = [entry for entry in self.runq if entry[0].forced]  # those stay and run
         for group, tid, call in self.runq:
-            groups.setdefault(id(group), (group, []))[1].append((tid, call))
+            if not group.forced:
+                groups.setdefault(id(group), (group, []))[1].append((tid, call))
         self.runq.clear()
+        self.runq.extend(forced)
         parcels = []
         for group, items in groups.values():
             try:

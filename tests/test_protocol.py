@@ -174,7 +174,7 @@ def test_hostile_traffic_at_the_broker_port_changes_nothing(pool, caplog):
     finally:
         for s in socks:
             s.close(0)
-        ctx.term()
+        ctx.destroy(linger=0)
     assert list(futures.map(_square, range(10))) == [x * x for x in range(10)]
 
 
@@ -194,7 +194,7 @@ def test_a_frame_over_the_limit_is_cut_off_before_it_is_read(pool):
         mon.close(0)
         s.close(0)
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
     assert list(futures.map(_square, range(10))) == [x * x for x in range(10)]
 
 
@@ -264,7 +264,7 @@ def test_replay_at_a_live_broker_is_dropped(pool, caplog):
             again.close(0)
         assert "replayed" in caplog.text
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
     assert list(futures.map(_square, range(10))) == [x * x for x in range(10)]
 
 

@@ -126,3 +126,59 @@ def test_task_started_before_a_timed_wait_is_not_lost_with_its_worker(tmp_path):
     out = run_scoop("-n", "3", prog)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "done 64 not done []"
+
+
+def test_root_alone_after_every_other_worker_died_finishes_with_timed_waits(tmp_path):
+    """The root keeps waiting with a timeout after losing every other worker: it is the
+    only worker left, so the broker has it run the work instead of every wait timing
+    out forever."""
+    prog = write_program(tmp_path, """
+        import os, time, scoop
+        from scoop import futures
+        def die(_):
+            if scoop.worker != 0:
+                os._exit(3)
+        def work(i):
+            time.sleep(0.01)
+            return i * i, scoop.worker
+        if __name__ == "__main__":
+            futures.wait([futures.submit(die, i) for i in range(2)], timeout=30)
+            fs = [futures.submit(work, i) for i in range(40)]
+            rounds = 0
+            while not all(f.done() for f in fs):
+                futures.wait(fs, timeout=0.2)
+                rounds += 1
+                assert rounds < 500, "no progress"
+            results = [f.result() for f in fs]
+            assert [v for v, _ in results] == [i * i for i in range(40)]
+            print(sorted({w for _, w in results}))
+    """)
+    out = run_scoop("-n", "3", "--max-attempts", "5", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[0]"
+    assert out.stderr.count("ended early: exit status 3") == 2
+
+
+def test_every_worker_in_a_timed_wait_does_not_stall_the_job(tmp_path):
+    """Each worker runs a task that waits with a (long) deadline on children it
+    submitted: with nobody free to run the children, the broker has the waiting workers
+    run them, and every wait returns well before its deadline."""
+    prog = write_program(tmp_path, """
+        import time
+        from scoop import futures
+        def child(i):
+            time.sleep(0.05)
+            return i
+        def parent(i):
+            kids = [futures.submit(child, i * 10 + k) for k in range(4)]
+            t0 = time.monotonic()
+            total = sum(k.result(timeout=60) for k in kids)
+            return total, time.monotonic() - t0
+        if __name__ == "__main__":
+            out = [f.result(timeout=60) for f in [futures.submit(parent, i) for i in range(6)]]
+            assert [t for t, _ in out] == [sum(i * 10 + k for k in range(4)) for i in range(6)]
+            print(max(w for _, w in out) < 30)
+    """)
+    out = run_scoop("-n", "3", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
