@@ -116,6 +116,9 @@ def start(cfg: dict) -> None:
     try:
         if cfg["wid"] is None:
             worker.ask_id(cfg["address"], creds, timeout)
+        # Set before connecting: the constants that come with the welcome are unpickled
+        # at once, and their reducers may ask where they run.
+        scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker = True, worker.wid == 0, worker.wid
         worker.connect(cfg["address"], creds, timeout)
     except _worker.JobOver:
         return  # started too late to matter: leave quietly
@@ -127,7 +130,6 @@ def start(cfg: dict) -> None:
     wid, root = worker.wid, worker.wid == 0
     _worker.install(worker)
     Watchdog(cfg["address"], creds, wid).start()
-    scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker = True, root, wid
     scoop.SIZE, scoop.DEBUG = worker.size, bool(cfg.get("debug"))
     scoop.HOSTS = [tuple(h) for h in cfg.get("hosts", [])]
     if root:

@@ -731,7 +731,16 @@ class Worker:
             except P.AuthError as exc:
                 self._reject("a constants parcel", exc)
                 continue
-            for name, value in _serialize.loads(parcel.frames).items():
+            try:
+                items, broken = _serialize.loads_items(parcel.frames)
+            except Exception as exc:  # noqa: BLE001 - the names are inside: log, go on
+                log.error("%s: dropped shared constants that could not be unpickled: "
+                          "%s: %s", self.where, type(exc).__name__, exc)
+                continue
+            for i, (name, value) in enumerate(items):
+                if i in broken:  # getConst(name) raises this error here
+                    value = _Unloaded(self._unpickling_error(
+                        f"the shared constant {name!r}", broken[i]))
                 self.consts.setdefault(name, value)
         waiters, self.const_waiters = self.const_waiters, []
         for w in waiters:
@@ -817,22 +826,23 @@ class Worker:
             if name in self.consts:
                 raise TypeError(f"constant {name!r} is already defined; constants are "
                                 "immutable")
-        frames = _serialize.dumps(values)
+        frames = _serialize.dumps(list(values.items()))  # items load one by one
         self.consts.update(values)
         if self.sock is not None:
             self._send(P.CONST, parcels=[self.codec.parcel(frames)])
 
     def get_const(self, name: str, timeout: float | None):
-        if name in self.consts or self.sock is None:
-            return self.consts.get(name)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while name not in self.consts and self.broken is None:
+        while name not in self.consts and self.sock is not None and self.broken is None:
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             waiter = _Waiter(getcurrent(), 1)
             self.const_waiters.append(waiter)
             self.park(waiter, deadline)
-        return self.consts.get(name)
+        value = self.consts.get(name)
+        if isinstance(value, _Unloaded):
+            raise value.error
+        return value
 
     def stop(self, reason: BaseException) -> None:
         """Stop the hub; parked greenlets wake up to BrokenJobError(reason)."""
@@ -857,6 +867,15 @@ class Worker:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
+
+
+class _Unloaded:
+    """A shared constant that arrived but could not be unpickled on this worker."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: SerializationError) -> None:
+        self.error = error
 
 
 class JobOver(BrokenJobError):

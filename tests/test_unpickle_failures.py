@@ -274,3 +274,37 @@ def test_result_that_does_not_load_on_the_root_fails_its_future_only():
         assert any("result of" in str(f.exception()) for f in futs if f.exception())
     assert name not in sys.modules
     assert [v for v, _ in futures.map(_use, range(100))] == list(range(100))
+
+
+def _const_probe(name):
+    from scoop import shared
+
+    time.sleep(0.01)
+    try:
+        return scoop.worker, shared.getConst(name, timeout=10).value
+    except futures.SerializationError as exc:
+        return scoop.worker, str(exc)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("pool")
+def test_constant_that_does_not_load_on_a_worker_fails_only_its_getconst():
+    from scoop import shared
+
+    name = f"picky_{uuid.uuid4().hex[:8]}"
+    shared.setConst(**{name: Picky(7), name + "_ok": 8})
+    assert shared.getConst(name).value == 7  # the root has it as set
+    seen = list(futures.map(_const_probe, [name] * 40))
+    remote = [v for w, v in seen if w != 0]
+    assert remote, "no probe ran on another worker"
+    for v in remote:
+        assert "shared constant" in v and "refuses worker" in v, v
+    assert all(v == 7 for w, v in seen if w == 0)
+    # the other constant of the same setConst call loads there
+    assert {v for _, v in futures.map(_ok_probe, [name + "_ok"] * 20)} == {8}
+
+
+def _ok_probe(name):
+    from scoop import shared
+
+    return scoop.worker, shared.getConst(name, timeout=10)
