@@ -161,7 +161,7 @@ def shipped_latency(reps: int, n: int, remote_only: bool) -> dict:
 def run_scoop(cfg: dict, workers: int, spin_n: int, big_args: list) -> dict:
     r: dict = {}
     reps = cfg["reps"]
-    with Launcher(workers, pythonpath=HERE):
+    with Launcher(workers, pythonpath=HERE, encrypt=cfg["encrypt"]):
         section("scoop: warm-up")
         scoop_warmup()
 
@@ -211,7 +211,7 @@ def run_scoop(cfg: dict, workers: int, spin_n: int, big_args: list) -> dict:
         r["big"] = {"time_s": t, "times_s": ts}
     if workers > 1:
         section("scoop: 3 latency, remote (timed wait: the root runs nothing)")
-        with Launcher(workers, pythonpath=HERE):
+        with Launcher(workers, pythonpath=HERE, encrypt=cfg["encrypt"]):
             scoop_warmup()
             r["lat_remote"] = shipped_latency(reps, cfg["lat"], remote_only=True)
     return r
@@ -512,13 +512,16 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="workers per pool (default 2)")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     ap.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
+    ap.add_argument("--encrypt", action="store_true",
+                    help="scoop's pools encrypt their traffic (ZeroMQ CURVE, as --encrypt)")
     ns = ap.parse_args(argv)
     if ns.workers < 1:
         ap.error("--workers must be >= 1")
-    cfg = dict(SIZES["quick" if ns.quick else "full"])
+    cfg = dict(SIZES["quick" if ns.quick else "full"], encrypt=ns.encrypt)
     workers = ns.workers
     t_start = perf()
     log(f"{'quick' if ns.quick else 'full'} run, {workers} workers per pool, "
+        f"{'encrypted, ' if ns.encrypt else ''}"
         f"{os.cpu_count()} CPUs, python {platform.python_version()}, scoop {scoop.__version__}")
     load1 = os.getloadavg()[0]
     if load1 > 0.5:
