@@ -191,6 +191,21 @@ def test_killed_launcher_leaves_no_worker(tmp_path):
     assert not left, left
 
 
+def test_killed_root_ends_the_job_with_its_status_and_leaves_nothing(tmp_path):
+    prog = write_program(tmp_path, LONG_JOB.replace(
+        'print("started", flush=True)', 'print("started", os.getpid(), flush=True)').replace(
+        "    if __name__", "    import os\n    if __name__"))
+    proc = _start(prog, "-n", "3")
+    word, root_pid = proc.stdout.readline().split()
+    assert word == "started"
+    time.sleep(0.3)
+    os.kill(int(root_pid), signal.SIGKILL)  # the OOM killer picks the root
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGKILL, err
+    left = wait_no_processes(timeout=10)
+    assert not left, left
+
+
 def test_help_reads_well():
     out = run_scoop("--help")
     assert out.returncode == 0
