@@ -31,20 +31,20 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 _refuse = False
 
 
-def _rebuild_touchy(value):
-    if _refuse:
-        raise ValueError(f"touchy {value} refuses to load")
-    return Touchy(value)
+def _rebuild_picky(value):
+    if _refuse or not scoop.IS_ORIGIN:
+        raise ValueError(f"picky {value} refuses worker {scoop.worker}")
+    return Picky(value)
 
 
-class Touchy:
-    """Rebuilt by a function that raises while ``_refuse`` is set."""
+class Picky:
+    """Rebuilt only on the root (and nowhere while ``_refuse`` is set)."""
 
     def __init__(self, value):
         self.value = value
 
     def __reduce__(self):
-        return _rebuild_touchy, (self.value,)
+        return _rebuild_picky, (self.value,)
 
 
 class BadState:
@@ -98,12 +98,12 @@ def test_lenient_load_fails_only_the_item_with_a_missing_module(tmp_path):
 @pytest.mark.timeout(10)
 def test_lenient_load_reports_a_raising_reducer(refusing):
     data = pickle.PickleBuffer(bytearray(b"x" * 200_000))  # out of band: in both loads
-    calls = [(len, (data,), {}), (len, (Touchy(7),), {}), (len, ([1, 2],), {})]
+    calls = [(len, (data,), {}), (len, (Picky(7),), {}), (len, ([1, 2],), {})]
     frames = _serialize.dumps(calls)
     assert len(frames) == 2
     items, broken = _serialize.loads_items(frames)
     assert set(broken) == {1}
-    assert isinstance(broken[1], ValueError) and "touchy 7 refuses" in str(broken[1])
+    assert isinstance(broken[1], ValueError) and "picky 7 refuses" in str(broken[1])
     assert items[0][1][0] == b"x" * 200_000 and items[2] == (len, ([1, 2],), {})
 
 
@@ -189,22 +189,6 @@ def test_task_of_a_module_only_the_root_has_fails_alone(tmp_path):
 
 
 # -- the pool: arguments and results that do not load where they land ---------------------
-def _rebuild_picky(value):
-    if not scoop.IS_ORIGIN:
-        raise ValueError(f"picky {value} refuses worker {scoop.worker}")
-    return Picky(value)
-
-
-class Picky:
-    """Rebuilt only on the root."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __reduce__(self):
-        return _rebuild_picky, (self.value,)
-
-
 def _use(x):
     time.sleep(0.005)
     return getattr(x, "value", x), scoop.worker
