@@ -124,7 +124,8 @@ def start(cfg: dict) -> None:
         return  # started too late to matter: leave quietly
     except _worker.BrokenJobError as exc:
         print(f"scoop: {worker.where}: {exc}. If this host cannot reach that address, "
-              "start the job with --broker-hostname ADDRESS (one it can reach) or -e.",
+              "start the job with --broker-hostname ADDRESS (one it can reach) or -e; "
+              "if it runs another scoop version than the launcher's, install the same.",
               file=sys.stderr, flush=True)
         sys.exit(1)
     wid, root = worker.wid, worker.wid == 0

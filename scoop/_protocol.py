@@ -278,7 +278,10 @@ class Codec:
                 off += _SPLIT.size
             body = json.loads(hdr[off:]) if off < len(hdr) else None
         except (struct.error, ValueError) as exc:
-            raise AuthError(f"malformed header: {exc}") from None
+            # Signed with the job key, yet not our layout: a worker of this job that runs
+            # another scoop version.
+            raise AuthError(f"malformed header ({exc}): is the same scoop version "
+                            "installed on every host?") from None
         payload = _join(frames[3:], splits, join) if splits else frames[3:]
         parcels = []
         pos = 0

@@ -275,3 +275,14 @@ def test_replay_window_is_per_connection_not_per_parcel_owner():
     early = newer.encode(P.RESULTS, parcels=[newer.parcel([b"y"], peer=0)])
     assert receiver.decode(early, peer=b"w2").parcels[0].peer == 0
     assert receiver.decode(late, peer=b"w1").parcels[0].peer == 0  # not a replay
+
+
+def test_a_signed_message_in_another_layout_names_a_version_mismatch():
+    """What a worker of the same job running an older scoop sends (version 1 header)."""
+    import hmac
+    import struct
+
+    hdr = struct.pack("<QIIII", time.time_ns(), 1, 0, 0, 0)
+    frames = [hmac.digest(KEY, P.HELLO + hdr, "sha256"), P.HELLO, hdr]
+    with pytest.raises(P.AuthError, match="same scoop version"):
+        P.Codec(KEY, 0).decode(frames)
