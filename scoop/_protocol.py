@@ -111,8 +111,10 @@ def routing_id(role: bytes, wid: int) -> bytes:
 
 def peer_name(ident: bytes) -> bytes:
     """The role and worker id of a routing id (``b"w3"``): what messages must match, and
-    what the replay window is kept by, whichever connection it came on."""
-    return ident.split(b".", 1)[0]
+    what the replay window is kept by, whichever connection it came on. A joiner has no
+    id yet: its whole routing id names it (joiners' clocks differ; they must not share
+    a replay window)."""
+    return ident if ident.startswith(b"j") else ident.split(b".", 1)[0]
 
 
 class AuthError(ValueError):

@@ -290,3 +290,16 @@ def test_a_signed_message_in_another_layout_names_a_version_mismatch():
     frames = [hmac.digest(KEY, P.HELLO + hdr, "sha256"), P.HELLO, hdr]
     with pytest.raises(P.AuthError, match="same scoop version"):
         P.Codec(KEY, 0).decode(frames)
+
+
+def test_joiners_do_not_share_a_replay_window():
+    """Two workers asking for an id at once: the one whose clock is behind is no replay."""
+    a, b = P.routing_id(b"j", 0), P.routing_id(b"j", 0)
+    assert P.peer_name(a) != P.peer_name(b)
+    assert P.peer_name(P.routing_id(b"w", 3)) == b"w3"
+    receiver = P.Codec(KEY, 0)
+    behind, ahead = P.Codec(KEY, P.ANY_WORKER), P.Codec(KEY, P.ANY_WORKER)
+    first = ahead.encode(P.JOIN)
+    late = behind.encode(P.JOIN)  # made after, but its clock-based seq is lower
+    receiver.decode(first, peer=P.peer_name(a))
+    assert receiver.decode(late, peer=P.peer_name(b)).kind == P.JOIN
