@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import ast
+import copyreg
 import gc
 import io
 import pickle
@@ -87,10 +88,42 @@ def main_exports(source: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def _own_class_reducer(cls: type):
+    """The reducer a class's metaclass asks for, or None (then cloudpickle decides).
+
+    A metaclass registered with ``copyreg`` (DEAP's ``creator`` registers one that
+    re-creates the class wherever it is unpickled) or defining its own ``__reduce__``
+    knows how its classes travel; cloudpickle would ship them by value instead, as a
+    class its metaclass may not be able to rebuild.
+    """
+    meta = type(cls)
+    if meta is type:
+        return None
+    reducer = copyreg.dispatch_table.get(meta)
+    if reducer is not None:
+        return reducer
+    for klass in meta.__mro__:
+        if klass is type:
+            return None
+        # Called through the metaclass: looked up on the class, the name would find the
+        # instances' reducer instead.
+        own = vars(klass)
+        if "__reduce_ex__" in own:
+            return lambda c: own["__reduce_ex__"](c, 5)
+        if "__reduce__" in own:
+            return own["__reduce__"]
+    return None
+
+
 class _Pickler(cloudpickle.Pickler):
-    """cloudpickle, except that importable ``__main__`` names go by reference."""
+    """cloudpickle, except that importable ``__main__`` names go by reference and classes
+    whose metaclass has a reducer of its own travel as plain pickle would send them."""
 
     def reducer_override(self, obj):
+        if isinstance(obj, type):
+            reducer = _own_class_reducer(obj)
+            if reducer is not None:
+                return reducer(obj)
         if (_main_exports and isinstance(obj, (types.FunctionType, type))
                 and getattr(obj, "__module__", None) == "__main__"):
             qualname = getattr(obj, "__qualname__", "")
