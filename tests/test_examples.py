@@ -49,7 +49,7 @@ def check(proc: subprocess.CompletedProcess, expected: str) -> None:
 def test_examples_found():
     names = {os.path.basename(p) for p in EXAMPLES}
     assert {"map_abs.py", "full_tree.py", "pi_montecarlo.py", "map_reduce.py",
-            "shared_constants.py", "callbacks.py", "exceptions.py", "deap_style.py",
+            "shared_constants.py", "callbacks.py", "exceptions.py",
             "large_dataset.py"} <= names
 
 
