@@ -387,6 +387,48 @@ def wire_exception(exc: BaseException, where: str):
         return _ExceptionWithTraceback(RemoteError(type(exc).__qualname__, str(exc), tb), tb)
 
 
-def unpicklable_result_error(value, exc: BaseException) -> SerializationError:
+def _parts(value, path: str):
+    """(path, part) for the parts of a container or plain object, to search one level down."""
+    if isinstance(value, dict):
+        return [(f"{path}[{k!r}]", v) for k, v in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    state = getattr(value, "__dict__", None)
+    if isinstance(state, dict) and not isinstance(value, (type, types.FunctionType)):
+        return [(f"{path}.{k}", v) for k, v in state.items()]
+    return []
+
+
+def find_unpicklable(value, path: str = "result", depth: int = 6):
+    """(path, the part, its error) for the innermost part of ``value`` that cannot be
+    pickled, e.g. ``("result['lock']", <lock>, TypeError(...))``; None if it can be."""
+    try:
+        dumps(value)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is reported
+        error = exc
+    if depth:
+        for sub_path, part in _parts(value, path):
+            found = find_unpicklable(part, sub_path, depth - 1)
+            if found is not None:
+                return found
+    return path, value, error
+
+
+def call_name(fn, args) -> str:
+    """The user's function of a task: the mapped one for the chunks of a map."""
+    user = args[0] if getattr(fn, "maps_first_argument", False) and args else fn
+    return getattr(user, "__qualname__", None) or repr(user)
+
+
+def unpicklable_result_error(fn, args, value) -> SerializationError:
+    """Name the function and the part of its result that cannot be pickled."""
+    found = None
+    if getattr(fn, "returns_chunk_results", False) and isinstance(value, tuple) and value:
+        # A chunk's (results, error): name the map's own result, not the chunk's list.
+        for result in value[0]:
+            found = found or find_unpicklable(result)
+    path, part, error = found or find_unpicklable(value) or ("result", value, "")
     return SerializationError(
-        f"the task's result ({type(value).__name__}) cannot be pickled to send it back: {exc}")
+        f"{call_name(fn, args)}() returned a result that cannot be pickled to send it "
+        f"back: {path} is a {type(part).__module__}.{type(part).__qualname__}: {error}")

@@ -501,7 +501,8 @@ class Worker:
         else:
             if not ok:
                 value = _serialize.wire_exception(value, self.where)
-            self.results_out.setdefault(group.owner, []).append((tid, ok, value))
+            # The call rides along (not sent) to name it if its result cannot be pickled.
+            self.results_out.setdefault(group.owner, []).append((tid, ok, value, fn, args))
         group.remaining -= 1
         if group.remaining == 0 and group.fid:
             self.done_out.append((group.owner, group.fid))
@@ -591,15 +592,16 @@ class Worker:
         return target - self.credit_out
 
     def _pack_results(self, owner: int, items: list) -> P.Parcel:
+        wire = [(tid, ok, value) for tid, ok, value, _, _ in items]
         try:
-            frames = _serialize.dumps(items)
+            frames = _serialize.dumps(wire)
         except Exception:  # noqa: BLE001 - replace the unpicklable results only
             fixed = []
-            for tid, ok, value in items:
+            for tid, ok, value, fn, args in items:
                 try:
                     _serialize.dumps(value)
-                except Exception as exc:  # noqa: BLE001
-                    err = _serialize.unpicklable_result_error(value, exc)
+                except Exception:  # noqa: BLE001
+                    err = _serialize.unpicklable_result_error(fn, args, value)
                     ok, value = False, _serialize.wire_exception(err, self.where)
                 fixed.append((tid, ok, value))
             frames = _serialize.dumps(fixed)

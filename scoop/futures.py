@@ -111,6 +111,10 @@ def _run_chunk(func: Callable, chunk: list, star: bool) -> tuple[list, Any]:
     return out, None
 
 
+# Chunk runners: errors name the mapped function, their first argument, not the runner.
+_run_chunk.maps_first_argument = _run_chunk.returns_chunk_results = True
+
+
 def _unwrap(wire) -> BaseException:
     """The exception of a failed chunk (already rebuilt if it was unpickled)."""
     if isinstance(wire, BaseException):
@@ -258,6 +262,9 @@ def _map_reduce_chunk(map_func: Callable, reduce_func: Callable, chunk: list, st
     return _reduce(reduce_func, _calls(map_func, chunk, star))
 
 
+_map_reduce_chunk.maps_first_argument = True
+
+
 def _reduce(func: Callable, values: Iterable):
     it = iter(values)
     acc = next(it)
@@ -294,6 +301,9 @@ def mapReduce(mapFunc: Callable, reductionFunc: Callable, *iterables: Iterable, 
 
 def _scan_chunk(map_func: Callable, reduce_func: Callable, chunk: list, star: bool) -> list:
     return list(itertools.accumulate(_calls(map_func, chunk, star), reduce_func))
+
+
+_scan_chunk.maps_first_argument = True
 
 
 def _offset_scan(reduce_func: Callable, offset, values: list) -> list:

@@ -351,7 +351,30 @@ def test_unpicklable_result_reported():
     errors = [f.exception() for f in futs if f.exception() is not None]
     assert errors, "expected the remotely run calls to fail"
     assert all(isinstance(e, futures.SerializationError) for e in errors)
-    assert "cannot be pickled" in str(errors[0])
+    assert "make_lock() returned a result that cannot be pickled" in str(errors[0])
+    assert "result is a _thread.lock" in str(errors[0])
+
+
+def _lock_deep_inside(i):
+    return {"i": i, "parts": [1, (2, Holder(threading.Lock()))]}
+
+
+class Holder:
+    def __init__(self, thing):
+        self.thing = thing
+
+
+def test_unpicklable_result_of_a_map_names_the_function_and_the_part():
+    errors = []
+    for _ in range(20):  # until a chunk runs on the other worker (nearly always at once)
+        try:
+            list(futures.map(_lock_deep_inside, range(400), chunksize=1))
+        except futures.SerializationError as exc:
+            errors.append(str(exc))
+            break
+    assert errors, "expected a chunk run on the other worker to fail"
+    assert "_lock_deep_inside() returned a result that cannot be pickled" in errors[0]
+    assert "result['parts'][1][1].thing is a _thread.lock" in errors[0]
 
 
 # -- job attributes and shared constants ---------------------------------------------------
