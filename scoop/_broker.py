@@ -41,7 +41,7 @@ from collections import deque
 import zmq
 
 from . import _protocol as P
-from ._transport import Credentials, Gate
+from ._transport import Credentials, Gate, raise_open_file_limit
 
 log = logging.getLogger("scoop.broker")
 
@@ -56,6 +56,8 @@ MAX_ATTEMPTS = 3
 # While some of the job's workers have not joined yet, the broker gives them this long
 # before it has workers that wait with a deadline run work anyway (see _dispatch_to_standby).
 STANDBY_GRACE_S = 2.0
+# Misbehaving connections named in the log, one line each; the rest are not logged.
+MAX_LOGGED_PEERS = 32
 
 
 class _Peer:
@@ -95,13 +97,20 @@ class Broker:
         self.size = size
         # Ids handed to workers that join on their own (python -m scoop.join).
         self.next_free_wid = size if first_free_wid is None else first_free_wid
+        raise_open_file_limit()  # every connection, hostile ones too, holds a descriptor
         self.ctx = zmq.Context()
         self.gate = Gate(self.ctx, creds)  # first: it checks every connection's handshake
         self.router, self.address = creds.listen(self.ctx, host, port)
         self.gate.watch(self.router)
-        self._ctl_addr = f"inproc://scoop-broker-{id(self)}"
-        self._ctl = self.ctx.socket(zmq.PULL)  # commands from other threads
-        self._ctl.bind(self._ctl_addr)
+        # Commands from other threads. Both ends exist from the start: making a socket
+        # later could fail when a flood of connections has used up the descriptors.
+        ctl_addr = f"inproc://scoop-broker-{id(self)}"
+        self._ctl = self.ctx.socket(zmq.PULL)
+        self._ctl.bind(ctl_addr)
+        self._ctl_push = self.ctx.socket(zmq.PUSH)
+        self._ctl_push.setsockopt(zmq.LINGER, 1000)
+        self._ctl_push.connect(ctl_addr)
+        self._ctl_lock = threading.Lock()  # a socket is used by one thread at a time
         self.peers: dict[bytes, _Peer] = {}
         self.by_wid: dict[int, _Peer] = {}
         self.queue: deque[P.Parcel] = deque()  # parcels: tag=fid, peer=owner
@@ -157,13 +166,9 @@ class Broker:
         self._thread.join(timeout)
 
     def _command(self, cmd: bytes) -> None:
-        if self.finished.is_set():
-            return
-        push = self.ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
-        push.connect(self._ctl_addr)
-        push.send(cmd)
-        push.close()
+        with self._ctl_lock:
+            if not self.finished.is_set():
+                self._ctl_push.send(cmd)
 
     def run(self) -> None:
         """The broker loop; returns after :meth:`stop` or a SHUTDOWN from the root."""
@@ -200,7 +205,9 @@ class Broker:
             self._close()
 
     def _close(self) -> None:
-        self.finished.set()
+        with self._ctl_lock:
+            self.finished.set()
+            self._ctl_push.close(0)
         self.gate.close()
         self.router.close(0)
         self._ctl.close(0)
@@ -223,7 +230,7 @@ class Broker:
             name = P.peer_name(ident)
             try:
                 msg = self.codec.decode(frames[1:], peer=name, join=False)
-            except P.AuthError as exc:
+            except Exception as exc:  # noqa: BLE001 - AuthError, or anything a peer caused
                 self._reject(ident, exc)
                 continue
             if msg.kind == P.JOIN and name.startswith(b"j") and msg.sender == P.ANY_WORKER:
@@ -244,10 +251,15 @@ class Broker:
             if handler is None:
                 self._reject(ident, P.AuthError(f"unexpected message {msg!r}"))
                 continue
-            handler(ident, peer, msg)
+            try:
+                handler(ident, peer, msg)
+            except Exception as exc:  # noqa: BLE001 - one peer's message never ends the job
+                log.exception("broker: failed to handle %r from worker %d: %s",
+                              msg.kind, msg.sender, exc)
 
     def _reject(self, ident: bytes, exc: Exception) -> None:
-        if ident not in self._bad_peers:  # one line per bad peer, not per message
+        # One line per bad peer, not per message, and only for the first few peers.
+        if ident not in self._bad_peers and len(self._bad_peers) < MAX_LOGGED_PEERS:
             self._bad_peers.add(ident)
             log.warning("broker: dropped a message from connection %r: %s", ident, exc)
 

@@ -34,9 +34,11 @@ import hashlib
 import hmac
 import logging
 import os
+import resource
 
 import zmq
 import zmq.utils.z85
+from zmq.utils.monitor import recv_monitor_message
 
 from . import _protocol as P
 
@@ -47,6 +49,31 @@ ZAP_DOMAIN = b"scoop"
 PLAIN_USER = b"scoop"
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+# A connection that has not finished the handshake after this long is dropped: each one
+# holds a file descriptor of the broker's process. Ample for a worker on a loaded node (a
+# handshake is two round trips and one check), short for idle connections left open.
+HANDSHAKE_TIMEOUT_MS = 10_000
+# Refused peers named in the log, one line each; the rest are only counted.
+MAX_LOGGED_PEERS = 32
+# The most file descriptors asked for when raising the soft limit to an unlimited hard one.
+MAX_OPEN_FILES = 1 << 20
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit; return the new one.
+
+    A broker holds one descriptor per connection, its own and hostile ones; the common
+    soft default of 1024 is easy to exhaust from the network while the hard one is not.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):  # e.g. over the kernel's nr_open: keep what we have
+            pass
+    return soft
 
 
 class Credentials:
@@ -123,6 +150,7 @@ class Credentials:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
         sock.zap_domain = ZAP_DOMAIN
         if self.curve:
             sock.curve_server = True
@@ -160,12 +188,20 @@ class Gate:
         self.sockets.append(self.monitor)
 
     def handle(self, sock: zmq.Socket) -> None:
-        if sock is self.zap:
-            self._answer(self.zap.recv_multipart())
-        else:
-            from zmq.utils.monitor import recv_monitor_message
+        """Answer one ZAP request or count one failed handshake; never raises: nothing a
+        peer sends may end the broker's loop (a ZAP request left unanswered only keeps
+        that one connection waiting until the handshake timeout drops it)."""
+        try:
+            self._handle(sock)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of file descriptors or memory
+            log.warning("broker: could not check a connection: %s: %s",
+                        type(exc).__name__, exc)
 
-            event = recv_monitor_message(sock)["event"]
+    def _handle(self, sock: zmq.Socket) -> None:
+        if sock is self.zap:
+            self._answer(self.zap.recv_multipart(zmq.NOBLOCK))
+        else:
+            event = recv_monitor_message(sock, zmq.NOBLOCK)["event"]
             why = ("it broke off during the ZeroMQ handshake"
                    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else
                    "it failed the ZeroMQ handshake (not ZeroMQ, or without this job's "
@@ -173,26 +209,41 @@ class Gate:
             self._refuse("a connection", why)
 
     def _answer(self, request: list[bytes]) -> None:
-        version, request_id, _domain, address, _identity, mechanism, *creds = request
+        # A REP socket must answer before it can read the next request: whatever the
+        # request holds, exactly one reply goes out.
+        version, request_id = (request + [b"1.0", b""])[:2]
+        try:
+            ok, who, mechanism = self._check(request)
+        except Exception:  # noqa: BLE001 - a malformed request is refused
+            ok, who, mechanism = False, "a connection", "malformed"
+        if ok:
+            self.zap.send_multipart([version, request_id, b"200", b"OK", b"worker", b""])
+            return
+        self.zap.send_multipart([version, request_id, b"400", b"not a worker of this job",
+                                 b"", b""])
+        self._refuse(who, f"wrong {mechanism} credentials")
+
+    def _check(self, request: list[bytes]) -> tuple[bool, str, str]:
+        """(accepted?, the peer's address, the mechanism) for a ZAP request."""
+        _version, _request_id, _domain, address, _identity, mechanism, *creds = request
         ok = False
         if mechanism == b"PLAIN" and not self.creds.curve and len(creds) == 2:
             ok = creds[0] == PLAIN_USER and hmac.compare_digest(creds[1], self.creds.token)
         elif mechanism == b"CURVE" and self.creds.curve and len(creds) == 1:
             ok = hmac.compare_digest(
                 zmq.utils.z85.encode(creds[0]), self.creds.curve["public"].encode())
-        if ok:
-            self.zap.send_multipart([version, request_id, b"200", b"OK", b"worker", b""])
-            return
-        self.zap.send_multipart([version, request_id, b"400", b"not a worker of this job",
-                                 b"", b""])
-        self._refuse(address.decode(errors="replace"),
-                     f"wrong {mechanism.decode(errors='replace')} credentials")
+        return ok, address.decode(errors="replace"), mechanism.decode(errors="replace")
 
     def _refuse(self, who: str, why: str) -> None:
         self.refused += 1
-        if who not in self._logged:  # one line per peer, not per attempt
+        # One line per peer address, and only for the first few: a flood from many
+        # addresses must fill neither the log nor this set.
+        if who not in self._logged and len(self._logged) < MAX_LOGGED_PEERS:
             self._logged.add(who)
-            log.warning("broker: refused %s: %s (further refusals are counted)", who, why)
+            more = ("" if len(self._logged) < MAX_LOGGED_PEERS else
+                    "; refusals from other addresses are only counted from now on")
+            log.warning("broker: refused %s: %s (further refusals are counted%s)",
+                        who, why, more)
 
     def close(self) -> None:
         if self.monitor is not None:

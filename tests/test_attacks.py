@@ -1,0 +1,130 @@
+"""Attacks on a running job, found in an attack round (issue 9): each must leave the job
+and its result intact. Real launcher, real sockets; the attacker is this test process.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+
+import pytest
+import zmq
+
+from conftest import write_program
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftovers")]
+
+SLOW_MAPS = """
+    import os, sys, time
+    from scoop import futures
+
+    def f(x):
+        time.sleep(0.005)
+        return x * x
+
+    if __name__ == "__main__":
+        print("started", flush=True)
+        while not os.path.exists(sys.argv[1]):  # until the attack is in place
+            time.sleep(0.05)
+        sums = {sum(futures.map(f, range(60))) for _ in range(30)}
+        print("sums", sorted(sums), flush=True)
+"""
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports a process listens on, read from /proc (no tool needed)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def start_job(tmp_path, source: str, nofile: int):
+    prog = write_program(tmp_path, source)
+    limit = (nofile, nofile)
+    go = tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, "-m", "scoop", "-n", "2", prog, str(go)],
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit))
+    assert proc.stdout.readline().strip() == "started"
+    return proc, go
+
+
+def test_floods_at_a_low_open_file_limit_do_not_end_the_job(tmp_path):
+    """With the launcher at 256 open files (soft and hard), idle TCP connections and
+    DEALERs with a wrong token exhaust its descriptors: the broker goes on routing, and
+    the job ends with the right result and status 0."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2000:
+        pytest.skip(f"the attacker needs 2000 open files; the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2000), hard))
+    proc, go = start_job(tmp_path, SLOW_MAPS, 256)
+    ctx = zmq.Context()
+    raw, dealers = [], []
+    try:
+        (port,) = listening_ports(proc.pid)
+        for _ in range(600):  # more than the launcher may hold
+            try:
+                raw.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break  # the backlog is full: the point is made
+        for i in range(300):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.plain_username, s.plain_password = b"scoop", b"wrong%d" % i
+            s.connect(f"tcp://127.0.0.1:{port}")
+            dealers.append(s)
+        go.touch()
+        out, err = proc.communicate(timeout=90)
+    finally:
+        for s in raw:
+            s.close()
+        for s in dealers:
+            s.close(0)
+        ctx.destroy(linger=0)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.strip().splitlines()[-1] == f"sums [{sum(x * x for x in range(60))}]", err
+    assert len(raw) > 200, "the flood did not reach the launcher's limit"
+    assert "Traceback" not in err, err
+
+
+def test_a_connection_that_never_finishes_the_handshake_is_dropped(pool):
+    """An idle TCP connection holds one of the broker's descriptors only until the
+    handshake timeout."""
+    from scoop._transport import HANDSHAKE_TIMEOUT_MS
+
+    host, port = pool.broker.address[6:].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.settimeout(HANDSHAKE_TIMEOUT_MS / 1000 + 20)  # socket.timeout: not dropped
+        received = b""
+        while chunk := conn.recv(4096):  # the broker's greeting, then its end of stream
+            received += chunk
+    assert received.startswith(b"\xff"), "not a ZeroMQ greeting: the test reached no broker"
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one():
+    code = ("import resource; from scoop._transport import raise_open_file_limit; "
+            "print(raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, preexec_fn=lambda: resource.setrlimit(
+                              resource.RLIMIT_NOFILE, (64, 1000)))
+    assert proc.stdout.split() == ["1000", "1000"], proc.stderr
