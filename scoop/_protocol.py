@@ -15,7 +15,8 @@ Frames of one message (the broker's ROUTER socket sees the peer's routing id fir
     every message of a sender; a receiver drops one that is not newer: no replays), then
     ``nparcels`` parcel records ``(tag u64, peer u32, nframes u32, mac 32s)``, then
     ``ndone`` records ``(owner u32, fid u64)``, then ``nsplit`` records ``(frame u32,
-    pieces u32)``, then an optional JSON body (control messages only).
+    pieces u32)``, then an optional JSON body (control messages only). At most
+    :data:`MAX_HEADER_BYTES`: a longer one is refused before it is hashed.
 ``payload``
     The frames of the parcels, in order. A frame larger than :data:`MAX_FRAME_BYTES`
     travels as ``pieces`` wire frames (a split record names it), because every socket
@@ -100,6 +101,9 @@ SIG_SIZE = 32
 # The largest wire frame; a socket drops a peer that announces a longer one (checked by
 # ZeroMQ from the length prefix, before the frame is read or any signature checked).
 MAX_FRAME_BYTES = 64 * 2**20
+# The largest header: records of a few dozen bytes per parcel, finished group and split,
+# and a small control body. A longer one is refused before it is hashed.
+MAX_HEADER_BYTES = 2**20
 
 
 def routing_id(role: bytes, wid: int) -> bytes:
@@ -257,9 +261,13 @@ class Codec:
         """
         if len(frames) < 3:
             raise AuthError(f"too few frames ({len(frames)})")
-        sig, kind, hdr = (bytes(_buf(f)) for f in frames[:3])
-        if len(sig) != SIG_SIZE or len(kind) != 1:
+        # Sizes first, on the received buffers: a forged message is dropped without its
+        # large frames being copied or hashed.
+        sig, kind, hdr = (_buf(f) for f in frames[:3])
+        if (_nbytes(sig) != SIG_SIZE or _nbytes(kind) != 1
+                or _nbytes(hdr) > MAX_HEADER_BYTES):
             raise AuthError("malformed envelope")
+        sig, kind, hdr = bytes(sig), bytes(kind), bytes(hdr)
         if not hmac.compare_digest(hmac.digest(self.key, kind + hdr, "sha256"), sig):
             raise AuthError("bad signature")
         # From here on the header was written by a holder of the job key.

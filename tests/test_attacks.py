@@ -10,10 +10,14 @@ import socket
 import subprocess
 import sys
 
+import cloudpickle
 import pytest
 import zmq
 
 from conftest import write_program
+
+# Pool workers cannot import test modules: this module's functions travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftovers")]
 
@@ -128,3 +132,65 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one():
                           timeout=30, preexec_fn=lambda: resource.setrlimit(
                               resource.RLIMIT_NOFILE, (64, 1000)))
     assert proc.stdout.split() == ["1000", "1000"], proc.stderr
+
+
+def _peak_rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident size
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def _square(x):
+    return x * x
+
+
+def test_a_token_holder_sending_huge_forged_messages_is_dropped_cheaply(pool):
+    """Someone who read the PLAIN token off the network passes the handshake, but not the
+    signature check: messages with a huge header or payload are dropped without being
+    copied or hashed, so the broker's memory stays bounded and the job goes on."""
+    from scoop import _protocol as P
+    from scoop import futures
+
+    ctx = zmq.Context()
+    big = bytearray(60 * 2**20)
+    senders = []
+    try:
+        for _ in range(4):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.plain_username, s.plain_password = b"scoop", pool.creds.token
+            s.connect(pool.broker.address)
+            senders.append(s)
+        results = futures.map(_square, range(2000))
+        _peak_rss_reset()
+        before = _peak_rss()
+        for i in range(15):
+            for s in senders:
+                forged = ([os.urandom(32), P.TASKS, big] if i % 2 else
+                          [os.urandom(32), P.TASKS, os.urandom(40), big])
+                s.send_multipart(forged, copy=False)
+        assert list(results) == [x * x for x in range(2000)]
+        # Every forged message has reached the broker once a message sent after them has
+        # been refused: a frame over the limit, which disconnects the sender.
+        for s in senders:
+            mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            s.send_multipart([os.urandom(32), P.TASKS, bytearray(P.MAX_FRAME_BYTES + 1)])
+            assert mon.poll(60_000), "the broker never got to the end of the forged messages"
+            s.disable_monitor()
+            mon.close(0)
+        grew = _peak_rss() - before
+    finally:
+        for s in senders:
+            s.close(0)
+        ctx.destroy(linger=0)
+    # 60 forged messages of 60 MiB on 4 connections took 1.7 GiB when they were copied
+    # and hashed; dropped by their envelope, what is left is ZeroMQ's receive buffers.
+    assert grew < 1200 * 2**20, f"the broker's process grew by {grew / 2**20:.0f} MiB"
+    assert list(futures.map(_square, range(10))) == [x * x for x in range(10)]
