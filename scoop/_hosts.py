@@ -61,6 +61,9 @@ def _merge(entries: Iterable[tuple[str, int | None]], where: str = "") -> list[H
     """
     counts: dict[str, int | None] = {}
     for name, workers in entries:
+        problem = _bad_name(name)
+        if problem:  # every source passes here: hostfile, --hosts and schedulers
+            raise ValueError(f"{where}{problem}")
         if name not in counts:
             counts[name] = workers
         elif (counts[name] is None) != (workers is None):
@@ -75,12 +78,25 @@ def _positive(text: str) -> int | None:
     return int(text) if re.fullmatch(r"[0-9]+", text) and int(text) > 0 else None
 
 
+# A host as ssh takes it: an optional ``user@``, then a DNS name, an IPv4 address or an
+# IPv6 address (bare or in brackets, with an optional %zone). Nothing else reaches ssh:
+# names also come from batch-scheduler variables, which are not the user's own input.
+_HOST_NAME = re.compile(r"""
+    (?:[A-Za-z0-9_][A-Za-z0-9_.+~-]*@)?          # user@
+    (?: [A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?   # name or IPv4
+      | \[?[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_.-]+)?\]?  # IPv6
+    )""", re.VERBOSE)
+
+
 def _bad_name(name: str) -> str | None:
     """Why ``name`` cannot be a host name, or None."""
     if name.startswith("-"):
         return f"host name cannot start with '-', got {name!r}"
     if "=" in name or "," in name:
         return f"host name cannot contain '=' or ',', got {name!r}"
+    if len(name) > 255 or not _HOST_NAME.fullmatch(name):
+        return (f"not a host name: {name!r} (expected letters, digits, '.', '-' and '_', "
+                "an IPv4 or IPv6 address, optionally after 'user@')")
     return None
 
 

@@ -194,3 +194,18 @@ def test_a_token_holder_sending_huge_forged_messages_is_dropped_cheaply(pool):
     # and hashed; dropped by their envelope, what is left is ZeroMQ's receive buffers.
     assert grew < 1200 * 2**20, f"the broker's process grew by {grew / 2**20:.0f} MiB"
     assert list(futures.map(_square, range(10))) == [x * x for x in range(10)]
+
+
+def test_a_hostile_scheduler_node_list_never_reaches_ssh(tmp_path):
+    """``SLURM_JOB_NODELIST='-oProxyCommand=...'`` without task counts once made the CPU
+    count probe run the command through ssh. Now the name is refused first."""
+    marker = tmp_path / "ran"
+    prog = write_program(tmp_path, "print('ran')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_",
+                                                                      "PE_", "LSB_"))}
+    env["SLURM_JOB_NODELIST"] = f"-oProxyCommand=touch${{IFS}}{marker}"
+    proc = subprocess.run([sys.executable, "-m", "scoop", prog], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode != 0
+    assert "SLURM_JOB_NODELIST" in proc.stderr and "cannot start with '-'" in proc.stderr
+    assert "ran" not in proc.stdout and not marker.exists()

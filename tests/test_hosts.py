@@ -588,3 +588,36 @@ def test_first_scheduler_in_table_order_wins(tmp_path):
     del env["SLURM_JOB_NODELIST"]
     assert hosts_from_environment(env) == ("PBS", [Host("p1", 1)])
 
+
+
+HOSTILE_NAMES = ["-oProxyCommand=touch${IFS}/tmp/x", "a;touch /tmp/x", "$(touch /tmp/x)",
+                 "`id`", "a|b", "a&b", "'quoted'", "a\\b", "x>y"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_names_from_every_scheduler_are_refused(tmp_path, name):
+    """Scheduler variables are not the user's own input: a name that is not a host name
+    never reaches ssh, whichever scheduler it comes from."""
+    files = {"PBS_NODEFILE": f"{name}\n", "PE_HOSTFILE": f"{name} 2 all.q UNDEFINED\n"}
+    cases = {"SLURM_JOB_NODELIST": name, "LSB_MCPU_HOSTS": f"{name} 2", "LSB_HOSTS": name}
+    for variable, text in files.items():
+        cases[variable] = hostfile(tmp_path, text, variable)
+    for variable, value in cases.items():
+        if " " in name and variable in ("LSB_MCPU_HOSTS", "LSB_HOSTS", "PE_HOSTFILE"):
+            continue  # split into other words by the format itself; each checked alone
+        with pytest.raises(ValueError, match=r"not a host name|cannot start with '-'|"
+                                             r"cannot contain|unbalanced|bad range"):
+            hosts_from_environment({variable: value})
+
+
+@pytest.mark.parametrize("name", ["node01", "n01.cluster.org", "user@node-3", "10.0.0.1",
+                                  "::1", "[fe80::1%eth0]", "a_b"])
+def test_host_names_that_ssh_takes_are_accepted(name):
+    assert hosts_from_list([name]) == [Host(name, 1)]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES[1:])
+def test_hostile_names_in_a_hostfile_name_the_line(tmp_path, name):
+    path = hostfile(tmp_path, f"node01 2\n{name} 2\n")
+    with pytest.raises(HostfileError, match=rf"^{path}:2: "):
+        parse_hostfile(path)
