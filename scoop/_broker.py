@@ -124,6 +124,7 @@ class Broker:
         self.stopping = False  # STOP sent; workers that join now are stopped at once
         self._thread: threading.Thread | None = None
         self._bad_peers: set[bytes] = set()
+        self._joins_seen: set[int] = set()  # seq of every JOIN answered (see handle_join)
         self._handlers = {
             P.HELLO: self.handle_hello,
             P.TASKS: self.handle_tasks,
@@ -312,6 +313,13 @@ class Broker:
         if self.stopping:
             self.router.send_multipart([ident, *self.codec.encode(P.STOP)])
             return
+        # Each joiner's connection has its own replay window, so a JOIN read off the
+        # network could be replayed from new connections to use up worker ids: a JOIN is
+        # answered once, whichever connection it comes on.
+        if msg.seq in self._joins_seen:
+            self._reject(ident, P.AuthError(f"replayed JOIN (seq {msg.seq})"))
+            return
+        self._joins_seen.add(msg.seq)
         while self.next_free_wid in self.by_wid:
             self.next_free_wid += 1
         wid = self.next_free_wid

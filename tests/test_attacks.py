@@ -209,3 +209,29 @@ def test_a_hostile_scheduler_node_list_never_reaches_ssh(tmp_path):
     assert proc.returncode != 0
     assert "SLURM_JOB_NODELIST" in proc.stderr and "cannot start with '-'" in proc.stderr
     assert "ran" not in proc.stdout and not marker.exists()
+
+
+def test_a_replayed_join_is_answered_once_whatever_the_connection(pool, caplog):
+    """A JOIN read off the network and replayed from fresh connection names (each with
+    its own replay window) once took a new worker id each time."""
+    from scoop import _protocol as P
+
+    join = P.Codec(pool.creds.key, P.ANY_WORKER).encode(P.JOIN)
+    ctx = zmq.Context()
+    answers = []
+    try:
+        with caplog.at_level("WARNING", logger="scoop"):
+            for _ in range(5):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.IDENTITY, P.routing_id(b"j", 0))
+                s.plain_username, s.plain_password = b"scoop", pool.creds.token
+                s.connect(pool.broker.address)
+                s.send_multipart(join)
+                if s.poll(1000 if answers else 10_000):
+                    answers.append(P.Codec(pool.creds.key, 0).decode(s.recv_multipart()))
+                s.close(0)
+    finally:
+        ctx.destroy(linger=0)
+    assert [m.kind for m in answers] == [P.ASSIGN]
+    assert any("replayed JOIN" in r.getMessage() for r in caplog.records)
