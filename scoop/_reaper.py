@@ -1,0 +1,111 @@
+"""Ends the processes that a job's tasks started, however the job ends.
+
+A task may start processes (``subprocess.Popen``, fork and exec, a ``setsid`` double-fork
+daemon); none of them may outlive the job. Process groups miss daemons that leave the
+group and the session; parent links miss orphans, which the kernel hands to init. So
+every process of a job carries a mark in its environment, which its children inherit::
+
+    launcher / host agent     SCOOP_JOB=<job id>             end_marked(JOB, id) at exit
+      worker (wid 3)          + SCOOP_WORKER=<job id>.3.<pid>  end_marked(WORKER, tag)
+        task's Popen child      inherits both marks            on any exit it controls
+          setsid daemon         inherits both marks
+
+*Worker.* On its way out (program done, STOP, SIGTERM, launcher gone) it ends the
+processes marked with its own tag, never its siblings'.
+
+*Launcher and host agent.* After their workers are gone they end every process marked
+with the job, on their host: what a worker killed outright (SIGKILL, out of memory) left.
+
+A process that empties its own environment escapes the mark: that is the limit of this
+scheme, stated in docs/guarantees.md. Linux only (``/proc``); elsewhere nothing is found.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+JOB = "SCOOP_JOB"  # every process of the job: its id
+WORKER = "SCOOP_WORKER"  # a worker and what it started: "<job id>.<wid>.<pid>"
+# How long marked processes get to end after SIGTERM before SIGKILL.
+TERM_GRACE_S = 1.0
+
+
+def new_job_id() -> str:
+    """A random job id, for :data:`JOB`."""
+    return os.urandom(8).hex()
+
+
+def mark_worker(wid: int) -> str:
+    """Give this worker its own mark, inherited by what its tasks start; return it."""
+    tag = f"{os.environ.get(JOB, 'nojob')}.{wid}.{os.getpid()}"
+    os.environ[WORKER] = tag
+    return tag
+
+
+def marked(variable: str, value: str, exclude: frozenset[int] = frozenset()) -> list[int]:
+    """Pids of this user's live processes whose environment has ``variable=value``."""
+    needle = f"{variable}={value}".encode()
+    me, uid = os.getpid(), os.getuid()
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or int(name) == me or int(name) in exclude:
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{name}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue  # already dead, waiting for its parent
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        found.append(int(name))
+    return found
+
+
+def end_marked(variable: str, value: str, exclude: frozenset[int] = frozenset(),
+               grace: float = TERM_GRACE_S) -> list[int]:
+    """SIGTERM the processes marked ``variable=value``, SIGKILL those left after
+    ``grace`` seconds; return the pids that were found. Never raises."""
+    if not value:
+        return []
+    try:
+        pids = marked(variable, value, exclude)
+        if not pids:
+            return []
+        _signal(pids, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            # Look again: a process may have forked while it was being ended.
+            left = marked(variable, value, exclude)
+            if not left:
+                return pids
+            _signal([p for p in left if p not in pids], signal.SIGTERM)
+            pids += [p for p in left if p not in pids]
+            time.sleep(0.02)
+        for _ in range(3):
+            left = marked(variable, value, exclude)
+            if not left:
+                break
+            _signal(left, signal.SIGKILL)
+            pids += [p for p in left if p not in pids]
+            time.sleep(0.02)
+        return pids
+    except Exception:  # noqa: BLE001 - cleanup on the way out must not raise
+        return []
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
