@@ -1,17 +1,25 @@
 """Start-up of a worker process: read the config, join the broker, run or import the program.
 
-The launcher writes one JSON line on the worker's standard input (so the job key never
-shows on a command line or in ``ps``): the broker address, the key, the worker id, the
-program and its arguments, and the process settings (directory, nice, log level).
+The launcher writes one JSON line on a pipe the worker inherits (its descriptor number is
+the worker's only argument, so the job key never shows on a command line or in ``ps``):
+the broker address, the key, the worker id, the program and its arguments, and the
+process settings (directory, nice, log level). The root's stdin is the launcher's, so
+the program can read a pipe, ``input()`` or ``breakpoint()``; other workers read nothing.
 
-The root worker (id 0) runs the program as ``__main__`` and reports its exit status to
-the broker; every other worker imports the program as ``__scoop_main__`` (its guarded
-block does not run, its module-level data exists) and serves tasks until told to stop.
+The root worker (id 0) runs the program (a path, or a module as ``python -m`` runs it) as
+``__main__`` and reports its exit status to the broker; every other worker imports the
+program as ``__scoop_main__`` (its guarded block does not run, its module-level data
+exists) and serves tasks until told to stop. A futures call reached while a worker imports
+the program (main code without the ``if __name__ == "__main__":`` guard) ends that import
+there, and the root names the line once, instead of every worker running the program.
 """
 
 from __future__ import annotations
 
+import ast
 import builtins
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import os
@@ -50,17 +58,81 @@ def load_program(path: str, run_name: str) -> types.ModuleType:
     return mod
 
 
+class ProgramError(Exception):
+    """The program cannot run at all (no such module, a syntax error); the message is
+    what to print, in Python's own words."""
+
+
+def _compile(source: bytes | str, path: str) -> types.CodeType:
+    try:
+        return compile(source, path, "exec")
+    except SyntaxError as exc:  # no traceback through scoop: Python's own form
+        text = "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
+        raise ProgramError(text) from None
+
+
 def run_program(path: str, args: list[str], run_name: str) -> None:
     """Execute the program in a fresh module named ``run_name`` with ``sys.argv`` set."""
     with open(path, "rb") as f:
         source = f.read()
-    code = compile(source, path, "exec")
+    code = _compile(source, path)
     if run_name == "__main__":
         _serialize.set_main_exports(_serialize.main_exports(source))
+        _watch_guard(path, source)
     sys.argv = [path, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     mod = load_program(path, run_name)
     exec(code, mod.__dict__)
+
+
+def find_module(name: str) -> importlib.machinery.ModuleSpec:
+    """The spec of the module ``python -m name`` runs (of a package: its ``__main__``).
+
+    Raises:
+        ProgramError: no such module, or nothing in it to run.
+    """
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:  # a parent package is missing or broken
+        raise ProgramError(f"scoop: error while finding module {name!r}: {exc}") from None
+    if spec is None:
+        raise ProgramError(f"scoop: no module named {name!r}")
+    if spec.submodule_search_locations is not None:
+        if name.endswith("__main__"):
+            raise ProgramError(f"scoop: {name!r} is a package without a __main__ module")
+        return find_module(name + ".__main__")
+    if spec.loader is None or not hasattr(spec.loader, "get_code"):
+        raise ProgramError(f"scoop: {name!r} has no code to run")
+    return spec
+
+
+def run_module(name: str, args: list[str], run_name: str) -> None:
+    """Run module ``name`` as ``python -m`` does, in a fresh module named ``run_name``:
+    found on ``sys.path`` with the working directory first, relative imports working."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    spec = find_module(name)
+    try:
+        source = spec.loader.get_source(spec.name)
+    except ImportError:
+        source = None
+    code = _compile(source, spec.origin) if source is not None else spec.loader.get_code(
+        spec.name)
+    if run_name == "__main__" and source is not None:
+        _serialize.set_main_exports(_serialize.main_exports(source))
+        _watch_guard(spec.origin, source)
+    sys.argv = [spec.origin, *args]
+    mod = load_program(spec.origin, run_name)
+    mod.__spec__, mod.__loader__, mod.__package__ = spec, spec.loader, spec.parent
+    exec(code, mod.__dict__)
+
+
+def run_main(cfg: dict, run_name: str) -> None:
+    """Run the job's program (a path or ``-m`` module) as ``run_name``."""
+    if cfg.get("module"):
+        run_module(cfg["module"], cfg.get("args", []), run_name)
+    else:
+        run_program(cfg["program"], cfg.get("args", []), run_name)
 
 
 def exit_status(exc: SystemExit) -> int:
@@ -88,10 +160,15 @@ def _die_with_parent(ppid: int) -> None:
 
 
 def main() -> None:
-    """A worker started by the launcher or a host agent: its config comes on stdin."""
-    cfg = json.loads(sys.stdin.readline())
-    sys.stdin.close()
-    sys.stdin = open(os.devnull)  # noqa: SIM115 - the program sees an empty input
+    """A worker started by the launcher or a host agent: its config comes as one JSON
+    line on the descriptor named by its argument (stdin, the program's, is left alone)."""
+    if len(sys.argv) > 1:
+        with open(int(sys.argv[1]), "rb") as f:
+            cfg = json.loads(f.readline())
+    else:  # a launcher of scoop 0.9.0 or older writes it on stdin
+        cfg = json.loads(sys.stdin.readline())
+        sys.stdin.close()
+        sys.stdin = open(os.devnull)  # noqa: SIM115 - the program sees an empty input
     start(cfg)
 
 
@@ -141,12 +218,17 @@ def start(cfg: dict) -> None:
 def _run_root(worker: _worker.Worker, cfg: dict) -> int:
     status = 0
     try:
-        run_program(cfg["program"], cfg.get("args", []), "__main__")
+        run_main(cfg, "__main__")
     except SystemExit as exc:
         status = exit_status(exc)
+    except ProgramError as exc:
+        print(exc, file=sys.stderr)
+        status = 1
     except BaseException as exc:  # noqa: BLE001 - report like Python would, then exit 1
         tb = exc.__traceback__
-        tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb  # our frame
+        while tb is not None and tb.tb_next is not None and \
+                tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next  # the program's frames only
         traceback.print_exception(type(exc), exc, tb)
         status = 1
     sys.stdout.flush()
@@ -156,13 +238,69 @@ def _run_root(worker: _worker.Worker, cfg: dict) -> int:
 
 
 def _run_worker(worker: _worker.Worker, cfg: dict) -> None:
-    if cfg.get("program"):  # None for the workers of an in-process pool
-        try:
-            run_program(cfg["program"], cfg.get("args", []), MAIN_RUN_NAME)
-        except SystemExit:
-            pass
-        except BaseException:  # noqa: BLE001 - tasks that need the failed names will say
-            log.error("worker %d: importing %s failed; tasks that need it will fail:\n%s",
-                      worker.wid, cfg["program"], traceback.format_exc())
+    if cfg.get("program") or cfg.get("module"):  # neither: an in-process pool's worker
+        _import_program(worker, cfg)
     worker.serve()
     worker.close()
+
+
+def _import_program(worker: _worker.Worker, cfg: dict) -> None:
+    """Import the program as ``__scoop_main__``, so that its functions exist here."""
+    what = cfg.get("module") or cfg["program"]
+    worker.submit_hook = _refuse_unguarded
+    try:
+        run_main(cfg, MAIN_RUN_NAME)
+    except SystemExit:
+        pass
+    except ProgramError as exc:  # the root says it too, and the job ends
+        log.debug("worker %d: %s", worker.wid, exc)
+    except UnguardedCall:  # the root explains it (see _watch_guard)
+        log.debug("worker %d: the program calls scoop.futures as it is imported: the "
+                  "rest of it is not imported here", worker.wid)
+    except BaseException:  # noqa: BLE001 - tasks that need the failed names will say
+        log.error("worker %d: importing %s failed; tasks that need it will fail:\n%s",
+                  worker.wid, what, traceback.format_exc())
+    finally:
+        worker.submit_hook = None
+
+
+class UnguardedCall(BaseException):
+    """A non-root worker's import of the program reached a futures call: code only the
+    root should run. A BaseException, so that ``except Exception`` lets it through."""
+
+
+def _refuse_unguarded() -> None:
+    raise UnguardedCall()
+
+
+def _guarded_lines(source: bytes | str) -> list[tuple[int, int]]:
+    """The line ranges of the program's top-level ``if __name__ == "__main__":`` blocks."""
+    return [(node.lineno, node.body[-1].end_lineno or node.lineno)
+            for node in ast.parse(source).body
+            if isinstance(node, ast.If) and _serialize._is_main_guard(node.test)]
+
+
+def _watch_guard(path: str, source: bytes | str) -> None:
+    """Warn if the root's first futures call comes from the program's top level outside
+    its ``__main__`` guard: the other workers, which import the program, reach that call
+    too; they stop importing there (see :func:`_import_program`) and this explains it."""
+    guarded = _guarded_lines(source)
+    rt = _worker.current()
+
+    def check() -> None:
+        rt.submit_hook = None  # the first call tells; later ones cost nothing
+        frame = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name == "<module>" and code.co_filename == path:
+                if not any(start <= frame.f_lineno <= end for start, end in guarded):
+                    log.warning(
+                        "%s, line %d calls scoop.futures outside `if __name__ == "
+                        "\"__main__\":`. Every worker imports the program, so code outside "
+                        "that guard runs on each of them: the others stop importing at "
+                        "this line. Put the program's main code under the guard.",
+                        path, frame.f_lineno)
+                return
+            frame = frame.f_back
+
+    rt.submit_hook = check

@@ -215,6 +215,10 @@ class Broker:
         self.ctx.term()
 
     def _stop_workers(self) -> None:
+        # Once is enough: a worker that gets STOP leaves, so a second STOP could only
+        # fail ("Host unreachable"); workers that join later are stopped as they join.
+        if self.stopping:
+            return
         self.stopping = True
         for peer in list(self.peers.values()):
             self._send(peer, P.STOP)
@@ -372,6 +376,7 @@ class Broker:
     def handle_shutdown(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         self.exit_status = msg.arg if msg.arg < 2**31 else msg.arg - 2**32
         log.debug("broker: the root ended with status %d; stopping", self.exit_status)
+        self.handle_bye(ident, peer, msg)  # the root closes its socket right after
         self._stop_workers()
 
     def handle_bye(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:

@@ -1,7 +1,8 @@
 """The launcher: ``python -m scoop`` starts a job's broker and workers and ends them all.
 
 Reimplements SCOOP's ``scoop.launcher``. Deliberate differences: the exit status is the
-program's, the job key reaches workers on stdin, workers live in their own process group
+program's, the job key reaches workers on a pipe of their own (the root's stdin is the
+launcher's, as mpirun gives rank 0), workers live in their own process group
 (Ctrl-C gives one short message, not a traceback per worker), and every process started
 is gone when the launcher returns, however the job ended.
 
@@ -9,7 +10,7 @@ Data flow of a job started by the launcher::
 
     python -m scoop -n 3 prog.py args
       |-- Broker, a thread of this process, bound to 127.0.0.1:<port> (random)
-      |-- worker 0 (root)  python -m scoop._start_worker  <- stdin: {address, key, ...}
+      |-- worker 0 (root)  python -m scoop._start_worker 5  <- fd 5: {address, key, ...}
       |       runs prog.py as __main__, sends SHUTDOWN(status) when it ends
       |-- worker 1, 2      same command; import prog.py as __scoop_main__ and serve tasks
       '-- waits for the root -> STOP to every worker -> waits -> kills stragglers
@@ -29,6 +30,7 @@ A :class:`Launcher` can also make the calling interpreter the root worker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -38,8 +40,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import traceback
 from collections import deque
 
 import scoop
@@ -57,9 +61,16 @@ AGENT_MODULE = "scoop._start_host"
 # How long remote workers may take to join before the job is abandoned (ssh, a cold
 # Python start on a loaded node, a network file system).
 JOIN_TIMEOUT_S = 60.0
-# Options every ssh connection gets: never prompt, notice a dead link within ~15 s.
-SSH_OPTIONS = ("-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5",
-               "-o", "ServerAliveCountMax=3")
+# Options every ssh connection gets: never prompt, give up on a host that does not answer
+# within 10 s (not the system's TCP timeout, minutes), notice a dead link within ~15 s.
+# ssh takes the first value it sees, so --ssh-executable 'ssh -o ConnectTimeout=60' wins.
+SSH_CONNECT_TIMEOUT_S = 10
+SSH_OPTIONS = ("-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}",
+               "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
+# What ssh says when it cannot reach a host at all (vs. a refusal by a host that answered).
+SSH_UNREACHABLE = ("timed out", "No route to host", "Network is unreachable",
+                   "Could not resolve hostname", "Name or service not known",
+                   "Temporary failure in name resolution")
 
 
 def _cpu_count() -> int:
@@ -69,19 +80,8 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def describe_status(code: int) -> str:
-    """``Popen.returncode`` in words: 'exit status 3' or 'killed by SIGKILL'."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
-
-
-def shell_status(code: int) -> int:
-    """A ``Popen.returncode`` as a shell would report it (128 + signal number)."""
-    return 128 - code if code < 0 else code
+describe_status = _agent.describe_status
+shell_status = _agent.shell_status
 
 
 class Launcher:
@@ -91,6 +91,7 @@ class Launcher:
         n: the number of workers, the root included.
         program: path of the program the root runs (None with ``root_in_process``).
         args: the program's arguments.
+        module: instead of ``program``, the module the root runs as ``python -m`` does.
         python: the interpreter for the workers.
         cwd: the workers' working directory.
         pythonpath: prepended to the workers' PYTHONPATH.
@@ -109,7 +110,8 @@ class Launcher:
                  ssh: str = "ssh", broker_hostname: str | None = None,
                  prolog: str | None = None, tunnel: bool = False, external: int = 0,
                  job_file: str | None = None, launcher: str = "ssh",
-                 max_attempts: int = _broker.MAX_ATTEMPTS, encrypt: bool = False) -> None:
+                 max_attempts: int = _broker.MAX_ATTEMPTS, encrypt: bool = False,
+                 module: str | None = None) -> None:
         if hosts is None:
             hosts = [("127.0.0.1", n or 1)]
         hosts = [(name, count) for name, count in hosts if count > 0]
@@ -119,6 +121,7 @@ class Launcher:
             raise ValueError("a job needs at least one worker")
         self.hosts = hosts
         self.program = program
+        self.module = module
         self.args = list(args or [])
         self.python = python
         self.cwd = cwd or os.getcwd()
@@ -238,10 +241,12 @@ class Launcher:
             folder = os.path.join(os.path.expanduser("~"), ".scoop", "jobs")
             os.makedirs(folder, mode=0o700, exist_ok=True)
             self.job_file = os.path.join(folder, f"job-{os.getpid()}-{self.key[:4].hex()}.json")
-        job = self.worker_config(None, self.worker_address)
-        fd = os.open(self.job_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(job, f)
+        try:
+            write_atomically(self.job_file,
+                             json.dumps(self.worker_config(None, self.worker_address)))
+        except OSError as exc:
+            raise LaunchError(f"cannot write the job file {self.job_file}: "
+                              f"{exc.strerror or exc}") from None
         self._wrote_job_file = True
         log.info("job file for joining workers: %s", self.job_file)
         return self.job_file
@@ -264,20 +269,23 @@ class Launcher:
                     f"{timeout:.0f} s. If they cannot reach {self.worker_address}, pass "
                     "--broker-hostname with an address of this machine they can reach")
             time.sleep(0.02)
+        for agent in self.agents.values():
+            agent.go_live()
 
     def worker_config(self, wid: int | None, address: str) -> dict:
-        """The config a worker reads on its stdin."""
+        """The config a worker reads when it starts."""
         return {
             **self.creds.for_worker(), "address": address, "wid": wid, "size": self.n,
-            "program": self.program, "args": self.args, "cwd": self.cwd, "nice": self.nice,
-            "debug": self.debug, "log_level": self.log_level, "log_file": self.log_file,
-            "hosts": self.hosts,
+            "program": self.program, "module": self.module, "args": self.args,
+            "cwd": self.cwd, "nice": self.nice, "debug": self.debug,
+            "log_level": self.log_level, "log_file": self.log_file, "hosts": self.hosts,
         }
 
     def _spawn(self, wid: int) -> subprocess.Popen:
         try:
             proc = _agent.spawn_worker(self.worker_config(wid, self.broker.address),
-                                       self.python, self.cwd, self.pythonpath)
+                                       self.python, self.cwd, self.pythonpath,
+                                       stdin=None if wid == 0 else subprocess.DEVNULL)
         except _agent.SpawnError as exc:
             raise LaunchError(str(exc)) from None
         log.debug("started worker %d (pid %d)", wid, proc.pid)
@@ -302,8 +310,11 @@ class Launcher:
         while True:
             code = root.poll()
             if code is not None:
-                if 0 not in self.procs:
-                    self.agents[self.hosts[0][0]].check_failed()
+                if 0 not in self.procs and 0 not in self.broker.seen:
+                    self.agents[self.hosts[0][0]].check_failed()  # it never ran
+                elif code < 0:  # a bare 137 tells a user nothing
+                    print(f"scoop: {_agent.death_message(0, root.pid, code)}",
+                          file=sys.stderr, flush=True)
                 return shell_status(code)
             self.check_workers()
             time.sleep(WATCH_PERIOD_S)
@@ -317,10 +328,11 @@ class Launcher:
             code = proc.poll()
             if wid and code is not None and wid not in self._reported:
                 self._reported.add(wid)
-                log.warning("worker %d (pid %d) ended early: %s", wid, proc.pid,
-                            describe_status(code))
+                log.warning("%s", _agent.death_message(wid, proc.pid, code))
                 self.broker.worker_lost(wid, describe_status(code))
         for agent in self.agents.values():
+            if any(w in self.broker.seen for w in agent.wids):
+                agent.go_live()
             agent.check_ended()
 
     # -- stopping --------------------------------------------------------------------------
@@ -336,6 +348,8 @@ class Launcher:
         for agent in self.agents.values():
             agent.close()  # EOF on its stdin: it stops its workers if STOP did not
         _agent.reap([*self.procs.values(), *(a.proc for a in self.agents.values())], grace)
+        for agent in self.agents.values():
+            agent.finish()
         if self.broker is not None:
             self.broker.stop()
         if self._wrote_job_file:
@@ -360,10 +374,15 @@ class _RemoteHost:
         self.name = name
         self.wids = wids
         self.stderr_tail: deque[str] = deque(maxlen=20)
+        self._held: list[str] | None = []  # stderr lines not shown yet (see go_live)
+        self._held_lock = threading.Lock()
+        self._stdin_lock = threading.Lock()  # the relay of the root's input vs close()
+        self._closed = False
         spec = None
         if argv is None:  # an ssh connection running the host agent
             spec = {"host": name, "python": launcher.python, "cwd": launcher.cwd,
                     "pythonpath": launcher.pythonpath,
+                    "root_stdin": 0 in wids and _stdin_is_ours(),
                     "workers": [launcher.worker_config(w, launcher.worker_address)
                                 for w in wids]}
             argv = _ssh_argv(name, launcher)
@@ -379,6 +398,8 @@ class _RemoteHost:
         if spec is not None:
             self.proc.stdin.write(json.dumps(spec).encode() + b"\n")
             self.proc.stdin.flush()  # kept open: its end tells the agent to stop
+            if spec["root_stdin"]:
+                threading.Thread(target=self._relay_stdin, daemon=True).start()
         self._relay = threading.Thread(target=self._relay_stderr, daemon=True)
         self._relay.start()
         self._failed_reported = False
@@ -386,9 +407,22 @@ class _RemoteHost:
     def _relay_stderr(self) -> None:
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace")
-            self.stderr_tail.append(line.rstrip("\n"))
-            sys.stderr.write(line)
-            sys.stderr.flush()
+            with self._held_lock:
+                self.stderr_tail.append(line.rstrip("\n"))
+                if self._held is not None:
+                    self._held.append(line)
+                    continue
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    def go_live(self) -> None:
+        """Show what the host said so far and, from now on, as it comes. Until one of its
+        workers joins, its lines are held: if it fails, they are part of the error."""
+        with self._held_lock:
+            if self._held:
+                sys.stderr.write("".join(self._held))
+                sys.stderr.flush()
+            self._held = None
 
     def check_failed(self, ended_early: bool = False) -> None:
         """Raise LaunchError if the connection ended in failure before the job did
@@ -398,27 +432,40 @@ class _RemoteHost:
             return
         self._failed_reported = True
         self._relay.join(1.0)
-        said = "\n    ".join(self.stderr_tail) or "(nothing on stderr)"
-        if code == 255 and any("forwarding failed" in line for line in self.stderr_tail):
-            what = "ssh could not open the tunnel (-e) to the broker's port there"
-            hint = "run again (the port is chosen anew), or drop -e and use --broker-hostname"
-        elif code == 255:
-            what = "ssh could not connect or was refused"
-            hint = (f"check that `ssh {self.name} true` works without a password "
-                    "(BatchMode), or pass --ssh-executable")
-        elif missing := [line for line in self.stderr_tail if "No module named" in line]:
-            what = ("scoop is not installed for the Python interpreter there, or a module "
-                    f"it needs is missing ({missing[-1].strip()})")
-            hint = ("install scoop on that host, or pass --python-executable, or --prolog "
-                    "FILE to activate an environment that has it")
-        elif code == 127:
-            what = "the Python interpreter or scoop was not found there"
-            hint = "pass --python-executable, or --prolog FILE to activate an environment"
-        else:
-            what = f"its workers ended with {describe_status(code)}"
-            hint = ("if they could not reach the broker, pass --broker-hostname with an "
-                    "address of this machine that the host can reach")
+        with self._held_lock:
+            held, self._held = self._held, None  # shown once: in the error
+        said = "".join(held[-40:]).rstrip("\n").replace("\n", "\n    ") if held else (
+            "(its output is above)" if held is None else "(nothing on stderr)")
+        what, hint = self._diagnose(code)
         raise LaunchError(f"host {self.name}: {what}:\n    {said}\n  Try: {hint}.")
+
+    def _diagnose(self, code: int) -> tuple[str, str]:
+        """What went wrong on this host and what to try, from its status and stderr."""
+        tail = list(self.stderr_tail)
+        if code == 255 and any("forwarding failed" in line for line in tail):
+            return ("ssh could not open the tunnel (-e) to the broker's port there",
+                    "run again (the port is chosen anew), or drop -e and use --broker-hostname")
+        if code == 255 and any(w in line for line in tail for w in SSH_UNREACHABLE):
+            return ("could not be reached (ssh gave up)",
+                    f"check that {self.name} is up and its name right: `ssh {self.name} "
+                    "true` must work. On a slow network, raise ssh's ConnectTimeout "
+                    f"(now {SSH_CONNECT_TIMEOUT_S} s): --ssh-executable 'ssh -o "
+                    "ConnectTimeout=60'")
+        if code == 255:
+            return ("ssh could not connect or was refused",
+                    f"check that `ssh {self.name} true` works without a password "
+                    "(BatchMode), or pass --ssh-executable")
+        if missing := [line for line in tail if "No module named" in line]:
+            return ("scoop is not installed for the Python interpreter there, or a module "
+                    f"it needs is missing ({missing[-1].strip()})",
+                    "install scoop on that host, or pass --python-executable, or --prolog "
+                    "FILE to activate an environment that has it")
+        if code == 127:
+            return ("the Python interpreter or scoop was not found there",
+                    "pass --python-executable, or --prolog FILE to activate an environment")
+        return (f"its workers ended with {describe_status(code)}",
+                "if they could not reach the broker, pass --broker-hostname with an "
+                "address of this machine that the host can reach")
 
     def check_ended(self) -> None:
         """Once the job runs, a host whose agent ended is reported, not fatal: the
@@ -429,11 +476,53 @@ class _RemoteHost:
             log.warning("host %s: its workers are gone (%s); their work runs elsewhere",
                         self.name, describe_status(code))
 
+    def finish(self) -> None:
+        """Once its connection ended: show what it said that was not shown yet."""
+        self._relay.join(1.0)
+        self.go_live()
+
+    def _relay_stdin(self) -> None:
+        """Pass this process's stdin to the root worker on this host, as frames on the
+        agent's stdin (raw reads: this daemon thread may still wait for input at exit)."""
+        while True:
+            try:
+                data = os.read(0, 65536)
+            except OSError:
+                data = b""
+            with self._stdin_lock:
+                if self._closed:
+                    return
+                try:
+                    _agent.write_frame(self.proc.stdin, data)
+                except (OSError, ValueError):  # the agent is gone
+                    return
+            if not data:
+                return
+
     def close(self) -> None:
+        # A relay blocked on a full ssh channel holds the lock: then the agent learns
+        # the end when reap() ends ssh.
+        if not self._stdin_lock.acquire(timeout=1.0):
+            return
         try:
+            self._closed = True
             self.proc.stdin.close()
         except OSError:
             pass
+        finally:
+            self._stdin_lock.release()
+
+
+def _stdin_is_ours() -> bool:
+    """Whether this process may read its stdin for a remote root: it is open and, if a
+    terminal, this process is in the foreground (else reading it would stop the job)."""
+    try:
+        if not os.isatty(0):
+            os.fstat(0)
+            return True
+        return os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
 
 
 def _ssh_argv(name: str, launcher: Launcher) -> list[str]:
@@ -456,6 +545,32 @@ def _die_with_launcher() -> list[str]:
     instead of waiting for the watchdogs to notice the broker is gone."""
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``path`` (mode 0600) so that a reader sees either no file or all of it.
+
+    A joining worker may read the job file while it is written: the text goes to a
+    temporary file in the same folder, reaches the disk, and is renamed into place.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".scoop-job-", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a crash
+        dirfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
 
 
 def guess_broker_address(remote: str, ssh: str = "ssh") -> str:
@@ -487,12 +602,19 @@ class LaunchError(RuntimeError):
 
 
 # -- command line ------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def _prog_name() -> str:
+    """How the user started the launcher: ``python -m scoop`` or ``scoop``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m scoop" if name in ("", "__main__.py", "-c") else name
+
+
+def build_parser(prog: str = "python -m scoop") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m scoop",
+        prog=prog, usage="%(prog)s [options] (program.py | -m module) [args ...]",
         description="Run a Python program with its scoop.futures calls spread over "
                     "several worker processes.",
-        epilog="Example: python -m scoop -n 4 program.py --its-own-option 1")
+        epilog=f"Example: {prog} -n 4 program.py --its-own-option 1")
+    p.add_argument("--version", action="version", version=f"scoop {scoop.__version__}")
     p.add_argument("-n", type=int, metavar="N", default=None,
                    help="number of workers, the root included (default: the hosts' counts, "
                         f"or the CPUs of this machine, {_cpu_count()} here). Fewer than the "
@@ -552,7 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "program's own output still goes to the terminal")
     p.add_argument("--debug", action="store_true",
                    help="debug mode: scoop.DEBUG is True and logging is verbose")
-    p.add_argument("executable", metavar="program.py", help="the program to run")
+    p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="module",
+                   help="run a module, as `python -m module args` does (found from the "
+                        "workers' directory and --pythonpath); the rest are its arguments")
+    p.add_argument("executable", metavar="program.py", nargs="?", help="the program to run")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the program's arguments")
     return p
 
@@ -565,21 +690,23 @@ def _log_level(ns: argparse.Namespace) -> int:
     return logging.INFO if ns.verbose == 1 else logging.WARNING
 
 
-def _check_program(path: str) -> str | None:
-    """A reason the program cannot run, or None."""
+def _check_program(path: str) -> tuple[str, int] | None:
+    """Why the program cannot run and the exit status that says so, or None.
+
+    A syntax error reads as Python prints it (``File "...", line N``, the line, the
+    caret, ``SyntaxError: ...``), so that editors and CI log parsers recognise it.
+    """
     if not os.path.exists(path):
-        return f"{path}: no such file"
+        return f"scoop: {path}: no such file", 2
     if os.path.isdir(path):
-        return f"{path}: is a directory, not a Python program"
+        return f"scoop: {path}: is a directory, not a Python program", 2
     try:
         with open(path, "rb") as f:
             compile(f.read(), path, "exec")
-    except SyntaxError as exc:
-        where = f"{exc.filename}, line {exc.lineno}"
-        text = (exc.text or "").rstrip()
-        return f"syntax error in {where}: {exc.msg}" + (f"\n    {text}" if text else "")
+    except SyntaxError as exc:  # IndentationError and TabError too
+        return "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n"), 1
     except (OSError, ValueError) as exc:
-        return f"{path}: cannot read: {exc}"
+        return f"scoop: {path}: cannot read: {exc}", 1
     return None
 
 
@@ -649,20 +776,33 @@ def job_hosts(ns: argparse.Namespace) -> list[tuple[str, int]]:
     return [(h.name, h.workers) for h in hosts]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``python -m scoop [options] program.py [args]``; return the exit status."""
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The launcher's options; ``ns.module`` (``-m``) or ``ns.executable`` names what to
+    run and ``ns.args`` its arguments. Exits with status 2 on a usage error."""
     from ._hosts import split_host_args
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    ns = build_parser().parse_args(split_host_args(argv))
+    parser = build_parser(_prog_name())
+    ns = parser.parse_args(split_host_args(argv))
+    if ns.module is not None:
+        if not ns.module:
+            parser.error("-m needs a module name")
+        ns.module, ns.args = ns.module[0], ns.module[1:]
+    elif ns.executable is None:
+        parser.error("the program to run is missing: program.py or -m module")
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m scoop [options] program.py [args]``; return the exit status."""
+    ns = _parse(sys.argv[1:] if argv is None else list(argv))
     level = _log_level(ns)
     logging.basicConfig(level=level, filename=ns.log,
                         format="[%(asctime)s] %(levelname)-7s scoop %(message)s")
-    program = os.path.abspath(ns.executable)
-    problem = _check_program(program)
+    program = None if ns.module else os.path.abspath(ns.executable)
+    problem = program and _check_program(program)
     if problem:
-        print(f"scoop: {problem}", file=sys.stderr)
-        return 2 if "no such file" in problem or "directory" in problem else 1
+        print(problem[0], file=sys.stderr)
+        return problem[1]
     if ns.n is not None and ns.n < 1:
         print("scoop: -n must be at least 1", file=sys.stderr)
         return 2
@@ -678,7 +818,12 @@ def main(argv: list[str] | None = None) -> int:
                         ssh=ns.ssh, broker_hostname=ns.broker_hostname, prolog=ns.prolog,
                         tunnel=ns.tunnel, external=ns.external, job_file=ns.job_file,
                         launcher=ns.launcher or _default_launcher(ns),
-                        max_attempts=ns.max_attempts, encrypt=ns.encrypt)
+                        max_attempts=ns.max_attempts, encrypt=ns.encrypt, module=ns.module)
+    return _run(launcher, hosts)
+
+
+def _run(launcher: Launcher, hosts: list[tuple[str, int]]) -> int:
+    """Start the job, wait for its end, stop it whatever happens; return its status."""
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launcher.start()

@@ -59,6 +59,8 @@ from ._errors import BrokenJobError, SerializationError, TimeoutError, WorkerLos
 from ._future import CANCELLED, FINISHED, PENDING, RUNNING, Future
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._transport import Credentials
 
 log = logging.getLogger("scoop")
@@ -172,6 +174,9 @@ class Worker:
         self.broken: BaseException | None = None
         self.stopped = False
         self.closed = False  # futures.shutdown() was called: no new futures
+        # Called by submit while set: _bootstrap looks for a program that calls futures
+        # outside its `if __name__ == "__main__":` guard.
+        self.submit_hook: Callable[[], None] | None = None
         self._ids = itertools.count(1)
         self._fids = itertools.count(1)
         self._returned = itertools.count(1)  # ids of partial groups handed back
@@ -195,6 +200,8 @@ class Worker:
     # ==================================================================================
     def submit(self, fn, args: tuple, kwargs: dict, weight: int = 1) -> Future:
         """Queue ``fn(*args, **kwargs)`` in the outbox and return its Future."""
+        if self.submit_hook is not None:
+            self.submit_hook()
         self._check_usable()
         if self.closed:
             raise RuntimeError("cannot submit new futures after futures.shutdown()")
