@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 
+from . import _reaper
+
 WORKER_MODULE = "scoop._start_worker"
 # How long workers get after a stop request before they are killed.
 STOP_GRACE_S = 3.0
@@ -91,10 +93,13 @@ def spawn_worker(cfg: dict, python: str, cwd: str, pythonpath: str | None = None
     this process's), the other workers an empty one.
     """
     cfg = dict(cfg, ppid=os.getpid(), die_with_parent=True)
+    env = worker_env(pythonpath)
+    if cfg.get("job"):
+        env[_reaper.JOB] = cfg["job"]  # inherited by all the worker starts
     config_r, config_w = os.pipe()
     try:
         proc = subprocess.Popen([python, "-m", WORKER_MODULE, str(config_r)], stdin=stdin,
-                                cwd=cwd, env=worker_env(pythonpath), start_new_session=True,
+                                cwd=cwd, env=env, start_new_session=True,
                                 pass_fds=(config_r,), **popen)
     except OSError as exc:
         os.close(config_w)
@@ -233,6 +238,8 @@ def main() -> None:
         print(f"scoop: on {spec.get('host', '?')}: "
               f"{death_message(0, root.pid, root.returncode)}", file=sys.stderr, flush=True)
     reap(list(procs.values()), 0.5 if gone.is_set() else STOP_GRACE_S)
+    # What tasks started and their workers did not end (a worker killed outright).
+    _reaper.end_marked(_reaper.JOB, next((w.get("job", "") for w in spec["workers"]), ""))
     # The root's status is the job's; otherwise say whether any worker failed.
     codes = {wid: p.returncode for wid, p in procs.items() if p.returncode is not None}
     if 0 in codes:

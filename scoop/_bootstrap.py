@@ -30,7 +30,7 @@ import types
 
 import scoop
 
-from . import _serialize, _worker
+from . import _reaper, _serialize, _worker
 from ._transport import Credentials
 from ._watchdog import Watchdog
 
@@ -147,12 +147,16 @@ def exit_status(exc: SystemExit) -> int:
 
 
 def _die_with_parent(ppid: int) -> None:
-    """Ask the kernel to kill this worker if the launcher dies (Linux), then check."""
+    """Ask the kernel to end this worker if the launcher dies (Linux), then check.
+
+    SIGTERM, not SIGKILL: the worker then ends what its tasks started (see
+    :func:`_end_on_sigterm`); the watchdog ends it anyway if the handler cannot run.
+    """
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     if ppid and os.getppid() != ppid:
@@ -206,13 +210,28 @@ def start(cfg: dict) -> None:
               file=sys.stderr, flush=True)
         sys.exit(1)
     wid, root = worker.wid, worker.wid == 0
+    if cfg.get("job"):
+        os.environ[_reaper.JOB] = cfg["job"]  # a joining worker was not started with it
+    tag = _reaper.mark_worker(wid)
+    signal.signal(signal.SIGTERM, _end_on_sigterm)
     _worker.install(worker)
     Watchdog(cfg["address"], creds, wid).start()
     scoop.SIZE, scoop.DEBUG = worker.size, bool(cfg.get("debug"))
     scoop.HOSTS = [tuple(h) for h in cfg.get("hosts", [])]
-    if root:
-        sys.exit(_run_root(worker, cfg))
-    _run_worker(worker, cfg)
+    try:
+        if root:
+            sys.exit(_run_root(worker, cfg))
+        _run_worker(worker, cfg)
+    finally:
+        _reaper.end_marked(_reaper.WORKER, tag)  # what the tasks started ends with us
+
+
+def _end_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM (the launcher's stop, or its death): end what this worker's tasks started,
+    then die of the signal, as without this handler."""
+    _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _run_root(worker: _worker.Worker, cfg: dict) -> int:

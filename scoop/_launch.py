@@ -48,7 +48,7 @@ from collections import deque
 
 import scoop
 
-from . import _agent, _broker, _worker
+from . import _agent, _broker, _reaper, _worker
 from ._transport import Credentials
 
 log = logging.getLogger("scoop")
@@ -140,6 +140,7 @@ class Launcher:
         self._wrote_job_file = False
         self.creds = Credentials.new(encrypt)
         self.key = self.creds.key
+        self.job_id = _reaper.new_job_id()  # marks every process of the job (_reaper)
         self.broker: _broker.Broker | None = None
         self.procs: dict[int, subprocess.Popen] = {}  # local workers by id
         self.agents: dict[str, _RemoteHost] = {}  # remote hosts by name
@@ -275,7 +276,8 @@ class Launcher:
     def worker_config(self, wid: int | None, address: str) -> dict:
         """The config a worker reads when it starts."""
         return {
-            **self.creds.for_worker(), "address": address, "wid": wid, "size": self.n,
+            **self.creds.for_worker(), "job": self.job_id, "address": address, "wid": wid,
+            "size": self.n,
             "program": self.program, "module": self.module, "args": self.args,
             "cwd": self.cwd, "nice": self.nice, "debug": self.debug,
             "log_level": self.log_level, "log_file": self.log_file, "hosts": self.hosts,
@@ -350,6 +352,8 @@ class Launcher:
         _agent.reap([*self.procs.values(), *(a.proc for a in self.agents.values())], grace)
         for agent in self.agents.values():
             agent.finish()
+        # What tasks started and their workers did not end (a worker killed outright).
+        _reaper.end_marked(_reaper.JOB, self.job_id)
         if self.broker is not None:
             self.broker.stop()
         if self._wrote_job_file:

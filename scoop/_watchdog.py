@@ -15,6 +15,7 @@ import threading
 import time
 
 from . import _protocol as P
+from . import _reaper
 from ._transport import Credentials
 
 log = logging.getLogger("scoop")
@@ -72,4 +73,5 @@ class Watchdog(threading.Thread):
     def _exit(self, silence: float) -> None:
         log.error("worker %d: the broker at %s has not answered for %.0f s; the job is gone, "
                   "exiting", self.wid, self.address, silence)
+        _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
         os._exit(1)

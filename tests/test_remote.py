@@ -406,3 +406,28 @@ def test_batch_scheduler_allocation_runs_on_its_hosts(hosts, tmp_path, kind):
     seen = eval(out.stdout)  # noqa: S307
     assert {ns for ns, _, _ in seen} == {_host_ns(hosts, n) for n in names}
     assert " allocation: " in out.stderr  # -v logs where the hosts came from
+
+
+@pytest.mark.parametrize("ending", ["exit", "sigkill"])
+def test_processes_started_by_remote_tasks_end_with_the_job(hosts, tmp_path, ending):
+    """A remote worker's task children, fork+exec children and setsid daemons end with
+    the job: the worker ends its own, the host agent what a dead worker left."""
+    from test_descendants import SPAWNER, assert_all_gone
+
+    prog = write_program(tmp_path, SPAWNER)
+    proc = subprocess.Popen([sys.executable, "-m", "scoop", "--hosts", "127.0.0.1",
+                             hosts.names[0], "--ssh-executable", _ssh(hosts), prog,
+                             "exit" if ending == "exit" else "wait"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 12, proc.stderr.read() if proc.poll() is not None else pids
+        assert proc.stdout.readline().strip() == "workers [0, 1]", "none ran on the host"
+        if ending == "sigkill":
+            proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_all_gone(pids)
