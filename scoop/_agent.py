@@ -204,11 +204,21 @@ def _feed_root(source: _Input, root_stdin, gone: threading.Event) -> None:
     gone.set()
 
 
+def _agent_mark(spec: dict) -> str:
+    """The job mark of this agent's workers: the job's id and this agent, so that the
+    agent ends only what it started, even on a machine the launcher (or another agent of
+    the job) also runs on."""
+    job = next((w.get("job") or "" for w in spec["workers"]), "")
+    return f"{job}.agent{os.getpid()}" if job else ""
+
+
 def _start_workers(spec: dict) -> dict[int, subprocess.Popen]:
     """Start the workers ``spec`` lists; the root's stdin is a pipe from the launcher."""
     procs: dict[int, subprocess.Popen] = {}
+    mark = _agent_mark(spec)
     try:
         for cfg in spec["workers"]:
+            cfg["job"] = mark
             relay = cfg["wid"] == 0 and spec.get("root_stdin")
             procs[cfg["wid"]] = spawn_worker(
                 cfg, spec.get("python") or sys.executable, spec.get("cwd") or os.getcwd(),
@@ -239,7 +249,7 @@ def main() -> None:
               f"{death_message(0, root.pid, root.returncode)}", file=sys.stderr, flush=True)
     reap(list(procs.values()), 0.5 if gone.is_set() else STOP_GRACE_S)
     # What tasks started and their workers did not end (a worker killed outright).
-    _reaper.end_marked(_reaper.JOB, next((w.get("job", "") for w in spec["workers"]), ""))
+    _reaper.end_marked(_reaper.JOB, next((w["job"] for w in spec["workers"]), ""))
     # The root's status is the job's; otherwise say whether any worker failed.
     codes = {wid: p.returncode for wid, p in procs.items() if p.returncode is not None}
     if 0 in codes:

@@ -539,8 +539,9 @@ def _ssh_argv(name: str, launcher: Launcher) -> list[str]:
     if launcher.tunnel:
         port = launcher.broker.address.rsplit(":", 1)[1]
         tunnel = ["-o", "ExitOnForwardFailure=yes", "-R", f"{port}:127.0.0.1:{port}"]
-    return [*_die_with_launcher(), *shlex.split(launcher.ssh), *SSH_OPTIONS, *tunnel, name,
-            command]
+    # "--": whatever a host name holds, ssh never reads it as an option.
+    return [*_die_with_launcher(), *shlex.split(launcher.ssh), *SSH_OPTIONS, *tunnel, "--",
+            name, command]
 
 
 def _die_with_launcher() -> list[str]:
@@ -584,7 +585,7 @@ def guess_broker_address(remote: str, ssh: str = "ssh") -> str:
     """
     target = remote
     try:
-        out = subprocess.run([*shlex.split(ssh), "-G", remote], capture_output=True,
+        out = subprocess.run([*shlex.split(ssh), "-G", "--", remote], capture_output=True,
                              text=True, timeout=10).stdout
         for line in out.splitlines():
             if line.startswith("hostname "):
@@ -734,7 +735,7 @@ def host_cpu_count(name: str, ssh: str = "ssh") -> int:
 
     if is_local(name):
         return _cpu_count()
-    argv = [*shlex.split(ssh), *SSH_OPTIONS, name, "nproc"]
+    argv = [*shlex.split(ssh), *SSH_OPTIONS, "--", name, "nproc"]
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
