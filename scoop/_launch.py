@@ -99,7 +99,8 @@ class Launcher:
         debug: sets ``scoop.DEBUG`` on the workers.
         log_level: the workers' logging level.
         log_file: where the workers write their log records (None: stderr).
-        encrypt: encrypt the job's traffic with ZeroMQ CURVE (see ``_transport``).
+        encrypt: encrypt the job's traffic with ZeroMQ CURVE (see ``_transport``); None:
+            whenever a worker may connect from another machine (:func:`wants_encryption`).
     """
 
     def __init__(self, n: int | None = None, program: str | None = None,
@@ -110,7 +111,7 @@ class Launcher:
                  ssh: str = "ssh", broker_hostname: str | None = None,
                  prolog: str | None = None, tunnel: bool = False, external: int = 0,
                  job_file: str | None = None, launcher: str = "ssh",
-                 max_attempts: int = _broker.MAX_ATTEMPTS, encrypt: bool = False,
+                 max_attempts: int = _broker.MAX_ATTEMPTS, encrypt: bool | None = None,
                  module: str | None = None) -> None:
         if hosts is None:
             hosts = [("127.0.0.1", n or 1)]
@@ -138,7 +139,8 @@ class Launcher:
         self.max_attempts = max_attempts
         self.job_file = job_file
         self._wrote_job_file = False
-        self.creds = Credentials.new(encrypt)
+        self.encrypt = wants_encryption(encrypt, hosts, external, tunnel, launcher)
+        self.creds = Credentials.new(self.encrypt)
         self.key = self.creds.key
         self.job_id = _reaper.new_job_id()  # marks every process of the job (_reaper)
         self.broker: _broker.Broker | None = None
@@ -241,7 +243,7 @@ class Launcher:
         if self.job_file is None:
             folder = os.path.join(os.path.expanduser("~"), ".scoop", "jobs")
             os.makedirs(folder, mode=0o700, exist_ok=True)
-            self.job_file = os.path.join(folder, f"job-{os.getpid()}-{self.key[:4].hex()}.json")
+            self.job_file = os.path.join(folder, f"job-{os.getpid()}-{self.job_id[:8]}.json")
         try:
             write_atomically(self.job_file,
                              json.dumps(self.worker_config(None, self.worker_address)))
@@ -602,6 +604,25 @@ def guess_broker_address(remote: str, ssh: str = "ssh") -> str:
             return socket.gethostname()
 
 
+def wants_encryption(encrypt: bool | None, hosts: list[tuple[str, int]], external: int,
+                     tunnel: bool, launcher: str) -> bool:
+    """Whether a job's traffic is encrypted: as asked, or by default whenever a worker may
+    connect from another machine other than through an ssh tunnel.
+
+    Without encryption the handshake token crosses the network in the clear, and whoever
+    reads it may connect and send (unsigned, dropped) messages of any size, which ZeroMQ
+    buffers whole before the broker sees them. With CURVE nothing that crosses the
+    network lets anyone in.
+    """
+    if encrypt is not None:
+        return encrypt
+    if external or launcher == "srun":
+        return True  # workers connect to the broker's port from anywhere
+    from ._hosts import is_local
+
+    return not tunnel and any(not is_local(name) for name, _ in hosts)
+
+
 class LaunchError(RuntimeError):
     """The job could not start (bad program, interpreter or option)."""
 
@@ -652,9 +673,13 @@ def build_parser(prog: str = "python -m scoop") -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, metavar="N", default=_broker.MAX_ATTEMPTS,
                    help="workers that may die running a task before it fails with "
                         f"WorkerLostError (default: {_broker.MAX_ATTEMPTS})")
-    p.add_argument("--encrypt", action="store_true",
-                   help="encrypt all job traffic (ZeroMQ CURVE, keys made for this job): "
-                        "for networks you do not trust where -e is too slow")
+    p.add_argument("--encrypt", action="store_const", const=True, default=None,
+                   help="encrypt all job traffic (ZeroMQ CURVE, keys made for this job), "
+                        "local workers' too; the default when workers connect from other "
+                        "hosts (without -e)")
+    p.add_argument("--no-encrypt", dest="encrypt", action="store_const", const=False,
+                   help="never encrypt, also across hosts: faster for large data on a "
+                        "network you trust, but whoever can read it can flood the job")
     p.add_argument("-e", "--tunnel", action="store_true",
                    help="remote workers reach the broker through ssh reverse tunnels (when "
                         "they cannot reach this machine directly; slower)")

@@ -31,14 +31,15 @@ ECHO = """
 
 
 class LoopbackCapture:
-    """Every byte that crosses the loopback interface meanwhile (needs CAP_NET_RAW)."""
+    """Every byte that crosses an interface (default: loopback) meanwhile (needs
+    CAP_NET_RAW)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interface: str = "lo") -> None:
         try:
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-            self.sock.bind(("lo", 0))
+            self.sock.bind((interface, 0))
         except (OSError, AttributeError) as exc:
-            pytest.skip(f"cannot capture loopback traffic here: {exc}")
+            pytest.skip(f"cannot capture the traffic of {interface} here: {exc}")
         self.sock.settimeout(0.05)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 2**20)
         self.data = bytearray()

@@ -326,3 +326,20 @@ def test_shutdown_waits_then_refuses_new_futures(tmp_path):
     assert out.stdout.splitlines() == [
         "True [0, 1, 2, 3]",
         "refused: cannot submit new futures after futures.shutdown()"]
+
+
+@pytest.mark.parametrize("encrypt, hosts, external, tunnel, launcher, expected", [
+    (None, [("127.0.0.1", 2)], 0, False, "ssh", False),   # all local: loopback only
+    (None, [("127.0.0.1", 1), ("sct1", 1)], 0, False, "ssh", True),  # across hosts
+    (None, [("127.0.0.1", 1), ("sct1", 1)], 0, True, "ssh", False),  # inside ssh tunnels
+    (None, [("127.0.0.1", 1)], 2, False, "ssh", True),    # joiners from anywhere
+    (None, [("127.0.0.1", 1)], 2, True, "ssh", True),
+    (None, [("127.0.0.1", 1)], 0, False, "srun", True),
+    (True, [("127.0.0.1", 2)], 0, False, "ssh", True),    # --encrypt
+    (False, [("127.0.0.1", 1), ("sct1", 1)], 0, False, "ssh", False),  # --no-encrypt
+])
+def test_jobs_are_encrypted_when_workers_may_connect_from_elsewhere(
+        encrypt, hosts, external, tunnel, launcher, expected):
+    from scoop._launch import wants_encryption
+
+    assert wants_encryption(encrypt, hosts, external, tunnel, launcher) is expected

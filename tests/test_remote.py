@@ -180,6 +180,24 @@ def test_encrypted_job_over_ssh_hosts(hosts, tmp_path):
     assert {ns for ns, _, _ in seen} == {_netns(), _host_ns(hosts, a), _host_ns(hosts, b)}
 
 
+@pytest.mark.parametrize("flag", [None, "--no-encrypt"])
+def test_jobs_across_hosts_are_encrypted_unless_told_not_to(hosts, tmp_path, flag):
+    """Captured on the link to the test hosts: a job's data crosses it encrypted by
+    default, and in the clear with --no-encrypt (which shows that the capture sees it)."""
+    from test_encrypt import ECHO, LoopbackCapture
+
+    marker = os.urandom(16).hex()
+    prog = write_program(tmp_path, ECHO)
+    with LoopbackCapture(hosts.head_if) as cap:
+        out = run_scoop(*([flag] if flag else []), "--hosts", *hosts.names[:2],
+                        "--ssh-executable", _ssh(hosts), prog, marker)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    seen = marker.encode() in cap.data
+    assert seen == (flag == "--no-encrypt"), (
+        f"marker {'found' if seen else 'not found'} in {len(cap.data)} captured bytes")
+
+
 def test_remote_output_reaches_the_terminal(hosts, tmp_path):
     a = hosts.names[0]
     prog = write_program(tmp_path, """
