@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import importlib.machinery
 import importlib.util
 import json
@@ -31,6 +32,7 @@ import types
 import scoop
 
 from . import _reaper, _serialize, _worker
+from ._files import create_private
 from ._transport import Credentials
 from ._watchdog import Watchdog
 
@@ -184,6 +186,9 @@ def start(cfg: dict) -> None:
     """
     if cfg.get("die_with_parent"):
         _die_with_parent(cfg.get("ppid", 0))
+    if cfg.get("log_file"):
+        with contextlib.suppress(OSError):  # basicConfig says why it cannot open it
+            create_private(cfg["log_file"])  # on a remote host, its first worker makes it
     logging.basicConfig(level=cfg.get("log_level", logging.WARNING),
                         filename=cfg.get("log_file"),
                         format="[%(asctime)s] %(levelname)-7s scoop %(message)s")

@@ -32,6 +32,8 @@ import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from ._files import read_regular
+
 SYNTAX_HINT = "expected 'hostname', 'hostname COUNT' or 'hostname slots=COUNT'"
 
 
@@ -154,8 +156,7 @@ def parse_hostfile(path: str | os.PathLike[str]) -> list[Host]:
             positive integer, got 'four'; expected ...``) or no host at all.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_regular(path).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise HostfileError(f"{os.fspath(path)}: cannot read hostfile: {reason}") from e
@@ -426,8 +427,7 @@ def is_local(name: str) -> bool:
 # -- batch schedulers --------------------------------------------------------------------
 def _read_lines(path: str, variable: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
+        return read_regular(path).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise HostfileError(f"{path} (from ${variable}): cannot read: {reason}") from e

@@ -30,7 +30,6 @@ A :class:`Launcher` can also make the calling interpreter the root worker
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -40,7 +39,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -49,6 +47,7 @@ from collections import deque
 import scoop
 
 from . import _agent, _broker, _reaper, _worker
+from ._files import create_private, read_regular, write_atomically
 from ._transport import Credentials
 
 log = logging.getLogger("scoop")
@@ -554,32 +553,6 @@ def _die_with_launcher() -> list[str]:
     return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Write ``path`` (mode 0600) so that a reader sees either no file or all of it.
-
-    A joining worker may read the job file while it is written: the text goes to a
-    temporary file in the same folder, reaches the disk, and is renamed into place.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".scoop-job-", suffix=".tmp")  # 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself survives a crash
-        dirfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-
-
 def guess_broker_address(remote: str, ssh: str = "ssh") -> str:
     """The address of this machine that routes to ``remote`` (no packet is sent).
 
@@ -731,8 +704,7 @@ def _check_program(path: str) -> tuple[str, int] | None:
     if os.path.isdir(path):
         return f"scoop: {path}: is a directory, not a Python program", 2
     try:
-        with open(path, "rb") as f:
-            compile(f.read(), path, "exec")
+        compile(read_regular(path), path, "exec")
     except SyntaxError as exc:  # IndentationError and TabError too
         return "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n"), 1
     except (OSError, ValueError) as exc:
@@ -826,6 +798,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``python -m scoop [options] program.py [args]``; return the exit status."""
     ns = _parse(sys.argv[1:] if argv is None else list(argv))
     level = _log_level(ns)
+    if ns.log:
+        try:
+            create_private(ns.log)  # the log names hosts, paths and addresses
+        except OSError as exc:
+            print(f"scoop: --log {ns.log}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=level, filename=ns.log,
                         format="[%(asctime)s] %(levelname)-7s scoop %(message)s")
     program = None if ns.module else os.path.abspath(ns.executable)

@@ -235,3 +235,33 @@ def test_a_replayed_join_is_answered_once_whatever_the_connection(pool, caplog):
         ctx.destroy(linger=0)
     assert [m.kind for m in answers] == [P.ASSIGN]
     assert any("replayed JOIN" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("what", ["hostfile", "program", "pbs"])
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_a_fifo_or_device_as_input_is_refused_at_once(tmp_path, what, special):
+    """A FIFO once hung the launcher at open(); /dev/zero was read without limit."""
+    path = "/dev/zero"
+    if special == "fifo":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    prog = write_program(tmp_path, "print('ran')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_",
+                                                                      "PE_", "LSB_"))}
+    argv = {"hostfile": ["--hostfile", path, prog], "program": [path], "pbs": [prog]}[what]
+    if what == "pbs":
+        env["PBS_NODEFILE"] = path
+    proc = subprocess.run([sys.executable, "-m", "scoop", *argv], capture_output=True,
+                          text=True, timeout=30, env=env)
+    assert proc.returncode != 0 and "ran" not in proc.stdout
+    assert "not a regular file" in proc.stderr, proc.stderr
+
+
+def test_the_log_file_is_private(tmp_path):
+    prog = write_program(tmp_path, "print('ran')\n")
+    log = tmp_path / "job.log"
+    proc = subprocess.run([sys.executable, "-m", "scoop", "-n", "2", "-vv", "--log", str(log),
+                           prog], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert "started 2 workers" in log.read_text()
