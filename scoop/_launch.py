@@ -379,7 +379,7 @@ class _RemoteHost:
         self.name = name
         self.wids = wids
         self.stderr_tail: deque[str] = deque(maxlen=20)
-        self._held: list[str] | None = []  # stderr lines not shown yet (see go_live)
+        self._held: list[bytes] | None = []  # stderr lines not shown yet (see go_live)
         self._held_lock = threading.Lock()
         self._stdin_lock = threading.Lock()  # the relay of the root's input vs close()
         self._closed = False
@@ -411,22 +411,19 @@ class _RemoteHost:
 
     def _relay_stderr(self) -> None:
         for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
             with self._held_lock:
-                self.stderr_tail.append(line.rstrip("\n"))
+                self.stderr_tail.append(raw.decode(errors="replace").rstrip("\n"))
                 if self._held is not None:
-                    self._held.append(line)
+                    self._held.append(raw)
                     continue
-                sys.stderr.write(line)
-                sys.stderr.flush()
+                _write_err(raw)  # as the host wrote it, whatever its encoding
 
     def go_live(self) -> None:
         """Show what the host said so far and, from now on, as it comes. Until one of its
         workers joins, its lines are held: if it fails, they are part of the error."""
         with self._held_lock:
             if self._held:
-                sys.stderr.write("".join(self._held))
-                sys.stderr.flush()
+                _write_err(b"".join(self._held))
             self._held = None
 
     def check_failed(self, ended_early: bool = False) -> None:
@@ -439,7 +436,8 @@ class _RemoteHost:
         self._relay.join(1.0)
         with self._held_lock:
             held, self._held = self._held, None  # shown once: in the error
-        said = "".join(held[-40:]).rstrip("\n").replace("\n", "\n    ") if held else (
+        said = b"".join(held[-40:]).decode(errors="replace").rstrip("\n").replace(
+            "\n", "\n    ") if held else (
             "(its output is above)" if held is None else "(nothing on stderr)")
         what, hint = self._diagnose(code)
         raise LaunchError(f"host {self.name}: {what}:\n    {said}\n  Try: {hint}.")
@@ -516,6 +514,17 @@ class _RemoteHost:
             pass
         finally:
             self._stdin_lock.release()
+
+
+def _write_err(data: bytes) -> None:
+    """Write bytes a host sent to this terminal's stderr unchanged."""
+    sys.stderr.flush()
+    out = getattr(sys.stderr, "buffer", None)
+    if out is None:  # a stderr without bytes (replaced by a test harness, say)
+        sys.stderr.write(data.decode(errors="replace"))
+    else:
+        out.write(data)
+        out.flush()
 
 
 def _stdin_is_ours() -> bool:

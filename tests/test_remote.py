@@ -449,3 +449,17 @@ def test_processes_started_by_remote_tasks_end_with_the_job(hosts, tmp_path, end
             proc.kill()
             proc.wait()
     assert_all_gone(pids)
+
+
+def test_remote_stderr_bytes_arrive_unchanged(hosts, tmp_path):
+    """A remote program's stderr that is not UTF-8 reaches the terminal byte for byte."""
+    prog = write_program(tmp_path, """
+        import sys
+        sys.stderr.buffer.write(b"caf\\xe9 \\xff\\xfe end\\n")
+        sys.stderr.flush()
+    """)
+    out = subprocess.run([sys.executable, "-m", "scoop", "--hosts", hosts.names[0],
+                          "--ssh-executable", _ssh(hosts), prog], capture_output=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert b"caf\xe9 \xff\xfe end\n" in out.stderr
