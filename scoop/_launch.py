@@ -754,6 +754,26 @@ def host_cpu_count(name: str, ssh: str = "ssh") -> int:
                       "worker count in the hostfile ('name count')")
 
 
+# CPU counts asked over ssh at once: a hostfile of thousands of bare names must not take
+# thousands of sequential ssh round trips, nor open thousands of connections at once.
+MAX_PARALLEL_PROBES = 32
+
+
+def host_cpu_counts(names: list[str], ssh: str = "ssh") -> dict[str, int]:
+    """:func:`host_cpu_count` of each host, asked in parallel.
+
+    Raises:
+        LaunchError: a host could not be asked (the first in ``names`` order).
+    """
+    if not names:
+        return {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(MAX_PARALLEL_PROBES, len(names))) as pool:
+        futures = {name: pool.submit(host_cpu_count, name, ssh) for name in names}
+    return {name: fut.result() for name, fut in futures.items()}
+
+
 def _default_launcher(ns: argparse.Namespace) -> str:
     """srun inside a SLURM allocation (when on PATH) unless hosts were named; else ssh."""
     inside_slurm = "SLURM_JOB_NODELIST" in os.environ or "SLURM_NODELIST" in os.environ
@@ -781,7 +801,8 @@ def job_hosts(ns: argparse.Namespace) -> list[tuple[str, int]]:
                 return [("127.0.0.1", ns.n or _cpu_count())]
             scheduler, hosts = found
             log.info("hosts from the %s allocation: %s", scheduler, _hosts.format_hosts(hosts))
-        hosts = _hosts.distribute(hosts, ns.n, lambda name: host_cpu_count(name, ns.ssh))
+        counts = host_cpu_counts([h.name for h in hosts if h.workers is None], ns.ssh)
+        hosts = _hosts.distribute(hosts, ns.n, counts.__getitem__)
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
     return [(h.name, h.workers) for h in hosts]

@@ -343,3 +343,25 @@ def test_jobs_are_encrypted_when_workers_may_connect_from_elsewhere(
     from scoop._launch import wants_encryption
 
     assert wants_encryption(encrypt, hosts, external, tunnel, launcher) is expected
+
+
+def test_cpu_counts_of_many_bare_hosts_are_asked_in_parallel(tmp_path):
+    """10,000 bare names once meant 10,000 ssh calls one after another."""
+    from scoop._launch import _parse, job_hosts
+
+    seen = tmp_path / "seen"
+    fake_ssh = tmp_path / "ssh"
+    fake_ssh.write_text(f"""#!/bin/sh
+touch {tmp_path}/run.$$
+sleep 0.2
+ls {tmp_path} | grep -c '^run\\.' >> {seen}
+rm {tmp_path}/run.$$
+echo 2
+""")
+    fake_ssh.chmod(0o755)
+    names = [f"node{i:04d}" for i in range(200)]
+    (tmp_path / "hosts").write_text("\n".join(names) + "\n")
+    ns = _parse(["--hostfile", str(tmp_path / "hosts"), "--ssh-executable", str(fake_ssh),
+                 "prog.py"])
+    assert job_hosts(ns) == [(name, 2) for name in names]
+    assert max(int(n) for n in seen.read_text().split()) > 1, "the probes ran one by one"
