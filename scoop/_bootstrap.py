@@ -32,6 +32,7 @@ import types
 import scoop
 
 from . import _reaper, _serialize, _worker
+from ._errors import JobStopped
 from ._files import create_private
 from ._transport import Credentials
 from ._watchdog import Watchdog
@@ -249,16 +250,28 @@ def _run_root(worker: _worker.Worker, cfg: dict) -> int:
         print(exc, file=sys.stderr)
         status = 1
     except BaseException as exc:  # noqa: BLE001 - report like Python would, then exit 1
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_next is not None and \
-                tb.tb_frame.f_code.co_filename == __file__:
-            tb = tb.tb_next  # the program's frames only
-        traceback.print_exception(type(exc), exc, tb)
         status = 1
+        if not _stopped(exc):  # if it was, the launcher says so: no traceback
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_next is not None and \
+                    tb.tb_frame.f_code.co_filename == __file__:
+                tb = tb.tb_next  # the program's frames only
+            traceback.print_exception(type(exc), exc, tb)
     sys.stdout.flush()
     sys.stderr.flush()
     worker.shutdown(status)
     return status
+
+
+def _stopped(exc: BaseException | None) -> bool:
+    """Whether ``exc`` comes from the launcher stopping the job."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, JobStopped):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _run_worker(worker: _worker.Worker, cfg: dict) -> None:

@@ -10,6 +10,7 @@ __all__ = [
     "RemoteTraceback",
     "RemoteError",
     "BrokenJobError",
+    "JobStopped",
     "SerializationError",
     "WorkerLostError",
 ]
@@ -51,6 +52,10 @@ class BrokenJobError(RuntimeError):
 
     Likely causes: the launcher was stopped, or ``futures.shutdown()`` was called.
     """
+
+
+class JobStopped(BrokenJobError):
+    """The launcher stopped the job (Ctrl-C, SIGTERM, its end): waits end with this."""
 
 
 class WorkerLostError(RuntimeError):

@@ -55,7 +55,13 @@ from greenlet import GreenletExit, getcurrent, greenlet
 
 from . import _protocol as P
 from . import _serialize
-from ._errors import BrokenJobError, SerializationError, TimeoutError, WorkerLostError
+from ._errors import (
+    BrokenJobError,
+    JobStopped,
+    SerializationError,
+    TimeoutError,
+    WorkerLostError,
+)
 from ._future import CANCELLED, FINISHED, PENDING, RUNNING, Future
 
 if TYPE_CHECKING:
@@ -756,7 +762,7 @@ class Worker:
             w.wake(self)
 
     def handle_stop(self, msg: P.Message) -> None:
-        self.stop(BrokenJobError("the job was stopped"))
+        self.stop(JobStopped("the job was stopped"))
 
     # ==================================================================================
     # Life cycle
