@@ -109,6 +109,7 @@ if __name__ == "__main__":
                 f"killed, and ran again: {entries}")
             twice.append(i)
     # at most a few items per death: the one running and those not yet reported
+    print(f"items run twice: {len(twice)} {twice}")
     assert len(twice) <= 3 * 4, twice
 
 
