@@ -36,7 +36,7 @@ pieces of one chunk are counted together (:class:`Lineage`).
 from __future__ import annotations
 
 import time
-from itertools import islice
+from itertools import islice, starmap
 
 from ._errors import WorkerLostError
 from ._future import FINISHED, Future
@@ -48,8 +48,6 @@ FLUSH_S = 0.05
 FINE_PAUSE_S = 0.001
 # The charged items of a lost chunk run again as a fine piece if they are this few.
 FINE_MAX = 16
-# The largest batch of items run between two looks at the clock.
-MAX_STEP = 1 << 16
 # A lost chunk's rest is cut into this many pieces per worker of the job.
 PIECES_PER_WORKER = 2
 PARTIAL = 2  # the ``ok`` field of a result entry that carries partial results of a chunk
@@ -175,17 +173,16 @@ def resume(rt, fut: Future, running: bool, how: str) -> list[Future]:
 class Stream:
     """Runs a chunk for another worker, reporting finished results to their owner."""
 
-    __slots__ = ("rt", "owner", "tid", "fine", "n")
+    __slots__ = ("rt", "owner", "tid", "fine")
 
-    def __init__(self, rt, owner: int, tid: int, fine: bool, n: int) -> None:
+    def __init__(self, rt, owner: int | None, tid: int, fine: bool) -> None:
         self.rt = rt
         self.owner = owner
         self.tid = tid
         self.fine = fine
-        self.n = n
 
     @classmethod
-    def of(cls, rt, fine: bool, n: int) -> Stream | None:
+    def of(cls, rt, fine: bool) -> Stream | None:
         """The stream of the chunk task starting now; None outside a job. A chunk run
         for this worker reports nothing: it takes in messages instead (``owner`` None),
         so that a long one does not hold up the resumption of others (LOST)."""
@@ -193,37 +190,35 @@ class Stream:
             return None
         entry = rt.running_entry
         if entry is None or entry[0].owner == rt.wid:
-            return cls(rt, None, 0, False, n)
-        return cls(rt, entry[0].owner, entry[1], fine, n)
+            return cls(rt, None, 0, False)
+        return cls(rt, entry[0].owner, entry[1], fine)
 
-    def run(self, calls, out: list) -> None:
-        """Append the results of ``calls`` to ``out``; what was reported is cut from it.
+    def run(self, func, chunk: list, star: bool, out: list) -> None:
+        """Append ``func`` of each item of ``chunk`` to ``out``; what was reported is cut
+        from it (on an exception too: ``out`` then holds the results not reported).
 
-        The clock is read after every batch of ``step`` items: batches grow while they
-        are quick, so tiny items cost next to nothing, and shrink when they are slow.
+        The clock is read after every batch of ``step`` items; a batch is sized to take
+        half of FLUSH_S at the speed seen so far, and the last two run as one (except in
+        a fine chunk: one item each), straight from the iterator: tiny items cost
+        nothing more.
         """
-        fine, send = self.fine, self.rt.send_partial
-        step, done = 1, 0
-        last = t0 = time.perf_counter()
-        while True:
-            before = len(out)
-            out.extend(islice(calls, step))
-            done += len(out) - before
-            if done >= self.n or len(out) - before < step:
-                return  # the last results travel as the task's own result
+        it = (starmap if star else map)(func, chunk)
+        fine, n = self.fine, len(chunk)
+        done, step, tail = 0, 1, 1 if self.fine else 2
+        start = last = time.perf_counter()
+        while done + tail * step < n:
+            out.extend(islice(it, step))
+            done += step
             now = time.perf_counter()
             if fine or now - last >= FLUSH_S:
                 last = now
                 if self.owner is None:
                     self.rt.poll_messages()
                 else:
-                    send(self.owner, self.tid, out[:])
+                    self.rt.send_partial(self.owner, self.tid, out[:])
                     out.clear()
                     if fine:
                         time.sleep(FINE_PAUSE_S)
                         continue
-            if now - t0 < FLUSH_S / 8:
-                step = min(step * 2, MAX_STEP)
-            elif now - t0 > FLUSH_S / 2 and step > 1:
-                step //= 2
-            t0 = now
+            step = max(1, int(FLUSH_S / 2 * done / max(now - start, 1e-9)))
+        out.extend(it)  # the last results travel as the task's own result

@@ -108,11 +108,11 @@ def _run_chunk(func: Callable, chunk: list, star: bool, fine: bool = False) -> t
     out: list = []
     rt = _worker.current()
     try:
-        stream = _chunks.Stream.of(rt, fine, len(chunk))
+        stream = _chunks.Stream.of(rt, fine)
         if stream is None:
             out.extend(_calls(func, chunk, star))  # keeps the results before a failure
         else:
-            stream.run(_calls(func, chunk, star), out)
+            stream.run(func, chunk, star, out)
     except Exception as exc:  # noqa: BLE001 - reported at the failing item
         return out, _serialize.wire_exception(exc, rt.where)
     return out, None

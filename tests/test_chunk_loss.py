@@ -193,3 +193,59 @@ def test_plan_of_a_chunk_whose_item_failed_keeps_the_items_before_it():
     ch.lineage.charges = [(8, 10), (8, 10)]
     pieces, failed = _chunks.plan(ch, 20, True, max_attempts=3, size=1)
     assert failed == 8 and pieces == [(7, 8, False)]
+
+
+class _Runtime:
+    """What a Stream needs of a worker: where it reports to."""
+
+    def __init__(self) -> None:
+        self.reports: list[list] = []
+        self.polls = 0
+
+    def send_partial(self, owner, tid, values) -> None:
+        assert (owner, tid) == (1, 7)
+        self.reports.append(values)
+
+    def poll_messages(self) -> None:
+        self.polls += 1
+
+
+def _slow(x):
+    import time
+
+    time.sleep(0.01)
+    if x == "boom":
+        raise ValueError(x)
+    return x * 2
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_stream_reports_finished_results_and_returns_the_rest(fine):
+    rt = _Runtime()
+    out: list = []
+    n = 12 if fine else 30
+    _chunks.Stream(rt, 1, 7, fine).run(_slow, list(range(n)), False, out)
+    reported = [v for r in rt.reports for v in r]
+    assert reported + out == [x * 2 for x in range(n)]
+    if fine:  # a report after every item but the last
+        assert [len(r) for r in rt.reports] == [1] * (n - 1) and out == [n * 2 - 2]
+    else:  # 300 ms of 10 ms items: reports at least every FLUSH_S (how many: timing)
+        assert rt.reports
+
+
+def test_stream_of_tiny_items_reports_nothing_and_a_failure_keeps_the_rest():
+    rt = _Runtime()
+    out: list = []
+    _chunks.Stream(rt, 1, 7, False).run(abs, list(range(-50_000, 0)), False, out)
+    assert rt.reports == [] and out == list(range(50_000, 0, -1))
+    out = []
+    with pytest.raises(ValueError):
+        _chunks.Stream(rt, 1, 7, True).run(_slow, [1, 2, "boom", 4], False, out)
+    assert [v for r in rt.reports for v in r] + out == [2, 4]
+
+
+def test_stream_of_a_local_chunk_takes_in_messages_instead_of_reporting():
+    rt = _Runtime()
+    out: list = []
+    _chunks.Stream(rt, None, 0, False).run(_slow, list(range(20)), False, out)
+    assert out == [x * 2 for x in range(20)] and rt.reports == [] and rt.polls >= 1
