@@ -27,6 +27,12 @@ worker is on standby: then each gets one group to run anyway, so the job never s
 *Routing.* A RESULTS message carries one parcel per owner; each is forwarded to its owner
 untouched. Finished groups listed in it are dropped from the sender's held set.
 
+*Worker loss.* The groups a dead worker held go back first in line; only the one it was
+running (its oldest unfinished group: a worker starts its groups in the order it got
+them) is charged an attempt. Groups of map chunks (tag bit RESUMABLE) are not queued
+again: their owner is told (LOST) and sends back what they had not finished, in pieces,
+charging the items that were running (``scoop._chunks``).
+
 The broker runs its loop in a thread (:meth:`Broker.start`) or the caller's thread
 (:meth:`Broker.run`); :meth:`Broker.stop` may be called from any thread.
 """
@@ -50,9 +56,12 @@ BROKER_ID = 0xFFFFFFFF  # the broker's sender id in message headers
 # elsewhere. Pings come every second, even while the worker runs a long task, so this
 # only has to ride out a stalled machine or a network hiccup.
 WORKER_SILENCE_S = 5.0
-# A task group whose worker dies is queued again this many times at most; then its tasks
-# fail with WorkerLostError, so a task that kills every worker cannot take the job down.
+# A task group whose worker dies running it is queued again this many times at most; then
+# its tasks fail with WorkerLostError, so a task that kills every worker cannot take the
+# job down. A group also fails once this many times as many workers died merely holding
+# it (a bound even if the one that ran it was mistaken for another).
 MAX_ATTEMPTS = 3
+HELD_FACTOR = 2
 # While some of the job's workers have not joined yet, the broker gives them this long
 # before it has workers that wait with a deadline run work anyway (see _dispatch_to_standby).
 STANDBY_GRACE_S = 2.0
@@ -115,7 +124,8 @@ class Broker:
         self.by_wid: dict[int, _Peer] = {}
         self.queue: deque[P.Parcel] = deque()  # parcels: tag=fid, peer=owner
         self.consts: list[P.Parcel] = []
-        self.losses: dict[tuple[int, int], int] = {}  # (owner, fid) -> workers lost on it
+        # (owner, fid) -> (workers lost running it, workers lost holding it)
+        self.losses: dict[tuple[int, int], tuple[int, int]] = {}
         self.last_ping: dict[int, float] = {}  # wid -> when its watchdog last pinged
         self.seen: set[int] = set()  # ids of the workers that joined or were lost
         self._all_standby_since: float | None = None
@@ -190,6 +200,7 @@ class Broker:
                     cmd = self._ctl.recv()
                     if cmd.startswith(b"lost "):
                         _, wid, how = cmd.decode().split(" ", 2)
+                        self._drain()  # what it sent before it died counts (done, results)
                         self.handle_lost(int(wid), how)
                         self.dispatch()
                         continue
@@ -301,7 +312,8 @@ class Broker:
         self.by_wid[wid] = peer
         self.seen.add(wid)
         log.debug("broker: worker %d joined (pid %s on %s)", wid, peer.pid, peer.host)
-        self._send(peer, P.WELCOME, parcels=self.consts, body={"size": self.size})
+        self._send(peer, P.WELCOME, parcels=self.consts,
+                   body={"size": self.size, "max_attempts": self.max_attempts})
 
     def handle_tasks(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         for parcel in msg.parcels:
@@ -394,36 +406,49 @@ class Broker:
         self.dispatch()
 
     def handle_lost(self, wid: int, how: str) -> None:
-        """Queue again (first in line) what a dead worker held; fail what keeps killing."""
+        """Queue again (first in line) what a dead worker held; fail what keeps killing;
+        tell the owners of map chunks, which resume them."""
         self.seen.add(wid)
         peer = self.by_wid.pop(wid, None)
         if peer is None or self.stopping:
             return
         self.peers.pop(peer.ident, None)
         self.last_ping.pop(wid, None)
+        running = next(iter(peer.held), None)  # its oldest unfinished group
         requeued = []
+        chunks: dict[int, list] = {}  # owner -> [[running, tids], ...]
         for key, parcel in peer.held.items():
-            self.losses[key] = attempts = self.losses.get(key, 0) + 1
-            if attempts < self.max_attempts:
+            if parcel.tag & P.RESUMABLE:
+                chunks.setdefault(parcel.peer, []).append(
+                    [int(key == running), _tids(parcel).tolist()])
+                continue
+            ran, held = self.losses.get(key, (0, 0))
+            self.losses[key] = (ran, held) = (ran + (key == running), held + 1)
+            if ran < self.max_attempts and held < HELD_FACTOR * self.max_attempts:
                 requeued.append(parcel)
             else:
-                self._fail_group(parcel, attempts, how)
+                self._fail_group(parcel, ran, held, how)
         self.queue.extendleft(reversed(requeued))
+        for owner_wid, groups in chunks.items():
+            owner = self.by_wid.get(owner_wid)
+            if owner is not None:
+                self._send(owner, P.LOST, body={"how": how, "groups": groups})
         log.warning("broker: worker %d (pid %s on %s) is gone (%s); %d task group(s) it "
-                    "held will run again", wid, peer.pid, peer.host, how, len(requeued))
+                    "held will run again", wid, peer.pid, peer.host, how,
+                    len(requeued) + sum(len(g) for g in chunks.values()))
 
-    def _fail_group(self, parcel: P.Parcel, attempts: int, how: str) -> None:
-        from array import array
-
+    def _fail_group(self, parcel: P.Parcel, ran: int, held: int, how: str) -> None:
         from . import _serialize
         from ._errors import WorkerLostError
 
         owner = self.by_wid.get(parcel.peer)
         if owner is None:
             return
-        tids = array("Q")
-        tids.frombytes(bytes(getattr(parcel.frames[0], "buffer", parcel.frames[0])))
-        err = WorkerLostError(f"{attempts} workers died running this task (the last: {how})")
+        tids = _tids(parcel)
+        what = f"{ran} workers died running this task"
+        if held > ran:
+            what += f" ({held} holding it)"
+        err = WorkerLostError(f"{what} (the last: {how})")
         # The broker pickles its own error objects; it still never unpickles user data.
         frames = _serialize.dumps([(tid, False, err) for tid in tids])
         self._send(owner, P.RESULTS, parcels=[self.codec.parcel(frames, peer=owner.wid)])
@@ -471,3 +496,10 @@ class Broker:
                 self._send(peer, P.TASKS, arg=1, parcels=[parcel])
 
 
+def _tids(parcel: P.Parcel):
+    """The task ids of a task group: its first frame (scoop's own, not user data)."""
+    from array import array
+
+    tids = array("Q")
+    tids.frombytes(bytes(getattr(parcel.frames[0], "buffer", parcel.frames[0])))
+    return tids

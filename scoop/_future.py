@@ -27,7 +27,7 @@ class Future:
     """
 
     __slots__ = ("_id", "_state", "_result", "_exception", "_callbacks", "_waiters",
-                 "_call", "_weight", "_runtime", "__weakref__")
+                 "_call", "_weight", "_runtime", "_chunk", "__weakref__")
 
     def __init__(self, runtime, fid: int, call: tuple, weight: int = 1) -> None:
         self._id = fid
@@ -39,6 +39,7 @@ class Future:
         self._call = call  # (fn, args, kwargs) until shipped or run
         self._weight = weight  # items of work it stands for (a map chunk is several)
         self._runtime = runtime
+        self._chunk = None  # a map chunk's state at its owner (scoop._chunks.Chunk)
 
     def __repr__(self) -> str:
         fn = self._call[0] if self._call else None

@@ -23,6 +23,9 @@ Frames of one message (the broker's ROUTER socket sees the peer's routing id fir
     refuses longer frames before reading them (``_transport``). The broker forwards the
     pieces as they came; a worker joins them.
 
+A task group's ``tag`` (its fid) with bit :data:`RESUMABLE` set holds only map chunks whose
+owner keeps their items and resumes them itself after a worker loss (``LOST``).
+
 A *parcel* is pickled user data: a group of tasks, a batch of results, or shared
 constants. It is one pickle frame followed by its out-of-band buffers (pickle protocol
 5), so a large array travels as its own frame without being copied into the pickle. Its
@@ -44,7 +47,12 @@ Messages (w: worker, b: broker)::
     WITHDRAW w->b  the sender's credit drops to 0 (its program runs; it takes no work);
                    arg=1: it waits with a deadline (standby: work only if no one else can)
     RETURN   w->b  parcels (tag=fid, peer=owner): unstarted tasks handed back, to be
-                   queued first (the sender waits with a deadline and will not run them)
+                   queued first (the sender waits with a deadline and will not run them);
+                   also the pieces an owner cut from the map chunks of a dead worker
+    LOST     b->w  body {how, groups: [[running, [tid...]], ...]}: the receiver's map-chunk
+                   groups (tag bit RESUMABLE) that a dead worker held; running: it was the
+                   group that worker was running. The owner sends their unfinished items
+                   back itself (see scoop._chunks); the broker does not queue them again
     RESULTS  w->b  parcels (peer=owner): results for that owner; done: finished groups;
                    arg=n: as READY n (a credit request riding along)
              b->w  parcels: results of the receiver's futures
@@ -69,8 +77,9 @@ import struct
 import time
 from collections.abc import Sequence
 
-VERSION = 2
+VERSION = 3
 ANY_WORKER = 0xFFFFFFFE  # the sender id of a JOIN: the worker has no id yet
+RESUMABLE = 1 << 62  # tag bit of a group of map chunks that its owner resumes (LOST)
 
 HELLO = b"H"
 WELCOME = b"W"
@@ -78,6 +87,7 @@ REFUSED = b"X"
 TASKS = b"T"
 READY = b"R"
 RETURN = b"U"
+LOST = b"L"
 WITHDRAW = b"N"
 RESULTS = b"D"
 CONST = b"C"

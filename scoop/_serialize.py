@@ -423,11 +423,13 @@ def call_name(fn, args) -> str:
 
 def unpicklable_result_error(fn, args, value) -> SerializationError:
     """Name the function and the part of its result that cannot be pickled."""
-    found = None
+    found = results = None
     if getattr(fn, "returns_chunk_results", False) and isinstance(value, tuple) and value:
-        # A chunk's (results, error): name the map's own result, not the chunk's list.
-        for result in value[0]:
-            found = found or find_unpicklable(result)
+        results = value[0]  # a chunk's (results, error)
+    elif getattr(fn, "returns_result_list", False) and isinstance(value, list):
+        results = value  # results a chunk sent ahead
+    for result in results or ():  # name the map's own result, not the chunk's list
+        found = found or find_unpicklable(result)
     path, part, error = found or find_unpicklable(value) or ("result", value, "")
     return SerializationError(
         f"{call_name(fn, args)}() returned a result that cannot be pickled to send it "

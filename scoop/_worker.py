@@ -53,8 +53,8 @@ from typing import TYPE_CHECKING
 
 from greenlet import GreenletExit, getcurrent, greenlet
 
+from . import _chunks, _serialize
 from . import _protocol as P
-from . import _serialize
 from ._errors import (
     BrokenJobError,
     JobStopped,
@@ -102,6 +102,8 @@ IDLE_POLL_MS = 250
 MAX_DRAIN = 256
 
 _TIDS = "Q"  # array typecode of the task-id frame that opens every task parcel
+# Workers that may die running a task before it fails (the broker's WELCOME says the job's).
+MAX_ATTEMPTS = 3
 
 
 class _Group:
@@ -174,6 +176,8 @@ class Worker:
         self.consts: dict[str, object] = {}
         self.const_waiters: list[_Waiter] = []
         self.credit_out = 0
+        self.max_attempts = MAX_ATTEMPTS
+        self.running_entry = None  # (group, tid, call) of the task started last
         # Estimated run time of one task slice; starts pessimistic (no prefetch) and rises
         # at once on a slow slice, decays slowly on fast ones.
         self.avg_slice_s = PREFETCH_BACKLOG_S
@@ -197,6 +201,7 @@ class Worker:
             P.RESULTS: self.handle_results,
             P.CONST: self.handle_const,
             P.STOP: self.handle_stop,
+            P.LOST: self.handle_lost,
         }
         self.main = getcurrent()
         self.hub = greenlet(self._hub_loop, parent=self.main)
@@ -204,14 +209,17 @@ class Worker:
     # ==================================================================================
     # API side: submit, wait, cancel (called from program and task greenlets)
     # ==================================================================================
-    def submit(self, fn, args: tuple, kwargs: dict, weight: int = 1) -> Future:
-        """Queue ``fn(*args, **kwargs)`` in the outbox and return its Future."""
+    def submit(self, fn, args: tuple, kwargs: dict, weight: int = 1,
+               chunk: _chunks.Chunk | None = None) -> Future:
+        """Queue ``fn(*args, **kwargs)`` in the outbox and return its Future (``chunk``:
+        a map chunk's state; its owner then resumes it after a worker loss)."""
         if self.submit_hook is not None:
             self.submit_hook()
         self._check_usable()
         if self.closed:
             raise RuntimeError("cannot submit new futures after futures.shutdown()")
         fut = Future(self, next(self._ids), (fn, args, kwargs), weight)
+        fut._chunk = chunk
         self.outbox[fut._id] = fut
         if len(self.outbox) >= OUTBOX_MAX:
             self.ship()
@@ -330,9 +338,13 @@ class Worker:
     # ==================================================================================
     # Completion
     # ==================================================================================
+    def new_id(self) -> int:
+        return next(self._ids)
+
     def _run_inline(self, fut: Future) -> None:
         fn, args, kwargs = fut._call
         fut._state = RUNNING
+        self.running_entry = None
         self._inline_depth += 1
         try:
             value = fn(*args, **kwargs)
@@ -407,8 +419,10 @@ class Worker:
         i, n = 0, len(futs)
         while i < n:
             target = min(MAX_GROUP_WEIGHT, -(-remaining // (GROUP_SPLIT * self.size)))
-            j, weight = i, 0
-            while j < n and (j == i or weight + futs[j]._weight <= target):
+            j, weight, plain = i, 0, futs[i]._chunk is None
+            # map chunks never share a group with other futures (see scoop._chunks)
+            while j < n and (j == i or (weight + futs[j]._weight <= target
+                                        and (futs[j]._chunk is None) == plain)):
                 weight += futs[j]._weight
                 j += 1
             remaining -= weight
@@ -433,6 +447,8 @@ class Worker:
             frames = _serialize.dumps([f._call for f in futs])
         tids = array(_TIDS, [f._id for f in futs]).tobytes()
         self.away.update(f._id for f in futs)
+        if futs[0]._chunk is not None:  # map chunks: kept, to be resumed if they are lost
+            return self.codec.parcel([tids, *frames], tag=next(self._fids) | P.RESUMABLE)
         for f in futs:
             f._call = (f._call[0], (), {})  # keep the function for repr, drop the data
         return self.codec.parcel([tids, *frames], tag=next(self._fids))
@@ -500,6 +516,7 @@ class Worker:
 
     def _execute(self, entry) -> None:
         group, tid, (fn, args, kwargs) = entry
+        self.running_entry = entry  # a map chunk streams its results to group.owner
         try:
             value = fn(*args, **kwargs)
             ok = True
@@ -697,6 +714,9 @@ class Worker:
                 # Part of the group runs here (or it never came from the broker): the rest
                 # travels as a group of its own, so that the broker keeps tracking both.
                 tag = (1 << 63) | (self.wid << 32) | next(self._returned)
+                if group.fid & P.RESUMABLE or (not group.fid and getattr(
+                        self.pending.get(items[0][0]), "_chunk", None) is not None):
+                    tag |= P.RESUMABLE  # map chunks (kept here, or sent as such)
             else:
                 tag = group.fid  # the whole group goes back: the broker drops our hold
             group.remaining -= len(items)
@@ -725,6 +745,10 @@ class Worker:
                 fut = pending.get(tid)
                 if fut is None:
                     continue  # a duplicate or late result
+                if fut._chunk is not None and i not in broken:
+                    value = self._chunk_result(fut._chunk, ok, value)
+                    if value is _SKIP:
+                        continue
                 if i in broken:
                     what = "the result of" if ok else "the exception raised by"
                     ok, value = False, self._unpickling_error(
@@ -732,6 +756,48 @@ class Worker:
                 elif isinstance(value, WorkerLostError) and fut._call:
                     value = WorkerLostError(f"{_call_name(fut)}(): {value}")
                 self._complete(fut, ok, value)
+
+    @staticmethod
+    def _chunk_result(ch: _chunks.Chunk, ok, value):
+        """A map chunk's result entry: partial results are kept (_SKIP), the final one
+        joins them; those of a chunk already cut into pieces are dropped."""
+        if ch.resumed:
+            return _SKIP
+        if ok == _chunks.PARTIAL:
+            ch.add(value)
+            return _SKIP
+        if ok and ch.parts:
+            return ch.parts + value[0], value[1]
+        return value
+
+    def handle_lost(self, msg: P.Message) -> None:
+        """A worker died holding map chunks of this worker's: run what they had not
+        finished again, in pieces, first in line (see scoop._chunks)."""
+        body = msg.body or {}
+        how = str(body.get("how", "?"))
+        subs: list[Future] = []
+        for running, tids in body.get("groups", ()):
+            first = bool(running)  # its first unfinished chunk is the one that ran
+            for tid in tids:
+                fut = self.pending.get(tid)
+                ch = fut._chunk if fut is not None else None
+                if ch is None or ch.resumed:
+                    continue
+                if ch.parent is not None and ch.parent._state >= FINISHED:
+                    self._complete(fut, True, ([], None))  # nobody needs it any more
+                    continue
+                subs += _chunks.resume(self, fut, first or bool(ch.parts), how)
+                first = False
+        if not subs:
+            return
+        for sub in subs:
+            sub._state = RUNNING
+            self.pending[sub._id] = sub
+        parcels = [p for group in self._guided_groups(subs)
+                   if (p := self._pack_group(group)) is not None]
+        for parcel in parcels:
+            parcel.peer = self.wid
+        self._send(P.RETURN, parcels=parcels)
 
     def _unpickling_error(self, what: str, exc: BaseException) -> SerializationError:
         hint = (" (is that module importable on this worker's host, from its sys.path?)"
@@ -827,6 +893,7 @@ class Worker:
                 raise JobOver("the job ended before this worker joined")
             if msg.kind == P.WELCOME:
                 self.size = int(msg.body.get("size", self.size))
+                self.max_attempts = int(msg.body.get("max_attempts", self.max_attempts))
                 self.handle_const(msg)
                 return msg.body
             log.debug("worker %d: %r before WELCOME, dropped", self.wid, msg)
@@ -882,6 +949,29 @@ class Worker:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
+
+
+    def poll_messages(self) -> None:
+        """Take in what has arrived from the broker, from inside a long task."""
+        if self.sock is not None:
+            self._poll(0)
+
+    def send_partial(self, owner: int, tid: int, values: list, func=None) -> None:
+        """Send finished results of a map chunk that is still running to its owner
+        (``func``, the mapped function, names it if a result cannot be pickled)."""
+        self._send(P.RESULTS, parcels=[self._pack_results(
+            owner, [(tid, _chunks.PARTIAL, values, _list_of_results, (func,))])])
+
+
+def _list_of_results(func):
+    """Stands for the call of a partial result (a list of ``func``'s results) when one of
+    them cannot be pickled: the error names ``func`` and the result."""
+
+
+_list_of_results.maps_first_argument = _list_of_results.returns_result_list = True
+
+
+_SKIP = object()  # a result entry that completes no future
 
 
 class _Unloaded:

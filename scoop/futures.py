@@ -29,7 +29,7 @@ from concurrent.futures import (
 )
 from typing import Any, NamedTuple
 
-from . import _serialize, _worker
+from . import _chunks, _serialize, _worker
 from ._errors import (
     BrokenJobError,
     CancelledError,
@@ -83,7 +83,7 @@ def submit(func: Callable, *args: Any, **kwargs: Any) -> Future:
 MIN_CHUNK_SPLIT = 64
 
 
-def _chunks(items: list, chunksize: int | None, size: int) -> Iterator[list]:
+def _cut(items: list, chunksize: int | None, size: int) -> Iterator[list]:
     n, i = len(items), 0
     smallest = max(1, n // (MIN_CHUNK_SPLIT * size))
     while i < n:
@@ -97,17 +97,24 @@ def _calls(func: Callable, chunk: list, star: bool) -> Iterator:
     return itertools.starmap(func, chunk) if star else _builtin_map(func, chunk)
 
 
-def _run_chunk(func: Callable, chunk: list, star: bool) -> tuple[list, Any]:
+def _run_chunk(func: Callable, chunk: list, star: bool, fine: bool = False) -> tuple[list, Any]:
     """Apply ``func`` to a chunk; stop at the first exception.
 
     Returns (results so far, None) or (results before the failure, the wire exception),
-    so the caller can yield the good results before raising.
+    so the caller can yield the good results before raising. A chunk run for another
+    worker reports its results as it goes (after every item if ``fine``); it returns
+    only those not reported yet (see :mod:`scoop._chunks`).
     """
     out: list = []
+    rt = _worker.current()
     try:
-        out.extend(_calls(func, chunk, star))  # keeps the results before a failure
+        stream = _chunks.Stream.of(rt, fine)
+        if stream is None:
+            out.extend(_calls(func, chunk, star))  # keeps the results before a failure
+        else:
+            stream.run(func, chunk, star, out)
     except Exception as exc:  # noqa: BLE001 - reported at the failing item
-        return out, _serialize.wire_exception(exc, _worker.current().where)
+        return out, _serialize.wire_exception(exc, rt.where)
     return out, None
 
 
@@ -129,14 +136,22 @@ def _warn_unknown(name: str, kwargs: dict) -> None:
 
 
 def _submit_chunks(runner: Callable, prefix: tuple, iterables, chunksize) -> list[Future]:
-    """Submit ``runner(*prefix, chunk)`` for chunks of the zipped iterables; ship them."""
+    """Submit ``runner(*prefix, chunk)`` for chunks of the zipped iterables; ship them.
+
+    Chunks of ``_run_chunk`` (map) survive a worker's death item by item (``_chunks``).
+    """
     if chunksize is not None and chunksize < 1:
         raise ValueError("chunksize must be >= 1")
     rt = _worker.current()
     star = len(iterables) != 1
     items = list(zip(*iterables)) if star else list(iterables[0])
-    futs = [rt.submit(runner, (*prefix, chunk, star), {}, weight=len(chunk))
-            for chunk in _chunks(items, chunksize, rt.size)]
+    resumable = runner is _run_chunk
+    futs = []
+    base = 0
+    for chunk in _cut(items, chunksize, rt.size):
+        state = _chunks.Chunk(base) if resumable else None
+        futs.append(rt.submit(runner, (*prefix, chunk, star), {}, len(chunk), state))
+        base += len(chunk)
     rt.ship(keep_first=True)  # work starts now, before the caller iterates
     return futs
 

@@ -182,3 +182,37 @@ def test_every_worker_in_a_timed_wait_does_not_stall_the_job(tmp_path):
     out = run_scoop("-n", "3", prog)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_group_merely_queued_on_a_killed_worker_is_not_charged(tmp_path):
+    """Only the group a worker was running counts as an attempt when it dies: with
+    --max-attempts 1, the running task fails, the one queued behind it runs elsewhere."""
+    mark = tmp_path / "running"
+    prog = write_program(tmp_path, f"""
+        import os, signal, threading, time
+        from scoop import futures
+        MARK = {str(mark)!r}
+        def long_task():
+            with open(MARK, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(30)
+        def quick(i):
+            return i
+        def killer():
+            while not (os.path.exists(MARK) and open(MARK).read()):
+                time.sleep(0.01)
+            time.sleep(0.3)
+            os.kill(int(open(MARK).read()), signal.SIGKILL)
+        if __name__ == "__main__":
+            # the root runs nothing (timed waits): worker 1 runs these, then prefetches
+            futures.wait([futures.submit(quick, i) for i in range(300)], timeout=60)
+            threading.Thread(target=killer, daemon=True).start()
+            a, b = futures.submit(long_task), futures.submit(quick, -1)
+            futures.wait([a, b], timeout=60)
+            print(type(a.exception()).__name__, b.result())
+    """)
+    out = run_scoop("-n", "2", "--max-attempts", "1", prog)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "WorkerLostError -1"
+    # b was queued on the killed worker (else this test proves nothing)
+    assert "1 task group(s) it held will run again" in out.stderr, out.stderr
