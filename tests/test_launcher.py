@@ -66,12 +66,11 @@ def test_missing_program(tmp_path):
 
 def test_syntax_error_reported_before_starting(tmp_path):
     prog = write_program(tmp_path, "def broken(:\n    pass\n")
-    t0 = time.monotonic()
-    out = run_scoop("-n", "2", prog)
+    out = run_scoop("-vv", "-n", "2", prog)
     assert out.returncode == 1
     assert "syntax error" in out.stderr and "line 1" in out.stderr
     assert "Traceback" not in out.stderr
-    assert time.monotonic() - t0 < 10
+    assert "started worker" not in out.stderr, out.stderr  # before anything starts
 
 
 def test_module_imported_on_every_worker_main_block_once(tmp_path):
@@ -173,13 +172,12 @@ def test_signal_stops_everything(tmp_path, sig, status, word):
     assert proc.stdout.readline().strip() == "started"
     time.sleep(0.3)
     assert len(marked_processes({proc.pid})) >= 3
-    t0 = time.monotonic()
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == status
-    assert time.monotonic() - t0 < 8
+    # the job would spin for 60 s: ending within this timeout is the signal's doing
+    out, err = proc.communicate(timeout=40)
+    assert proc.returncode == status, err
     assert word in err and "Traceback" not in err
-    assert not wait_no_processes(timeout=5)
+    assert not wait_no_processes(timeout=10)
 
 
 def test_killed_launcher_leaves_no_worker(tmp_path):
