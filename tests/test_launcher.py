@@ -263,11 +263,14 @@ def test_log_file_and_verbosity(tmp_path):
 
 
 def test_scoop_console_script(tmp_path):
-    import shutil
+    import sysconfig
 
-    exe = shutil.which("scoop")
-    if exe is None:
-        pytest.skip("the scoop console script is not on PATH (package not installed)")
+    # The script of the interpreter running the tests, not the first "scoop" on PATH: that
+    # may be another installation's (a pyenv shim, another venv or checkout), whose
+    # launcher then starts workers that import this tree's scoop.
+    exe = os.path.join(sysconfig.get_path("scripts"), "scoop")
+    if not os.access(exe, os.X_OK):
+        pytest.skip(f"no scoop console script at {exe} (package not installed here)")
     prog = write_program(tmp_path, """
         import sys
         from scoop import futures
