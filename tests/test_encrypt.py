@@ -88,7 +88,20 @@ def _answered(sock: zmq.Socket, timeout_ms: int) -> bool:
     return bool(sock.poll(timeout_ms))
 
 
+def _refused_after(broker: Broker, before: int, timeout: float = 20) -> bool:
+    """Whether the broker's gate counts a refusal beyond ``before`` within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while broker.gate.refused <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return broker.gate.refused > before
+
+
 def test_encrypted_broker_lets_in_only_the_jobs_key_pair(caplog):
+    """Behaviour, one client at a time: the job's key pair is welcomed; a stranger's key
+    pair (even with the server's public key and the job key) and the job's PLAIN token
+    get no answer, and the broker counts each refusal. Which ZeroMQ handshake event a
+    mechanism mismatch raises varies between runs, so no log wording is asserted beyond
+    which of the broker's two checks refused it."""
     creds = Credentials.new(encrypt=True)
     worker_creds = Credentials.from_config(creds.for_worker())
     assert "server_secret" not in worker_creds.curve  # workers never get the server's secret
@@ -98,24 +111,30 @@ def test_encrypted_broker_lets_in_only_the_jobs_key_pair(caplog):
         with caplog.at_level("WARNING", logger="scoop"):
             good = worker_creds.connect(ctx, b"w1", broker.address)
             good.send_multipart(_hello(P.Codec(creds.key, 1), 1))
-            assert _answered(good, 5000), "the job's own key pair was not let in"
+            assert _answered(good, 10000), "the job's own key pair was not let in"
             assert P.Codec(creds.key, 0).decode(good.recv_multipart()).kind == P.WELCOME
 
-            # someone else's key pair, even knowing the server's public key and job key
+            # someone else's key pair, even knowing the server's public key and job key:
+            # refused by the credentials check (ZAP)
             other = Credentials.new(encrypt=True).curve
             stranger = Credentials(creds.key, {**other, "server_public":
                                                creds.curve["server_public"]})
-            s1 = stranger.connect(ctx, b"w1", broker.address)
+            before = broker.gate.refused
+            s1 = stranger.connect(ctx, b"w2", broker.address)
             s1.send_multipart(_hello(P.Codec(creds.key, 1), 1))
-            # the PLAIN token of the job: not accepted by an encrypted broker
-            s2 = Credentials(creds.key).connect(ctx, b"w1", broker.address)
+            assert _refused_after(broker, before), "a stranger's key pair was not refused"
+            assert not _answered(s1, 200), "a stranger's key pair got an answer"
+            s1.close(0)
+            assert any("wrong CURVE credentials" in r.getMessage() for r in caplog.records)
+
+            # the PLAIN token of the job: an encrypted broker fails its handshake
+            before = broker.gate.refused
+            s2 = Credentials(creds.key).connect(ctx, b"w3", broker.address)
             s2.send_multipart(_hello(P.Codec(creds.key, 1), 1))
-            assert not _answered(s1, 1000) and not _answered(s2, 100)
-            deadline = time.monotonic() + 10
-            while broker.gate.refused < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-        assert "wrong CURVE credentials" in caplog.text
-        assert "failed the ZeroMQ handshake" in caplog.text
+            assert _refused_after(broker, before), "a PLAIN client was not refused"
+            assert not _answered(s2, 200), "a PLAIN client got an answer"
+            s2.close(0)
+            assert any("refused a connection" in r.getMessage() for r in caplog.records)
     finally:
         broker.stop()
         ctx.destroy(linger=0)

@@ -29,6 +29,22 @@ UNTIL_ALL_SEEN = """
 """
 
 
+def read_job_file(job_file, launcher: subprocess.Popen, timeout: float = 30) -> dict:
+    """The job file's content, once it is complete: it may exist before it is fully
+    written, so it is read until it parses, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return json.loads(job_file.read_text())
+        except (OSError, ValueError) as exc:  # absent, empty or half written
+            if launcher.poll() is not None:
+                why = (f"the launcher exited ({launcher.returncode}) before its job file "
+                       f"was complete: {launcher.stderr.read()}")
+                raise AssertionError(why) from exc
+            assert time.monotonic() < deadline, f"no complete job file: {exc}"
+            time.sleep(0.02)
+
+
 def test_workers_started_by_another_launcher_join(tmp_path):
     job_file = tmp_path / "job.json"
     prog = write_program(tmp_path, UNTIL_ALL_SEEN)
@@ -38,12 +54,8 @@ def test_workers_started_by_another_launcher_join(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     joiners = []
     try:
-        deadline = time.monotonic() + 20
-        while not job_file.exists():
-            assert time.monotonic() < deadline, "no job file"
-            time.sleep(0.02)
+        key = read_job_file(job_file, launcher)["key"]
         assert stat.S_IMODE(job_file.stat().st_mode) == 0o600
-        key = json.loads(job_file.read_text())["key"]
         # the test is "any launcher": it starts two workers itself
         joiners = [subprocess.Popen([sys.executable, "-m", "scoop.join", str(job_file)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -41,6 +41,11 @@ One user per prefix at a time: ``up`` takes a lock (/tmp/.scoop-testhosts-PREFIX
 that ``down`` releases; a fresh ``up`` first removes whatever a crashed run of the same
 prefix left behind. Only names of its own prefix are ever touched.
 
+Several test sessions on one machine (developers and CI sharing it) each take a free
+*slot* with :func:`claim`: slot 0 is prefix ``sct`` on 10.213.77.0/24 (and ``sctx`` on
+10.213.78.0/24 for a second set, see :func:`slot`), slot k > 0 prefix ``sct`` + a letter
+on 10.213.(77 + 2k).0/24. So concurrent sessions never wait for each other's hosts.
+
 Timings on the development VM (2 vCPU AMD EPYC, kernel 6.18, OpenSSH 9.2), 8 rounds:
 up(3) 0.12-0.17 s (namespaces and links ~0.10 s, 3 sshd started and answering ~0.04 s),
 down() 0.13-0.19 s, an ssh round trip ("true") 0.20-0.25 s, crash() plus the repairing
@@ -208,6 +213,37 @@ def _check_supported() -> str | None:
     return None
 
 
+SLOTS = 8
+
+
+def slot(k: int) -> tuple[str, str, str, str]:
+    """(prefix, net, spare prefix, spare net) of slot ``k``: the spare pair is for a
+    second set of hosts of the same session (free whenever the slot is held)."""
+    if not 0 <= k < SLOTS:
+        raise ValueError(f"0 <= slot < {SLOTS}, got {k}")
+    prefix = DEFAULT_PREFIX + ("" if k == 0 else "abcdefgh"[k - 1])
+    third = int(DEFAULT_NET.rsplit(".", 1)[1]) + 2 * k
+    base = DEFAULT_NET.rsplit(".", 1)[0]
+    return prefix, f"{base}.{third}", prefix + "x", f"{base}.{third + 1}"
+
+
+def claim(lock_timeout: float = 60) -> TestHosts:
+    """A :class:`TestHosts` on the first slot that no other process holds, its lock held
+    already (``up`` keeps it, ``down`` releases it): concurrent test sessions on one
+    machine get separate hosts at once instead of waiting for each other."""
+    for k in range(SLOTS):
+        prefix, net, _, _ = slot(k)
+        th = TestHosts(prefix, net, lock_timeout=0)
+        th.slot = k
+        try:
+            th.lock.acquire()
+        except TimeoutError:
+            continue  # held by another session
+        th.lock.timeout = lock_timeout
+        return th
+    raise RuntimeError(f"all {SLOTS} test host slots are in use by other processes")
+
+
 class TestHosts:
     """Test hosts ``PREFIX1..PREFIXn`` at NET.2..NET.(n+1); the head is NET.1.
 
@@ -239,6 +275,7 @@ class TestHosts:
         self.known_hosts = self.state / "known_hosts"
         self.identity = self.state / "id_ed25519"
         self.n = 0
+        self.slot: int | None = None  # set by claim()
         self.timings: dict[str, float] = {}
         # Held from the first up() to down(): one user of a prefix at a time on this machine.
         self.lock = FileLock(f"/tmp/.scoop-testhosts-{prefix}.lock", lock_timeout)
@@ -472,7 +509,7 @@ class TestHosts:
         if self.state.exists():
             left.append(f"state dir {self.state}")
         left += [f"{_ETC_NETNS}/{name}" for name in self._our_etc_netns()]
-        needle = str(self.state).encode()
+        needle = f"{self.state}/".encode()  # the slash: ".../sct" begins ".../scta"
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -557,8 +594,7 @@ class TestHosts:
         (self.state / "hostkeys").mkdir(exist_ok=True)
         os.chmod(self.state, 0o700)
         if new:  # what we create outside the state dir, so down() removes only that
-            for marker, path in ((".created-run-sshd", "/run/sshd"),
-                                 (".created-run-netns", _NETNS_DIR),
+            for marker, path in ((".created-run-netns", _NETNS_DIR),
                                  (".created-etc-netns", _ETC_NETNS)):
                 if not os.path.exists(path):
                     (self.state / marker).touch()
@@ -779,7 +815,7 @@ class TestHosts:
 
         s = self.state
         created = {m: (s / m).exists() for m in
-                   (".created-run-sshd", ".created-run-netns", ".created-etc-netns")}
+                   (".created-run-netns", ".created-etc-netns")}
         ip = _which("ip")
         hosts = self._our_hosts()
         # 1. processes: everything inside our namespaces (sshd, sessions, remote commands)
@@ -813,11 +849,8 @@ class TestHosts:
         shutil.rmtree(s, ignore_errors=True)
         if s.exists():
             errors.append(f"could not remove {s}")
-        if created[".created-run-sshd"]:
-            try:
-                os.rmdir("/run/sshd")
-            except OSError:
-                pass
+        # /run/sshd stays: every sshd (other sessions' test hosts too) needs it at each
+        # connection, and removing it under them breaks their ssh.
         if created[".created-run-netns"] and os.path.isdir(_NETNS_DIR) \
                 and not os.listdir(_NETNS_DIR):
             _run(_which("umount") or "umount", _NETNS_DIR, check=False)
