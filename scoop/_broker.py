@@ -40,6 +40,7 @@ The broker runs its loop in a thread (:meth:`Broker.start`) or the caller's thre
 from __future__ import annotations
 
 import logging
+import queue as _queue
 import threading
 import time
 from collections import deque
@@ -65,6 +66,9 @@ HELD_FACTOR = 2
 # While some of the job's workers have not joined yet, the broker gives them this long
 # before it has workers that wait with a deadline run work anyway (see _dispatch_to_standby).
 STANDBY_GRACE_S = 2.0
+# How long a sandbox worker asked of the launcher may take to join before the groups it
+# was for fail after all.
+SANDBOX_JOIN_S = 30.0
 # Misbehaving connections named in the log, one line each; the rest are not logged.
 MAX_LOGGED_PEERS = 32
 
@@ -72,7 +76,8 @@ MAX_LOGGED_PEERS = 32
 class _Peer:
     """What the broker knows of one connected worker."""
 
-    __slots__ = ("wid", "ident", "credit", "standby", "forced", "held", "pid", "host")
+    __slots__ = ("wid", "ident", "credit", "standby", "forced", "held", "pid", "host",
+                 "sandbox")
 
     def __init__(self, wid: int, ident: bytes, pid: int, host: str) -> None:
         self.wid = wid
@@ -85,6 +90,7 @@ class _Peer:
         self.held: dict[tuple[int, int], P.Parcel] = {}
         self.pid = pid
         self.host = host
+        self.sandbox = False  # started to run only groups that may kill it (see _take)
 
 
 class Broker:
@@ -135,6 +141,12 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._bad_peers: set[bytes] = set()
         self._joins_seen: set[int] = set()  # seq of every JOIN answered (see handle_join)
+        # Sandbox workers (see _fail_stranded): how many the launcher may still start
+        # (0: it cannot), the ids it is asked to start them with, those ids.
+        self.sandbox_budget = 0
+        self.sandbox_requests: _queue.SimpleQueue[int] = _queue.SimpleQueue()
+        self._sandbox_wids: set[int] = set()
+        self._sandbox_asked: float | None = None  # when the last one was asked for
         self._handlers = {
             P.HELLO: self.handle_hello,
             P.TASKS: self.handle_tasks,
@@ -194,6 +206,7 @@ class Broker:
                 events = dict(poller.poll(500))
                 if time.monotonic() >= next_check:
                     self._check_silent()
+                    self._fail_stranded("no sandbox worker joined to run it")
                     self.dispatch()
                     next_check = time.monotonic() + 0.5
                 if self._ctl in events:
@@ -308,6 +321,9 @@ class Broker:
                 P.REFUSED, body={"reason": reason})])
             return
         peer = _Peer(wid, ident, body.get("pid", 0), body.get("host", "?"))
+        if wid in self._sandbox_wids:
+            peer.sandbox = True
+            self._sandbox_asked = None
         self.peers[ident] = peer
         self.by_wid[wid] = peer
         self.seen.add(wid)
@@ -363,6 +379,7 @@ class Broker:
             peer.held.pop((parcel.peer, parcel.tag), None)
             peer.forced.discard((parcel.peer, parcel.tag))
             self.queue.appendleft(parcel)  # first in line again
+        self._fail_stranded("a worker died running it or a task sent with it")
 
     def handle_results(self, ident: bytes, peer: _Peer, msg: P.Message) -> None:
         if msg.arg:  # a READY riding along
@@ -422,13 +439,18 @@ class Broker:
                 chunks.setdefault(parcel.peer, []).append(
                     [int(key == running), _tids(parcel).tolist()])
                 continue
-            ran, held = self.losses.get(key, (0, 0))
-            self.losses[key] = (ran, held) = (ran + (key == running), held + 1)
+            ran, held = self.losses.pop(key, (0, 0))
+            ran, held = ran + (key == running), held + 1
+            # Which group killed it is a guess (its last messages may have died with it):
+            # the root runs none of them, nor what is handed back of them.
+            parcel.tag |= P.SUSPECT
+            self.losses[(parcel.peer, parcel.tag)] = (ran, held)
             if ran < self.max_attempts and held < HELD_FACTOR * self.max_attempts:
                 requeued.append(parcel)
             else:
                 self._fail_group(parcel, ran, held, how)
         self.queue.extendleft(reversed(requeued))
+        self._fail_stranded(how)
         for owner_wid, groups in chunks.items():
             owner = self.by_wid.get(owner_wid)
             if owner is not None:
@@ -457,20 +479,72 @@ class Broker:
     def dispatch(self) -> None:
         """Hand queued groups to workers with credit, taking turns."""
         queue = self.queue
-        while queue:
+        sent = True
+        while queue and sent:
             ready = [p for p in self.peers.values() if p.credit > 0]
             if not ready:
                 self._dispatch_to_standby()
                 return
+            sent = False
             for peer in ready:
-                n = min(peer.credit, len(queue))
-                if n == 0:
-                    return
-                parcels = [queue.popleft() for _ in range(n)]
-                peer.credit -= n
+                parcels = self._take(peer, peer.credit)
+                if not parcels:
+                    continue
+                sent = True
+                peer.credit -= len(parcels)
                 for parcel in parcels:
                     peer.held[(parcel.peer, parcel.tag)] = parcel
                 self._send(peer, P.TASKS, parcels=parcels)
+
+    @staticmethod
+    def _suspect(parcel: P.Parcel) -> bool:
+        """Whether a group may kill the worker that runs it: a worker died running it (or,
+        for map chunk pieces, items in it). The root never gets such a group."""
+        return bool(parcel.tag & P.SUSPECT)
+
+    def _take(self, peer: _Peer, n: int) -> list[P.Parcel]:
+        """Up to ``n`` queued groups for ``peer``, first in line first; for the root, only
+        groups that killed no worker; for a sandbox worker, only those."""
+        queue = self.queue
+        if peer.wid != 0 and not peer.sandbox:
+            return [queue.popleft() for _ in range(min(n, len(queue)))]
+        taken = []
+        for parcel in list(queue):
+            if len(taken) == n:
+                break
+            if self._suspect(parcel) == peer.sandbox:
+                taken.append(parcel)
+        for parcel in taken:
+            queue.remove(parcel)
+        return taken
+
+    def _fail_stranded(self, how: str) -> None:
+        """Groups that may have killed a worker, once no worker but the root is left to
+        run them: a sandbox worker the launcher starts runs them (its death ends nothing),
+        or, when it cannot start one (any more), they fail with WorkerLostError and the
+        program goes on."""
+        if (self.stopping or any(wid != 0 for wid in self.by_wid)
+                or len(self.seen) < self.size  # workers still starting will take them
+                or not any(self._suspect(p) for p in self.queue)):
+            return
+        now = time.monotonic()
+        if self._sandbox_asked is not None and now - self._sandbox_asked < SANDBOX_JOIN_S:
+            return  # one is on its way
+        if self.sandbox_budget > 0:
+            self.sandbox_budget -= 1
+            self._sandbox_asked = now
+            wid = max(self.next_free_wid, max(self.seen, default=0) + 1)
+            self.next_free_wid = wid + 1
+            self._sandbox_wids.add(wid)
+            self.sandbox_requests.put(wid)
+            log.info("broker: asked for sandbox worker %d, for tasks that may kill it", wid)
+            return
+        for parcel in [p for p in self.queue if self._suspect(p)]:
+            self.queue.remove(parcel)
+            ran, held = self.losses.get((parcel.peer, parcel.tag), (1, 1))
+            self._fail_group(parcel, max(ran, 1), held, f"{how}; no worker but the root is "
+                             "left to run it, and the root never runs a task that may have "
+                             "killed a worker")
 
     def _dispatch_to_standby(self) -> None:
         """When every worker waits with a deadline, nobody would ever ask for the queued
@@ -489,7 +563,10 @@ class Broker:
             return  # workers still starting will take the work
         for peer in peers:
             if self.queue and not peer.forced:
-                parcel = self.queue.popleft()
+                taken = self._take(peer, 1)
+                if not taken:
+                    continue
+                parcel = taken[0]
                 key = (parcel.peer, parcel.tag)
                 peer.held[key] = parcel
                 peer.forced.add(key)

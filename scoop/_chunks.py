@@ -76,10 +76,10 @@ class Lineage:
 class Chunk:
     """What the owner knows of one of its map chunk futures (or a piece of one)."""
 
-    __slots__ = ("base", "parts", "batch", "lineage", "fine", "resumed", "parent")
+    __slots__ = ("base", "parts", "batch", "lineage", "fine", "resumed", "parent", "suspect")
 
     def __init__(self, base: int, lineage: Lineage | None = None, fine: bool = False,
-                 parent: Future | None = None) -> None:
+                 parent: Future | None = None, suspect: bool = False) -> None:
         self.base = base  # the map index of its first item
         self.parts: list = []  # the results reported so far
         self.batch = 0  # the most results one report carried
@@ -87,6 +87,16 @@ class Chunk:
         self.fine = fine  # it reports after every item
         self.resumed = False  # lost and cut into pieces: its own results no longer count
         self.parent = parent  # the chunk future it is a piece of
+        # A worker died holding it (which item killed it is a guess): the root never runs
+        # it, as its own death would end the job.
+        self.suspect = suspect
+
+    def charged(self, n: int) -> bool:
+        """Whether any of its ``n`` items may have killed a worker: it was in the group
+        a worker died running, or one of its items was charged with a death."""
+        end = self.base + n
+        return self.suspect or any(start < end and self.base < stop
+                                   for start, stop in self.lineage.charges)
 
     def add(self, values: list) -> None:
         self.parts.extend(values)
@@ -160,7 +170,7 @@ def resume(rt, fut: Future, running: bool, how: str) -> list[Future]:
     for a, b, fine in pieces:
         call = (fn, (func, items[a - ch.base:b - ch.base], star, fine), kwargs)
         sub = Future(rt, rt.new_id(), call, b - a)
-        sub._chunk = Chunk(a, ch.lineage, fine, fut)
+        sub._chunk = Chunk(a, ch.lineage, fine, fut, ch.suspect)
         subs.append(sub)
     join = Join(fut, ch.parts, subs, error)
     for sub in subs:

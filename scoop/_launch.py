@@ -56,6 +56,10 @@ log = logging.getLogger("scoop")
 STOP_GRACE_S = 3.0
 # How often the launcher checks its processes while the program runs.
 WATCH_PERIOD_S = 0.05
+# Sandbox workers the launcher may start, per --max-attempts: a task that may have killed
+# a worker runs in one when no other worker is left, never in the root (a poison task
+# kills at most --max-attempts of them, then fails).
+SANDBOXES_PER_ATTEMPT = 4
 AGENT_MODULE = "scoop._start_host"
 # How long remote workers may take to join before the job is abandoned (ssh, a cold
 # Python start on a loaded node, a network file system).
@@ -200,6 +204,8 @@ class Launcher:
             if root_in_process:
                 self._await_remote_workers()
                 self._join_as_root()
+            elif 0 in self.procs:  # this process watches the job: it can start sandboxes
+                self.broker.sandbox_budget = SANDBOXES_PER_ATTEMPT * self.max_attempts
         except BaseException:
             self.stop()
             raise
@@ -337,6 +343,15 @@ class Launcher:
             if any(w in self.broker.seen for w in agent.wids):
                 agent.go_live()
             agent.check_ended()
+        self._start_sandboxes()
+
+    def _start_sandboxes(self) -> None:
+        """Start the sandbox workers the broker asked for (see Broker._fail_stranded)."""
+        requests = self.broker.sandbox_requests
+        while not requests.empty():
+            wid = requests.get_nowait()
+            log.info("starting sandbox worker %d", wid)
+            self.procs[wid] = self._spawn(wid)
 
     # -- stopping --------------------------------------------------------------------------
     def stop(self, grace: float = STOP_GRACE_S) -> None:

@@ -24,7 +24,9 @@ Frames of one message (the broker's ROUTER socket sees the peer's routing id fir
     pieces as they came; a worker joins them.
 
 A task group's ``tag`` (its fid) with bit :data:`RESUMABLE` set holds only map chunks whose
-owner keeps their items and resumes them itself after a worker loss (``LOST``).
+owner keeps their items and resumes them itself after a worker loss (``LOST``); with bit
+:data:`SUSPECT`, it holds items that may have killed a worker: the broker never gives it
+to the root worker (whose death would end the job).
 
 A *parcel* is pickled user data: a group of tasks, a batch of results, or shared
 constants. It is one pickle frame followed by its out-of-band buffers (pickle protocol
@@ -80,6 +82,7 @@ from collections.abc import Sequence
 VERSION = 3
 ANY_WORKER = 0xFFFFFFFE  # the sender id of a JOIN: the worker has no id yet
 RESUMABLE = 1 << 62  # tag bit of a group of map chunks that its owner resumes (LOST)
+SUSPECT = 1 << 61  # tag bit of a group holding items charged with a worker's death
 
 HELLO = b"H"
 WELCOME = b"W"

@@ -448,7 +448,10 @@ class Worker:
         tids = array(_TIDS, [f._id for f in futs]).tobytes()
         self.away.update(f._id for f in futs)
         if futs[0]._chunk is not None:  # map chunks: kept, to be resumed if they are lost
-            return self.codec.parcel([tids, *frames], tag=next(self._fids) | P.RESUMABLE)
+            tag = next(self._fids) | P.RESUMABLE
+            if any(f._chunk.charged(len(f._call[1][1])) for f in futs):
+                tag |= P.SUSPECT  # items that may have killed a worker: never for the root
+            return self.codec.parcel([tids, *frames], tag=tag)
         for f in futs:
             f._call = (f._call[0], (), {})  # keep the function for repr, drop the data
         return self.codec.parcel([tids, *frames], tag=next(self._fids))
@@ -717,6 +720,7 @@ class Worker:
                 if group.fid & P.RESUMABLE or (not group.fid and getattr(
                         self.pending.get(items[0][0]), "_chunk", None) is not None):
                     tag |= P.RESUMABLE  # map chunks (kept here, or sent as such)
+                tag |= group.fid & P.SUSPECT  # it killed a worker: never for the root
             else:
                 tag = group.fid  # the whole group goes back: the broker drops our hold
             group.remaining -= len(items)
@@ -786,6 +790,7 @@ class Worker:
                 if ch.parent is not None and ch.parent._state >= FINISHED:
                     self._complete(fut, True, ([], None))  # nobody needs it any more
                     continue
+                ch.suspect = True  # which of them killed it is a guess: never the root
                 subs += _chunks.resume(self, fut, first or bool(ch.parts), how)
                 first = False
         if not subs:
