@@ -49,6 +49,8 @@ ZAP_DOMAIN = b"scoop"
 PLAIN_USER = b"scoop"
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+# ZAP requests or monitor events taken per call: the broker's other work goes on meanwhile.
+MAX_EVENTS_PER_CALL = 256
 # A connection that has not finished the handshake after this long is dropped: each one
 # holds a file descriptor of the broker's process. Ample for a worker on a loaded node (a
 # handshake is two round trips and one check), short for idle connections left open.
@@ -188,14 +190,19 @@ class Gate:
         self.sockets.append(self.monitor)
 
     def handle(self, sock: zmq.Socket) -> None:
-        """Answer one ZAP request or count one failed handshake; never raises: nothing a
-        peer sends may end the broker's loop (a ZAP request left unanswered only keeps
-        that one connection waiting until the handshake timeout drops it)."""
-        try:
-            self._handle(sock)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of file descriptors or memory
-            log.warning("broker: could not check a connection: %s: %s",
-                        type(exc).__name__, exc)
+        """Answer the ZAP requests, or take the monitor's events, that are waiting (a
+        bounded number); never raises: nothing a peer sends may end the broker's loop (a
+        ZAP request left unanswered only keeps that one connection waiting until the
+        handshake timeout drops it)."""
+        for _ in range(MAX_EVENTS_PER_CALL):
+            try:
+                self._handle(sock)
+            except zmq.Again:
+                return
+            except Exception as exc:  # noqa: BLE001 - e.g. out of file descriptors or memory
+                log.warning("broker: could not check a connection: %s: %s",
+                            type(exc).__name__, exc)
+                return
 
     def _handle(self, sock: zmq.Socket) -> None:
         if sock is self.zap:
