@@ -43,6 +43,15 @@ def marked_processes(exclude: set[int] = frozenset()) -> dict[int, str]:
     return found
 
 
+def running(pid: int) -> bool:
+    """pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def wait_no_processes(exclude: set[int] | None = None, timeout: float = 10.0) -> dict:
     """Wait until no marked process is left; return those still there after timeout."""
     exclude = set(_pool_pids) if exclude is None else exclude

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import write_program
+from conftest import running, write_program
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftovers")]
 
@@ -55,19 +55,11 @@ SPAWNER = """
 """
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
 def assert_all_gone(pids: list[int], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while any(alive(p) for p in pids):
+    while any(running(p) for p in pids):
         if time.monotonic() > deadline:
-            left = [p for p in pids if alive(p)]
+            left = [p for p in pids if running(p)]
             for p in left:
                 os.kill(p, signal.SIGKILL)
             raise AssertionError(f"processes started by tasks outlived the job: {left}")

@@ -11,20 +11,14 @@ import pytest
 
 from scoop import _reaper
 
+from conftest import running
+
 pytestmark = pytest.mark.timeout(60)
 
 
 def _spawn(env_extra: dict, code: str) -> subprocess.Popen:
     env = {**os.environ, **env_extra}
     return subprocess.Popen([sys.executable, "-c", code], env=env)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def test_marked_processes_and_their_daemons_are_ended_others_are_not(tmp_path):
@@ -55,7 +49,7 @@ def test_marked_processes_and_their_daemons_are_ended_others_are_not(tmp_path):
         for p in mine:
             p.wait(10)
         deadline = time.monotonic() + 10
-        while _alive(daemon_pid):
+        while running(daemon_pid):
             assert time.monotonic() < deadline, "the setsid daemon outlived end_marked"
             time.sleep(0.05)
         assert other.poll() is None, "a process of another job was ended"

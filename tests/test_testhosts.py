@@ -17,6 +17,8 @@ import threading
 import pytest
 from testhosts import TestHosts, claim, slot, supported
 
+from conftest import running
+
 pytestmark = pytest.mark.timeout(120)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -37,15 +39,6 @@ def hosts():
         th.down()
     with th.locked():  # no other process can bring up these hosts while we look
         assert th.leftovers() == []
-
-
-def running(pid: int) -> bool:
-    """pid exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def wrapper(hosts, *args, timeout=30) -> subprocess.CompletedProcess:
