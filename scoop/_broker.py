@@ -437,7 +437,7 @@ class Broker:
         for key, parcel in peer.held.items():
             if parcel.tag & P.RESUMABLE:
                 chunks.setdefault(parcel.peer, []).append(
-                    [int(key == running), _tids(parcel).tolist()])
+                    [int(key == running), P.task_ids(parcel).tolist()])
                 continue
             ran, held = self.losses.pop(key, (0, 0))
             ran, held = ran + (key == running), held + 1
@@ -466,7 +466,7 @@ class Broker:
         owner = self.by_wid.get(parcel.peer)
         if owner is None:
             return
-        tids = _tids(parcel)
+        tids = P.task_ids(parcel)
         what = f"{ran} workers died running this task"
         if held > ran:
             what += f" ({held} holding it)"
@@ -572,11 +572,3 @@ class Broker:
                 peer.forced.add(key)
                 self._send(peer, P.TASKS, arg=1, parcels=[parcel])
 
-
-def _tids(parcel: P.Parcel):
-    """The task ids of a task group: its first frame (scoop's own, not user data)."""
-    from array import array
-
-    tids = array("Q")
-    tids.frombytes(bytes(getattr(parcel.frames[0], "buffer", parcel.frames[0])))
-    return tids
