@@ -226,8 +226,9 @@ class Monitor(threading.Thread):
         job, b = self.job, self.job.broker
         try:
             peers = {p.wid: {"credit": p.credit, "held": len(p.held)}
-                     for p in list(b.peers.values())}
-            log(f"broker: queue={len(b.queue)} peers={peers} losses={len(b.losses)}")
+                     for p in list(b.schedule.roster.peers.values())}
+            log(f"broker: queue={len(b.schedule.queue)} peers={peers} "
+                f"losses={len(b.schedule.recovery.losses)}")
             rw = job.root_worker
             if rw is not None:
                 log(f"root: pending={len(rw.pending)} away={len(rw.away)} "
@@ -544,7 +545,8 @@ def main(argv=None) -> int:
             "main_error": state.main_error,
             "scoop_warnings_expected": counter.expected,
             "scoop_warnings_unexpected": counter.unexpected[:20],
-            "broker_loss_records": len(b.losses) if b is not None else None,
+            "broker_loss_records": (len(b.schedule.recovery.losses) if b is not None
+                                    else None),
             "kills": killed,
             "rss_samples": samples,
         }

@@ -30,7 +30,11 @@ to the root worker (whose death would end the job).
 
 A *parcel* is pickled user data: a group of tasks, a batch of results, or shared
 constants. It is one pickle frame followed by its out-of-band buffers (pickle protocol
-5), so a large array travels as its own frame without being copied into the pickle. Its
+5), so a large array travels as its own frame without being copied into the pickle. A
+task group's parcel opens with one more frame, its *task ids*: ``u64`` each,
+little-endian, one per task in the order of the pickled calls (:func:`task_ids_frame`,
+:func:`task_ids`). It is scoop's own, not user data: the broker reads it to fail the
+tasks of a group, or to name a lost group's tasks to their owner. Its
 ``mac`` (HMAC-SHA256 over the frame lengths and frames) is computed once by the worker
 that made it and checked by the worker that unpickles it. The broker checks only the
 envelope and routes parcels without reading them: it never unpickles user data, and a
@@ -76,7 +80,9 @@ import hmac
 import json
 import os
 import struct
+import sys
 import time
+from array import array
 from collections.abc import Sequence
 
 VERSION = 3
@@ -152,6 +158,23 @@ class Parcel:
     def __repr__(self) -> str:
         size = sum(len(memoryview(f)) for f in self.frames)
         return f"<Parcel tag={self.tag} peer={self.peer} frames={len(self.frames)} {size}B>"
+
+
+def task_ids_frame(tids) -> bytes:
+    """The first frame of a task group's parcel: its task ids (see the module doc)."""
+    frame = array("Q", tids)
+    if sys.byteorder != "little":
+        frame.byteswap()
+    return frame.tobytes()
+
+
+def task_ids(parcel: Parcel) -> array:
+    """The task ids of a task group's parcel, read from its first frame."""
+    tids = array("Q")
+    tids.frombytes(bytes(_buf(parcel.frames[0])))
+    if sys.byteorder != "little":
+        tids.byteswap()
+    return tids
 
 
 class Message:

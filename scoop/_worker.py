@@ -47,7 +47,6 @@ import socket
 import sys
 import threading
 import time
-from array import array
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -101,7 +100,6 @@ IDLE_POLL_MS = 250
 # Messages handled per poll before the hub goes back to running tasks.
 MAX_DRAIN = 256
 
-_TIDS = "Q"  # array typecode of the task-id frame that opens every task parcel
 # Workers that may die running a task before it fails (the broker's WELCOME says the job's).
 MAX_ATTEMPTS = 3
 
@@ -445,7 +443,7 @@ class Worker:
                 return None
             futs = good
             frames = _serialize.dumps([f._call for f in futs])
-        tids = array(_TIDS, [f._id for f in futs]).tobytes()
+        tids = P.task_ids_frame(f._id for f in futs)
         self.away.update(f._id for f in futs)
         if futs[0]._chunk is not None:  # map chunks: kept, to be resumed if they are lost
             tag = next(self._fids) | P.RESUMABLE
@@ -676,9 +674,7 @@ class Worker:
             except P.AuthError as exc:
                 self._reject("a task parcel", exc)
                 continue
-            tids = array(_TIDS)
-            tids.frombytes(bytes(parcel.frames[0].buffer if hasattr(parcel.frames[0], "buffer")
-                                 else parcel.frames[0]))
+            tids = P.task_ids(parcel)
             group = _Group(parcel.peer, parcel.tag, len(tids), forced=bool(msg.arg))
             self._forced_since |= group.forced
             try:
@@ -724,7 +720,7 @@ class Worker:
             else:
                 tag = group.fid  # the whole group goes back: the broker drops our hold
             group.remaining -= len(items)
-            tids = array(_TIDS, [tid for tid, _ in items]).tobytes()
+            tids = P.task_ids_frame(tid for tid, _ in items)
             parcels.append(self.codec.parcel([tids, *frames], tag=tag, peer=group.owner))
         if parcels:
             self._send(P.RETURN, parcels=parcels)

@@ -1,0 +1,504 @@
+"""The broker's decisions: which worker runs which task group, and what a worker's death costs.
+
+No socket, no clock, no thread: :class:`Schedule` is told what happened (a worker's
+message, a worker lost, the time now) and returns what to do, as values: messages to send
+(:class:`Send`), groups whose tasks fail (:class:`Fail`), a sandbox worker to ask the
+launcher for (:class:`AskSandbox`). The broker's loop (``scoop._broker``) owns the sockets
+and carries them out; unit tests and simulations drive a Schedule directly.
+
+Flow of task groups (opaque parcels; tag=fid, peer=owner)::
+
+    worker A (owner)                 Schedule                          worker B
+    ----------------                 --------                          --------
+    TASKS [g1 g2 g3] -------------->  queue: g1 g2 g3
+                                      credits: B=1   <---------------  READY 1
+                                      g1 -> B, held[B] += g1  ------->  TASKS [g1]
+                                      held[B] -= g1  <---------------  RESULTS [for A] done g1
+    RESULTS [for A] <--------------   forward parcel to its owner
+                                      B lost: g2' (SUSPECT) first in line; map chunks:
+    LOST [[running, tids]] <-------   their owner resumes them (RETURN, pieces)
+    CONST {...} ------------------->  keep; forward to every worker ->  CONST {...}
+    SHUTDOWN status --------------->  STOP to every worker --------->  (exits)
+
+*Queue.* Task groups wait in one FIFO queue, whoever submitted them.
+
+*Credits.* A worker sends READY(n) when its own queue runs low; it is sent up to n groups,
+workers with credit taking turns. Work therefore goes to whoever is free, and a busy
+worker does not hoard work.
+
+*Standby.* A worker waiting with a deadline takes no work (WITHDRAW 1) unless every worker
+is on standby: then each gets one group to run anyway ("forced"), so the job never stalls.
+
+*Routing.* A RESULTS message carries one parcel per owner; each is forwarded to its owner
+untouched. Finished groups listed in it are dropped from the sender's held set.
+
+*Worker loss.* The groups a dead worker held go back first in line; only the one it was
+running (its oldest unfinished group: a worker starts its groups in the order it got
+them) is charged an attempt. Groups of map chunks (tag bit RESUMABLE) are not queued
+again: their owner is told (LOST) and sends back what they had not finished, in pieces,
+charging the items that were running (``scoop._chunks``).
+
+*Suspect groups.* What a dead worker held is marked SUSPECT (which group killed it is a
+guess): the root, whose death ends the job, never gets it. With no other worker left,
+the launcher is asked for a sandbox worker that takes only suspect groups; when it cannot
+start one (any more), they fail with WorkerLostError and the program goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from . import _protocol as P
+
+log = logging.getLogger("scoop.broker")
+
+# A worker whose watchdog has not pinged for this long counts as dead and its work runs
+# elsewhere. Pings come every second, even while the worker runs a long task, so this
+# only has to ride out a stalled machine or a network hiccup.
+WORKER_SILENCE_S = 5.0
+# A task group whose worker dies running it is queued again this many times at most; then
+# its tasks fail with WorkerLostError, so a task that kills every worker cannot take the
+# job down. A group also fails once this many times as many workers died merely holding
+# it (a bound even if the one that ran it was mistaken for another).
+MAX_ATTEMPTS = 3
+HELD_FACTOR = 2
+# While some of the job's workers have not joined yet, they get this long before workers
+# that wait with a deadline run work anyway (see Schedule._to_standby): longer waits less
+# for the missing ones, shorter lets timed waits overrun less.
+STANDBY_GRACE_S = 2.0
+# How long a sandbox worker asked of the launcher may take to join before the groups it
+# was for fail after all: a slow start must not be taken for a failed one, yet a launcher
+# that cannot start one must not hold the program for long.
+SANDBOX_JOIN_S = 30.0
+
+Key = tuple[int, int]  # a task group: (owner, fid)
+
+
+class Send(NamedTuple):
+    """A message to send to the connection ``to`` (a routing id)."""
+
+    to: bytes
+    kind: bytes
+    arg: int = 0
+    parcels: Sequence[P.Parcel] = ()
+    body: dict | None = None
+
+
+class Fail(NamedTuple):
+    """The tasks ``tids`` of a group fail with ``WorkerLostError(reason)``: the loop sends
+    their errors to the group's owner (worker ``owner``, connection ``to``) as RESULTS."""
+
+    to: bytes
+    owner: int
+    tids: list[int]
+    reason: str
+
+
+class AskSandbox(NamedTuple):
+    """Ask the launcher to start a sandbox worker with id ``wid``."""
+
+    wid: int
+
+
+Out = Send | Fail | AskSandbox
+
+
+class Peer:
+    """What the broker knows of one connected worker."""
+
+    __slots__ = ("wid", "ident", "credit", "standby", "forced", "held", "pid", "host",
+                 "sandbox")
+
+    def __init__(self, wid: int, ident: bytes, pid: int = 0, host: str = "?") -> None:
+        self.wid = wid
+        self.ident = ident
+        self.credit = 0
+        # Waiting with a deadline: it takes work only when no worker else can (then
+        # ``forced`` holds the groups it was sent that way).
+        self.standby = False
+        self.forced: set[Key] = set()
+        self.held: dict[Key, P.Parcel] = {}  # in the order it got them
+        self.pid = pid
+        self.host = host
+        self.sandbox = False  # started to run only suspect groups
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.wid} credit={self.credit} held={len(self.held)}>"
+
+
+class Roster:
+    """The job's workers: who is connected, who ever joined or was lost, the ids still
+    free, the JOINs answered, when each watchdog last pinged."""
+
+    def __init__(self, size: int, first_free_wid: int | None = None) -> None:
+        self.size = size  # the number of workers the job was started with
+        self.peers: dict[bytes, Peer] = {}  # by routing id
+        self.by_wid: dict[int, Peer] = {}
+        self.seen: set[int] = set()  # ids of the workers that joined or were lost
+        # Ids handed to workers that join on their own (python -m scoop.join).
+        self.next_free_wid = size if first_free_wid is None else first_free_wid
+        self.last_ping: dict[int, float] = {}  # wid -> when its watchdog last pinged
+        self.joins_seen: set[int] = set()  # seq of every JOIN answered (see assign)
+        self.sandbox_wids: set[int] = set()  # ids asked of the launcher for sandboxes
+
+    def refusal(self, ident: bytes, sender: int, body: dict) -> str | None:
+        """Why a HELLO is refused, or None."""
+        wid = body.get("wid")
+        if body.get("version") != P.VERSION:
+            return (f"protocol version {body.get('version')} does not match the broker's "
+                    f"{P.VERSION}: install the same scoop version on every host")
+        if wid != sender or P.peer_name(ident) != b"w%d" % sender:
+            return "worker id does not match its connection"
+        if wid in self.by_wid:
+            return f"worker {wid} is already connected"
+        return None
+
+    def add(self, ident: bytes, body: dict) -> Peer:
+        peer = Peer(body["wid"], ident, body.get("pid", 0), body.get("host", "?"))
+        peer.sandbox = peer.wid in self.sandbox_wids
+        self.peers[ident] = peer
+        self.by_wid[peer.wid] = peer
+        self.seen.add(peer.wid)
+        return peer
+
+    def remove(self, peer: Peer) -> None:
+        self.peers.pop(peer.ident, None)
+        self.by_wid.pop(peer.wid, None)
+
+    def assign(self, seq: int) -> int:
+        """The id for a worker that asks with a JOIN of sequence number ``seq``.
+
+        Each joiner's connection has its own replay window, so a JOIN read off the network
+        could be replayed from new connections to use up worker ids: a JOIN is answered
+        once, whichever connection it comes on."""
+        if seq in self.joins_seen:
+            raise P.AuthError(f"replayed JOIN (seq {seq})")
+        self.joins_seen.add(seq)
+        while self.next_free_wid in self.by_wid:
+            self.next_free_wid += 1
+        self.next_free_wid += 1
+        return self.next_free_wid - 1
+
+    def sandbox_wid(self) -> int:
+        """A fresh id for a sandbox worker: one no worker ever had or will be assigned."""
+        wid = max(self.next_free_wid, max(self.seen, default=0) + 1)
+        self.next_free_wid = wid + 1
+        self.sandbox_wids.add(wid)
+        return wid
+
+    def silent(self, now: float) -> list[tuple[int, float]]:
+        """(wid, seconds) of the connected workers, the root excepted (losing it ends the
+        job, which its launcher sees), whose watchdog has not pinged for too long; they
+        are forgotten here."""
+        found = [(wid, now - last) for wid, last in self.last_ping.items()
+                 if wid and now - last > WORKER_SILENCE_S and wid in self.by_wid]
+        for wid, _ in found:
+            del self.last_ping[wid]
+        return found
+
+    @property
+    def all_started(self) -> bool:
+        """Whether every worker the job was started with has joined (or was lost)."""
+        return len(self.seen) >= self.size
+
+
+class Schedule:
+    """The broker's state and decisions for one job; every method returns what to do.
+
+    Args:
+        size: the number of workers the job was started with (sent to each worker).
+        first_free_wid: the first id handed to workers that join on their own.
+        max_attempts: workers that may die running a task group before its tasks fail.
+    """
+
+    def __init__(self, size: int = 1, first_free_wid: int | None = None,
+                 max_attempts: int = MAX_ATTEMPTS) -> None:
+        self.roster = Roster(size, first_free_wid)
+        self.max_attempts = max(1, max_attempts)
+        self.queue: deque[P.Parcel] = deque()  # parcels: tag=fid, peer=owner
+        self.recovery = Recovery(self.roster, self.queue, self.max_attempts)
+        self.consts: list[P.Parcel] = []
+        self.stopping = False  # STOP sent; workers that join now are stopped at once
+        self.exit_status: int | None = None
+        self._all_standby_since: float | None = None
+
+    # -- workers joining and leaving -------------------------------------------------------
+    def hello(self, ident: bytes, sender: int, body: dict | None) -> list[Out]:
+        """A worker joins: welcome it with the constants so far, or refuse it, or stop it."""
+        body = body or {}
+        reason = self.roster.refusal(ident, sender, body)
+        if reason is None and self.stopping:
+            return [Send(ident, P.STOP)]
+        if reason:
+            log.warning("broker: refused a worker: %s", reason)
+            return [Send(ident, P.REFUSED, body={"reason": reason})]
+        peer = self.roster.add(ident, body)
+        if peer.sandbox:
+            self.recovery.sandbox_asked = None
+        log.debug("broker: worker %d joined (pid %s on %s)", peer.wid, peer.pid, peer.host)
+        return [Send(ident, P.WELCOME, parcels=tuple(self.consts),
+                     body={"size": self.roster.size, "max_attempts": self.max_attempts})]
+
+    def join(self, ident: bytes, seq: int) -> list[Out]:
+        """A worker started by another launcher asks for an id: the next free one (raises
+        AuthError for a replayed JOIN)."""
+        if self.stopping:
+            return [Send(ident, P.STOP)]
+        return [Send(ident, P.ASSIGN, body={"wid": self.roster.assign(seq)})]
+
+    def ping(self, ident: bytes, wid: int, now: float) -> list[Out]:
+        """A worker's watchdog asks whether the broker lives; note when it last asked."""
+        self.roster.last_ping[wid] = now
+        return [Send(ident, P.PONG)]
+
+    def bye(self, peer: Peer) -> list[Out]:
+        """A worker leaves on purpose."""
+        self.roster.remove(peer)
+        return []
+
+    def shutdown(self, peer: Peer, status: int) -> list[Out]:
+        """The root's program ended with ``status``: stop every worker."""
+        self.exit_status = status
+        log.debug("broker: the root ended with status %d; stopping", status)
+        self.bye(peer)  # the root closes its socket right after
+        return self.stop_workers()
+
+    def stop_workers(self) -> list[Out]:
+        """STOP to every worker; workers that join later are stopped as they join.
+
+        Once is enough: a worker that gets STOP leaves, so a second STOP could only fail."""
+        if self.stopping:
+            return []
+        self.stopping = True
+        return [Send(peer.ident, P.STOP) for peer in self.roster.peers.values()]
+
+    # -- work and results ------------------------------------------------------------------
+    def tasks(self, peer: Peer, parcels: Iterable[P.Parcel]) -> list[Out]:
+        """``peer`` submits task groups: queued last."""
+        for parcel in parcels:
+            parcel.peer = peer.wid  # the owner: results of this group go back to it
+            self.queue.append(parcel)
+        return []
+
+    def ready(self, peer: Peer, n: int) -> list[Out]:
+        peer.credit += n
+        peer.standby = False
+        return []
+
+    def withdraw(self, peer: Peer, standby: bool) -> list[Out]:
+        peer.credit = 0
+        peer.standby = standby
+        # Standing by again: what it was sent anyway waits too, so it may take more.
+        peer.forced.clear()
+        return []
+
+    def returned(self, peer: Peer, parcels: Sequence[P.Parcel], now: float) -> list[Out]:
+        """``peer`` hands groups back, first in line again: a whole group under its own id
+        (dropped from its hold), a partial one under a fresh id (it still holds the
+        original), or the pieces an owner cut from its lost map chunks."""
+        for parcel in reversed(parcels):
+            peer.held.pop((parcel.peer, parcel.tag), None)
+            peer.forced.discard((parcel.peer, parcel.tag))
+            self.queue.appendleft(parcel)
+        return self._stranded("a worker died running it or a task sent with it", now)
+
+    def results(self, peer: Peer, parcels: Iterable[P.Parcel], done: Iterable[Key],
+                credit: int = 0) -> list[Out]:
+        """Forward each results parcel to its owner; drop the finished groups from the
+        sender's hold; ``credit``: a READY riding along."""
+        if credit:
+            self.ready(peer, credit)
+        for key in done:
+            peer.held.pop(key, None)
+            peer.forced.discard(key)
+            self.recovery.losses.pop(key, None)
+        out: list[Out] = []
+        for parcel in parcels:
+            owner = self.roster.by_wid.get(parcel.peer)
+            if owner is None:
+                log.debug("broker: results for departed worker %d dropped", parcel.peer)
+                continue
+            out.append(Send(owner.ident, P.RESULTS, parcels=(parcel,)))
+        return out
+
+    def const(self, peer: Peer, parcels: Sequence[P.Parcel]) -> list[Out]:
+        """Shared constants: kept for workers that join later, forwarded to the others."""
+        self.consts.extend(parcels)
+        return [Send(other.ident, P.CONST, parcels=parcels)
+                for other in self.roster.peers.values() if other is not peer]
+
+    # -- worker loss -----------------------------------------------------------------------
+    def lost(self, wid: int, how: str, now: float) -> list[Out]:
+        """Worker ``wid`` is gone (``how``: its end, in words): see :class:`Recovery`."""
+        self.roster.seen.add(wid)
+        peer = self.roster.by_wid.pop(wid, None)
+        if peer is None or self.stopping:
+            return []
+        self.roster.remove(peer)
+        self.roster.last_ping.pop(wid, None)
+        return self.recovery.lost(peer, how) + self._stranded(how, now)
+
+    def tick(self, now: float) -> list[Out]:
+        """Every half second or so: count silent workers as lost, see to stranded groups,
+        then dispatch (once)."""
+        out: list[Out] = []
+        for wid, silence in self.roster.silent(now):
+            out += self.lost(wid, f"no heartbeat for {silence:.0f} s", now)
+        out += self._stranded("no sandbox worker joined to run it", now)
+        return out + self.dispatch(now)
+
+    def _stranded(self, how: str, now: float) -> list[Out]:
+        return [] if self.stopping else self.recovery.stranded(how, now)
+
+    # -- dispatch --------------------------------------------------------------------------
+    def dispatch(self, now: float) -> list[Out]:
+        """Hand queued groups to workers with credit, taking turns."""
+        out: list[Out] = []
+        queue = self.queue
+        sent = True
+        while queue and sent:
+            ready = [p for p in self.roster.peers.values() if p.credit > 0]
+            if not ready:
+                return out + self._to_standby(now)
+            sent = False
+            for peer in ready:
+                parcels = self._take(peer, peer.credit)
+                if not parcels:
+                    continue
+                sent = True
+                peer.credit -= len(parcels)
+                for parcel in parcels:
+                    peer.held[(parcel.peer, parcel.tag)] = parcel
+                out.append(Send(peer.ident, P.TASKS, parcels=parcels))
+        return out
+
+    def _take(self, peer: Peer, n: int) -> list[P.Parcel]:
+        """Up to ``n`` queued groups for ``peer``, first in line first; for the root, only
+        groups that killed no worker (not SUSPECT); for a sandbox worker, only those."""
+        queue = self.queue
+        if peer.wid != 0 and not peer.sandbox:
+            return [queue.popleft() for _ in range(min(n, len(queue)))]
+        taken = []
+        for parcel in queue:
+            if len(taken) == n:
+                break
+            if bool(parcel.tag & P.SUSPECT) == peer.sandbox:
+                taken.append(parcel)
+        for parcel in taken:
+            queue.remove(parcel)
+        return taken
+
+    def _to_standby(self, now: float) -> list[Out]:
+        """When every worker waits with a deadline, nobody would ever ask for the queued
+        work, and each wait would time out for want of the work it waits for (the root
+        alone after losing every other worker, or all workers in nested timed waits).
+        Then each of them is sent one group it runs anyway, at the cost of its wait
+        perhaps overrunning: progress beats a certain timeout."""
+        peers = list(self.roster.peers.values())
+        if not peers or not all(p.standby for p in peers):
+            self._all_standby_since = None
+            return []
+        if self._all_standby_since is None:
+            self._all_standby_since = now
+        if not self.roster.all_started and now - self._all_standby_since < STANDBY_GRACE_S:
+            return []  # workers still starting will take the work
+        out: list[Out] = []
+        for peer in peers:
+            if self.queue and not peer.forced:
+                taken = self._take(peer, 1)
+                if not taken:
+                    continue
+                key = (taken[0].peer, taken[0].tag)
+                peer.held[key] = taken[0]
+                peer.forced.add(key)
+                out.append(Send(peer.ident, P.TASKS, arg=1, parcels=taken))
+        return out
+
+
+class Recovery:
+    """What a worker's death costs: attempts charged, groups queued again or failed, map
+    chunks handed to their owners, sandbox workers asked for stranded suspect groups.
+
+    Shares the :class:`Schedule`'s roster and queue."""
+
+    def __init__(self, roster: Roster, queue: deque[P.Parcel], max_attempts: int) -> None:
+        self.roster = roster
+        self.queue = queue
+        self.max_attempts = max_attempts
+        # (owner, fid) -> (workers lost running it, workers lost holding it)
+        self.losses: dict[Key, tuple[int, int]] = {}
+        # Sandbox workers the launcher may still start (0: it cannot), and when the last
+        # one was asked for (None: none is on its way).
+        self.sandbox_budget = 0
+        self.sandbox_asked: float | None = None
+
+    def lost(self, peer: Peer, how: str) -> list[Out]:
+        """Queue again (first in line) what a dead worker held; fail what keeps killing;
+        tell the owners of map chunks, which resume them."""
+        running = next(iter(peer.held), None)  # its oldest unfinished group
+        requeued = []
+        out: list[Out] = []
+        chunks: dict[int, list] = {}  # owner -> [[running, tids], ...]
+        for key, parcel in peer.held.items():
+            if parcel.tag & P.RESUMABLE:
+                chunks.setdefault(parcel.peer, []).append(
+                    [int(key == running), P.task_ids(parcel).tolist()])
+                continue
+            ran, held = self.losses.pop(key, (0, 0))
+            ran, held = ran + (key == running), held + 1
+            # Which group killed it is a guess (its last messages may have died with it):
+            # the root runs none of them, nor what is handed back of them.
+            parcel.tag |= P.SUSPECT
+            self.losses[(parcel.peer, parcel.tag)] = (ran, held)
+            if ran < self.max_attempts and held < HELD_FACTOR * self.max_attempts:
+                requeued.append(parcel)
+            else:
+                out += self._fail(parcel, ran, held, how)
+        self.queue.extendleft(reversed(requeued))
+        for owner_wid, groups in chunks.items():
+            owner = self.roster.by_wid.get(owner_wid)
+            if owner is not None:
+                out.append(Send(owner.ident, P.LOST, body={"how": how, "groups": groups}))
+        log.warning("broker: worker %d (pid %s on %s) is gone (%s); %d task group(s) it "
+                    "held will run again", peer.wid, peer.pid, peer.host, how,
+                    len(requeued) + sum(len(g) for g in chunks.values()))
+        return out
+
+    def stranded(self, how: str, now: float) -> list[Out]:
+        """Suspect groups, once no worker but the root is left to run them: a sandbox
+        worker the launcher starts runs them (its death ends nothing), or, when it cannot
+        start one (any more), they fail with WorkerLostError and the program goes on."""
+        if (any(wid != 0 for wid in self.roster.by_wid)
+                or not self.roster.all_started  # workers still starting will take them
+                or not any(p.tag & P.SUSPECT for p in self.queue)):
+            return []
+        if self.sandbox_asked is not None and now - self.sandbox_asked < SANDBOX_JOIN_S:
+            return []  # one is on its way
+        if self.sandbox_budget > 0:
+            self.sandbox_budget -= 1
+            self.sandbox_asked = now
+            wid = self.roster.sandbox_wid()
+            log.info("broker: asked for sandbox worker %d, for tasks that may kill it", wid)
+            return [AskSandbox(wid)]
+        out: list[Out] = []
+        for parcel in [p for p in self.queue if p.tag & P.SUSPECT]:
+            self.queue.remove(parcel)
+            ran, held = self.losses.get((parcel.peer, parcel.tag), (1, 1))
+            out += self._fail(parcel, max(ran, 1), held, f"{how}; no worker but the root is "
+                              "left to run it, and the root never runs a task that may have "
+                              "killed a worker")
+        return out
+
+    def _fail(self, parcel: P.Parcel, ran: int, held: int, how: str) -> list[Out]:
+        """The tasks of ``parcel`` fail (nothing to do if its owner is gone)."""
+        owner = self.roster.by_wid.get(parcel.peer)
+        if owner is None:
+            return []
+        what = f"{ran} workers died running this task"
+        if held > ran:
+            what += f" ({held} holding it)"
+        return [Fail(owner.ident, owner.wid, P.task_ids(parcel).tolist(),
+                     f"{what} (the last: {how})")]
