@@ -46,7 +46,7 @@ from collections import deque
 
 import scoop
 
-from . import _agent, _broker, _reaper, _worker
+from . import _agent, _bootstrap, _broker, _reaper, _worker
 from ._files import create_private, read_regular, write_atomically
 from ._transport import Credentials
 
@@ -284,7 +284,6 @@ class Launcher:
         """The config a worker reads when it starts."""
         return {
             **self.creds.for_worker(), "job": self.job_id, "address": address, "wid": wid,
-            "size": self.n,
             "program": self.program, "module": self.module, "args": self.args,
             "cwd": self.cwd, "nice": self.nice, "debug": self.debug,
             "log_level": self.log_level, "log_file": self.log_file, "hosts": self.hosts,
@@ -301,12 +300,10 @@ class Launcher:
         return proc
 
     def _join_as_root(self) -> None:
-        worker = _worker.Worker(0, self.n)
-        worker.connect(self.broker.address, self.creds)
-        _worker.install(worker)
+        worker = _worker.Worker(0)  # the job's size comes with the WELCOME
+        _bootstrap.enter_job(worker, self.broker.address, self.creds, debug=self.debug,
+                             hosts=self.hosts)
         self.root_worker = worker
-        scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker, scoop.SIZE = True, True, 0, self.n
-        scoop.DEBUG, scoop.HOSTS = self.debug, [tuple(h) for h in self.hosts]
 
     # -- watching --------------------------------------------------------------------------
     def wait(self) -> int:
@@ -358,9 +355,8 @@ class Launcher:
         """Stop the job: STOP every worker, wait ``grace`` seconds, then kill the rest."""
         if self.root_worker is not None:
             self.root_worker.shutdown(0)
-            _worker.install(None)
             self.root_worker = None
-            scoop.IS_RUNNING, scoop.worker, scoop.SIZE = False, None, 1
+            _bootstrap.leave_job()
         if self.broker is not None:
             self.broker.stop_workers()
         for agent in self.agents.values():
