@@ -116,6 +116,11 @@ class Launcher:
         """The number of workers of the job."""
         return self.job.size
 
+    @property
+    def key(self) -> bytes:
+        """The job's key (``creds.key``): it signs every message of the job."""
+        return self.creds.key
+
     # -- starting --------------------------------------------------------------------------
     def start(self, root_in_process: bool = False) -> Launcher:
         """Start the broker and the workers; with ``root_in_process``, join as the root."""
