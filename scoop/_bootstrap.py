@@ -28,6 +28,7 @@ import signal
 import sys
 import traceback
 import types
+from collections.abc import Iterable, Sequence
 
 import scoop
 
@@ -198,15 +199,13 @@ def start(cfg: dict) -> None:
     if cfg.get("cwd"):
         os.chdir(cfg["cwd"])
     creds = Credentials.from_config(cfg)
-    worker = _worker.Worker(cfg["wid"] or 0, cfg["size"])
+    worker = _worker.Worker(cfg["wid"] or 0)  # the job's size comes with the WELCOME
     timeout = cfg.get("connect_timeout", CONNECT_TIMEOUT_S)
     try:
         if cfg["wid"] is None:
             worker.ask_id(cfg["address"], creds, timeout)
-        # Set before connecting: the constants that come with the welcome are unpickled
-        # at once, and their reducers may ask where they run.
-        scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker = True, worker.wid == 0, worker.wid
-        worker.connect(cfg["address"], creds, timeout)
+        enter_job(worker, cfg["address"], creds, debug=bool(cfg.get("debug")),
+                  hosts=cfg.get("hosts", []), timeout=timeout)
     except _worker.JobOver:
         return  # started too late to matter: leave quietly
     except _worker.BrokenJobError as exc:
@@ -220,16 +219,51 @@ def start(cfg: dict) -> None:
         os.environ[_reaper.JOB] = cfg["job"]  # a joining worker was not started with it
     tag = _reaper.mark_worker(wid)
     signal.signal(signal.SIGTERM, _end_on_sigterm)
-    _worker.install(worker)
     Watchdog(cfg["address"], creds, wid).start()
-    scoop.SIZE, scoop.DEBUG = worker.size, bool(cfg.get("debug"))
-    scoop.HOSTS = [tuple(h) for h in cfg.get("hosts", [])]
     try:
         if root:
             sys.exit(_run_root(worker, cfg))
         _run_worker(worker, cfg)
     finally:
         _reaper.end_marked(_reaper.WORKER, tag)  # what the tasks started ends with us
+
+
+def set_job_globals(worker: _worker.Worker | None, debug: bool = False,
+                    hosts: Iterable[Sequence] = ()) -> None:
+    """Describe this process's part in the job in the ``scoop.*`` globals (see
+    :mod:`scoop`); with None, give them back their values outside a job."""
+    if worker is None:
+        scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker, scoop.SIZE = False, True, None, 1
+        scoop.DEBUG, scoop.HOSTS = False, []
+        return
+    scoop.IS_RUNNING, scoop.IS_ORIGIN = True, worker.wid == 0
+    scoop.worker, scoop.SIZE = worker.wid, worker.size
+    scoop.DEBUG, scoop.HOSTS = debug, [tuple(h) for h in hosts]
+
+
+def enter_job(worker: _worker.Worker, address: str, creds: Credentials, *, debug: bool,
+              hosts: Iterable[Sequence], timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Join the broker at ``address`` and make ``worker`` this process's runtime: what
+    a started worker and the launcher's in-process root both do.
+
+    The globals are set before connecting too: the constants that come with the WELCOME
+    are unpickled at once, and their reducers may ask where they run. ``scoop.SIZE`` is
+    the WELCOME's. If the worker cannot join, the globals are given back.
+    """
+    set_job_globals(worker, debug, hosts)
+    try:
+        worker.connect(address, creds, timeout)
+    except BaseException:
+        set_job_globals(None)
+        raise
+    set_job_globals(worker, debug, hosts)
+    _worker.install(worker)
+
+
+def leave_job() -> None:
+    """Undo :func:`enter_job` (the worker is already shut down): back to in-process mode."""
+    _worker.install(None)
+    set_job_globals(None)
 
 
 def _end_on_sigterm(signum: int, frame) -> None:

@@ -11,8 +11,9 @@ Deliberate differences from the original:
   ignored), trailing ``#`` comments, and a bare ``name`` meaning "as many workers as that
   host has CPUs". A host on several lines gets the sum of its counts. A bad line is an
   error naming the file, the line and the expected syntax.
-* ``--host a a b b prog.py`` no longer takes ``prog.py`` for a host:
-  :func:`split_host_args` ends the host list at the program before argparse sees it.
+* ``--host a a b b prog.py`` no longer takes ``prog.py`` for a host: the launcher's
+  command line (:func:`scoop._launch.cli.split_host_args`) ends the host list at the
+  program before argparse sees it.
 * Batch allocations are read natively, without ``scontrol`` or other scheduler tools:
   SLURM, PBS/Torque, SGE and LSF, each a row of :data:`SCHEDULERS`.
 * :func:`is_local` never resolves a host name it is given; it compares it textually
@@ -178,7 +179,7 @@ def hosts_from_list(names: Iterable[str]) -> list[Host]:
     """The ``--hosts a a b b`` form: one worker per mention of a host.
 
     Entries may also hold comma-separated names (``--hosts=a,a,b,b``, the form that
-    :func:`split_host_args` produces); empty names are skipped.
+    :func:`scoop._launch.cli.split_host_args` produces); empty names are skipped.
 
     Example:
         ``hosts_from_list(["a", "a", "b,b"])`` -> ``[Host("a", 2), Host("b", 2)]``.
@@ -195,80 +196,6 @@ def hosts_from_list(names: Iterable[str]) -> list[Host]:
         if problem:
             raise ValueError(f"--hosts: {problem}")
     return _merge((name, 1) for name in flat)
-
-
-# -- launcher command line ---------------------------------------------------------------
-HOST_OPTIONS = frozenset({"--host", "--hosts"})
-# Launcher options whose value is the next token: "-n 4" must not make "4" the program.
-OPTIONS_WITH_VALUE = frozenset({
-    "-n", "--path", "-p", "--nice", "--python-executable", "--python-interpreter",
-    "--pythonpath", "--log", "--hostfile", "--broker-hostname", "--external-hostname",
-    "--prolog", "--backend", "--ssh-executable", "--launcher", "--external", "--job-file",
-    "--max-attempts",
-})
-
-
-def _is_program(token: str) -> bool:
-    return token.endswith(".py") or os.path.isfile(token)
-
-
-def split_host_args(argv: list[str],
-                    options_with_value: frozenset[str] = OPTIONS_WITH_VALUE) -> list[str]:
-    """Rewrite the launcher's argv so that ``--host``/``--hosts`` cannot eat the program.
-
-    The original's ``--hosts`` took every following name, so in
-    ``python -m scoop --host a a b b prog.py`` argparse swallowed ``prog.py`` as a host.
-    Here each ``--host``/``--hosts`` and the names after it become one token
-    ``--hosts=a,a,b,b`` (read back by :func:`hosts_from_list`). The names end at the
-    first token that:
-
-    * starts with ``-`` (the next launcher option, or ``--``), or
-    * ends with ``.py`` or names an existing file: that is the program.
-
-    So a host name never ends in ``.py`` (write ``--hosts=x.com.py`` for a Paraguayan
-    host) and never is the name of a file in the current directory; a program that exists
-    needs no ``.py``. If no token ends the list, every name is a host and argparse then
-    reports the missing program.
-
-    Scanning stops at the program: the first token that is not an option nor the value of
-    one of ``options_with_value`` (e.g. the ``4`` of ``-n 4``). Everything from the
-    program on is the program's own and is kept as is, ``--hosts`` included. Also kept:
-    ``--hosts=...`` tokens, everything after a ``--``, and unknown options (taken for
-    flags). Option abbreviations (``--ho``) and value-taking short options inside
-    clusters (``-vn 4``) are not recognised.
-
-    Args:
-        argv: the launcher's arguments, without the interpreter (``sys.argv[1:]``).
-        options_with_value: launcher options that take the next token as their value.
-
-    Returns:
-        A new list; ``argv`` itself is not changed.
-
-    Example:
-        ``["-n", "4", "--host", "a", "a", "b", "prog.py", "--hosts", "x"]`` ->
-        ``["-n", "4", "--hosts=a,a,b", "prog.py", "--hosts", "x"]``.
-    """
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token in HOST_OPTIONS:
-            i += 1
-            names = []
-            while i < len(argv) and not argv[i].startswith("-") and not _is_program(argv[i]):
-                names.append(argv[i])
-                i += 1
-            out.append("--hosts=" + ",".join(names))
-        elif token in options_with_value:
-            out += argv[i:i + 2]
-            i += 2
-        elif token == "--" or not token.startswith("-") or token == "-":
-            out += argv[i:]
-            break
-        else:
-            out.append(token)
-            i += 1
-    return out
 
 
 # -- -n ----------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import os
 import stat
 import sys
 
+from . import _bootstrap
+
 
 def read_job_file(path: str) -> dict:
     """The job description a launcher wrote for joining workers."""
@@ -36,8 +38,6 @@ def read_job_file(path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a joining worker; return its exit status."""
-    from . import _bootstrap
-
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m scoop.join JOBFILE   (see python -m scoop --external)",

@@ -15,7 +15,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scoop._hosts import (
-    OPTIONS_WITH_VALUE,
     SCHEDULERS,
     Host,
     HostfileError,
@@ -28,8 +27,8 @@ from scoop._hosts import (
     parse_hostfile,
     parse_slurm_counts,
     parse_slurm_nodelist,
-    split_host_args,
 )
+from scoop._launch.cli import OPTIONS_WITH_VALUE, split_host_args
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -246,7 +245,7 @@ def test_split_host_args_custom_options_with_value():
 
 
 def test_split_host_args_knows_every_launcher_option_with_a_value():
-    from scoop._launch import build_parser
+    from scoop._launch.cli import build_parser
 
     takes_value = {option for action in build_parser()._actions
                    if action.option_strings and action.nargs is None
@@ -255,7 +254,7 @@ def test_split_host_args_knows_every_launcher_option_with_a_value():
 
 
 def test_split_host_args_feeds_the_launcher_parser(tmp_path, monkeypatch):
-    from scoop._launch import build_parser
+    from scoop._launch.cli import build_parser
 
     monkeypatch.chdir(tmp_path)
     argv = ["-n", "4", "--host", "a", "a", "b", "prog.py", "--hosts", "x"]

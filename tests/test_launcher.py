@@ -343,14 +343,14 @@ def test_shutdown_waits_then_refuses_new_futures(tmp_path):
 ])
 def test_jobs_are_encrypted_when_workers_may_connect_from_elsewhere(
         encrypt, hosts, external, tunnel, launcher, expected):
-    from scoop._launch import wants_encryption
+    from scoop._launch.job import wants_encryption
 
     assert wants_encryption(encrypt, hosts, external, tunnel, launcher) is expected
 
 
 def test_cpu_counts_of_many_bare_hosts_are_asked_in_parallel(tmp_path):
     """10,000 bare names once meant 10,000 ssh calls one after another."""
-    from scoop._launch import _parse, job_hosts
+    from scoop._launch.cli import _parse, job_hosts
 
     seen = tmp_path / "seen"
     fake_ssh = tmp_path / "ssh"
