@@ -256,7 +256,8 @@ class Launcher:
         self._start_sandboxes()
 
     def _start_sandboxes(self) -> None:
-        """Start the sandbox workers the broker asked for (see scoop._schedule.Recovery.stranded)."""
+        """Start the sandbox workers the broker asked for (see
+        scoop._schedule.Recovery.stranded)."""
         requests = self.broker.sandbox_requests
         while not requests.empty():
             wid = requests.get_nowait()
