@@ -35,10 +35,10 @@ import hmac
 import logging
 import os
 import resource
+import struct
 
 import zmq
 import zmq.utils.z85
-from zmq.utils.monitor import recv_monitor_message
 
 from . import _protocol as P
 
@@ -166,6 +166,15 @@ class Credentials:
         return sock, f"tcp://{host}:{port}"
 
 
+def _monitor_event(frames: list[bytes]) -> int:
+    """The event number of a ZeroMQ monitor message (a uint16, then a uint32 value).
+
+    Parsed here rather than with ``zmq.utils.monitor``, which imports asyncio: tens of
+    milliseconds at every worker's start.
+    """
+    return struct.unpack_from("=H", frames[0])[0]
+
+
 class Gate:
     """Answers ZeroMQ's handshake checks (ZAP) for the broker; logs each refusal once.
 
@@ -208,7 +217,7 @@ class Gate:
         if sock is self.zap:
             self._answer(self.zap.recv_multipart(zmq.NOBLOCK))
         else:
-            event = recv_monitor_message(sock, zmq.NOBLOCK)["event"]
+            event = _monitor_event(sock.recv_multipart(zmq.NOBLOCK))
             why = ("it broke off during the ZeroMQ handshake"
                    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else
                    "it failed the ZeroMQ handshake (not ZeroMQ, or without this job's "
