@@ -61,7 +61,7 @@ from ._schedule import (
     Schedule,
     Send,
 )
-from ._transport import Credentials, Gate, raise_open_file_limit
+from ._transport import MAX_UNPROVEN, Credentials, Gate, raise_open_file_limit
 
 log = logging.getLogger("scoop.broker")
 
@@ -74,6 +74,9 @@ MAX_DRAIN = 1024
 # How often the loop looks for silent workers and stranded groups (s): sooner notices
 # them sooner, at the cost of a wakeup of an idle broker.
 TICK_S = 0.5
+# What each kind of connection sends first (worker, joiner, watchdog): once one has come,
+# signed, its connection is the job's (see _transport.Gate, the bound on unproven ones).
+_FIRST_KINDS = frozenset((P.HELLO, P.JOIN, P.PING))
 
 
 class Lost(NamedTuple):
@@ -108,9 +111,11 @@ class Broker:
                  max_attempts: int = MAX_ATTEMPTS) -> None:
         self.codec = P.Codec(creds.key, BROKER_ID)
         self.schedule = Schedule(size, first_free_wid, max_attempts)
-        raise_open_file_limit()  # every connection, hostile ones too, holds a descriptor
+        open_files = raise_open_file_limit()  # every connection, hostile ones too, holds one
         self.ctx = zmq.Context()
-        self.gate = Gate(self.ctx, creds)  # first: it checks every connection's handshake
+        # First: it checks every connection's handshake. Every worker may be connecting at
+        # once (two connections each), but at most half the descriptors go to strangers.
+        self.gate = Gate(self.ctx, creds, min(max(MAX_UNPROVEN, 4 * size), open_files // 2))
         self.router, self.address = creds.listen(self.ctx, host, port)
         self.gate.watch(self.router)
         # Commands from other threads, and a socket that wakes the loop for each. Both of
@@ -273,6 +278,8 @@ class Broker:
             except Exception as exc:  # noqa: BLE001 - AuthError, or anything a peer caused
                 self._reject(ident, exc)
                 continue
+            if msg.kind in _FIRST_KINDS:
+                self.gate.proven(frames[1].get(zmq.SRCFD))
             try:
                 self._carry_out(self._handle(ident, name, msg))
             except P.AuthError as exc:

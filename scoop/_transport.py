@@ -35,6 +35,7 @@ import hmac
 import logging
 import os
 import resource
+import socket
 import struct
 
 import zmq
@@ -57,6 +58,12 @@ MAX_EVENTS_PER_CALL = 256
 HANDSHAKE_TIMEOUT_MS = 10_000
 # Refused peers named in the log, one line each; the rest are only counted.
 MAX_LOGGED_PEERS = 32
+# Connections not yet proven to be this job's (accepted, and no signed first message read
+# from them yet) that the broker keeps; beyond it the oldest is hung up. Each holds a file
+# descriptor, so a flood of idle or unkeyed connections must not use them all: more lets
+# more workers start at the same moment (those hung up reconnect), fewer keeps more
+# descriptors for the job. The broker raises it for jobs of many workers.
+MAX_UNPROVEN = 256
 # The most file descriptors asked for when raising the soft limit to an unlimited hard one.
 MAX_OPEN_FILES = 1 << 20
 
@@ -166,36 +173,63 @@ class Credentials:
         return sock, f"tcp://{host}:{port}"
 
 
-def _monitor_event(frames: list[bytes]) -> int:
-    """The event number of a ZeroMQ monitor message (a uint16, then a uint32 value).
+def _monitor_event(frames: list[bytes]) -> tuple[int, int]:
+    """The event number and value of a ZeroMQ monitor message (a uint16, then a uint32).
 
     Parsed here rather than with ``zmq.utils.monitor``, which imports asyncio: tens of
     milliseconds at every worker's start.
     """
-    return struct.unpack_from("=H", frames[0])[0]
+    return struct.unpack_from("=HI", frames[0])
 
 
 class Gate:
-    """Answers ZeroMQ's handshake checks (ZAP) for the broker; logs each refusal once.
+    """Answers ZeroMQ's handshake checks (ZAP) for the broker; logs each refusal once;
+    keeps the number of connections not yet proven to be the job's bounded.
 
     Lives in the broker's thread: register :attr:`sockets` with its poller and pass the
-    ready ones to :meth:`handle`.
+    ready ones to :meth:`handle`; call :meth:`proven` with the descriptor of each
+    connection a signed first message (HELLO, JOIN, PING) came from.
+
+    *The bound.* ZeroMQ drops a connection that does not finish its handshake within
+    :data:`HANDSHAKE_TIMEOUT_MS`, but does not limit how many may be pending meanwhile, and
+    a peer holding the (PLAIN) token passes the handshake and may then stay silent. The
+    monitor reports each accepted connection with its descriptor and each disconnection;
+    a message carries the descriptor it came in on. A connection is unproven from its
+    acceptance until its first signed message; above ``max_unproven`` the oldest unproven
+    one is shut down (``shutdown(2)`` on ZeroMQ's descriptor, which ZeroMQ then sees as a
+    peer that left; the descriptor itself stays ZeroMQ's to close). A worker hung up this
+    way reconnects by itself.
     """
 
-    def __init__(self, ctx: zmq.Context, creds: Credentials) -> None:
+    def __init__(self, ctx: zmq.Context, creds: Credentials,
+                 max_unproven: int = MAX_UNPROVEN) -> None:
         self.creds = creds
+        self.ctx = ctx
         self.zap = ctx.socket(zmq.REP)
         self.zap.setsockopt(zmq.LINGER, 0)
         self.zap.bind(ZAP_ENDPOINT)  # before the broker binds: no connection goes unchecked
         self.monitor: zmq.Socket | None = None
         self.sockets = [self.zap]
         self.refused = 0
+        self.hung_up = 0  # unproven connections shut down to keep within the bound
+        self.max_unproven = max_unproven
+        # Unproven connections, oldest first: descriptor -> the peer's (address, port), to
+        # hang up only the connection seen (a descriptor is reused once ZeroMQ closes it).
+        self._unproven: dict[int, tuple] = {}
         self._logged: set = set()
 
     def watch(self, router: zmq.Socket) -> None:
-        """Also count connections that fail before the credentials check (garbage, a
-        client without credentials): ZeroMQ reports those on a monitor socket."""
-        self.monitor = router.get_monitor_socket(_HANDSHAKE_FAILED)
+        """Follow ``router``'s connections: count those that fail before the credentials
+        check (garbage, a client without credentials), and track the unproven ones."""
+        address = f"inproc://scoop-gate-{id(self)}"
+        router.monitor(address, _HANDSHAKE_FAILED | zmq.EVENT_ACCEPTED
+                       | zmq.EVENT_DISCONNECTED)
+        self.monitor = self.ctx.socket(zmq.PAIR)
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        # No high-water mark: a dropped ACCEPTED or DISCONNECTED event would leave the
+        # bookkeeping of descriptors stale (events are a few dozen bytes each).
+        self.monitor.setsockopt(zmq.RCVHWM, 0)
+        self.monitor.connect(address)
         self.sockets.append(self.monitor)
 
     def handle(self, sock: zmq.Socket) -> None:
@@ -207,22 +241,54 @@ class Gate:
             try:
                 self._handle(sock)
             except zmq.Again:
-                return
+                break
             except Exception as exc:  # noqa: BLE001 - e.g. out of file descriptors or memory
                 log.warning("broker: could not check a connection: %s: %s",
                             type(exc).__name__, exc)
-                return
+                break
+        while len(self._unproven) > self.max_unproven:
+            fd = next(iter(self._unproven))
+            self._hang_up(fd, self._unproven.pop(fd))
+
+    def proven(self, fd: int) -> None:
+        """The connection on descriptor ``fd`` sent a signed message: it is the job's."""
+        self._unproven.pop(fd, None)
 
     def _handle(self, sock: zmq.Socket) -> None:
         if sock is self.zap:
             self._answer(self.zap.recv_multipart(zmq.NOBLOCK))
+            return
+        event, value = _monitor_event(sock.recv_multipart(zmq.NOBLOCK))
+        if event == zmq.EVENT_ACCEPTED:
+            self._unproven.pop(value, None)
+            self._unproven[value] = _peer_of(value)
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._unproven.pop(value, None)
         else:
-            event = _monitor_event(sock.recv_multipart(zmq.NOBLOCK))
             why = ("it broke off during the ZeroMQ handshake"
                    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else
                    "it failed the ZeroMQ handshake (not ZeroMQ, or without this job's "
                    "credentials)")
             self._refuse("a connection", why)
+
+    def _hang_up(self, fd: int, peer: tuple | None) -> None:
+        if peer is None or _peer_of(fd) != peer:
+            return  # already gone: the descriptor is free or another connection's now
+        try:
+            conn = socket.socket(fileno=fd)  # wraps ZeroMQ's descriptor, allocates none
+        except OSError:
+            return
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+            self.hung_up += 1
+        except OSError:
+            pass
+        finally:
+            conn.detach()  # the descriptor stays ZeroMQ's to close
+        if self.hung_up == 1:
+            log.warning("broker: more than %d connections were not (yet) proven to be of "
+                        "this job; hanging up the oldest of them (further ones are only "
+                        "counted)", self.max_unproven)
 
     def _answer(self, request: list[bytes]) -> None:
         # A REP socket must answer before it can read the next request: whatever the
@@ -268,3 +334,20 @@ class Gate:
         if self.refused:
             log.info("broker: refused %d connection(s) that were not of this job",
                      self.refused)
+        if self.hung_up:
+            log.info("broker: hung up %d connection(s) that were not proven in time",
+                     self.hung_up)
+
+
+def _peer_of(fd: int) -> tuple | None:
+    """The remote (address, port) of the TCP connection on ``fd``, None if there is none."""
+    try:
+        conn = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        return conn.getpeername() if conn.type == socket.SOCK_STREAM else None
+    except OSError:
+        return None
+    finally:
+        conn.detach()

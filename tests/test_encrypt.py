@@ -157,3 +157,53 @@ def test_plain_broker_refuses_a_wrong_token():
     finally:
         broker.stop()
         ctx.destroy(linger=0)
+
+
+def _closed_by_peer(conn: socket.socket, timeout: float) -> bool:
+    """Whether the broker ends this raw connection within ``timeout`` (it may first send
+    its ZeroMQ greeting)."""
+    conn.settimeout(timeout)
+    try:
+        while conn.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:  # reset
+        return True
+    return True
+
+
+def test_unproven_connections_are_bounded_and_the_jobs_own_are_kept():
+    """Flood with connections that never prove themselves (silent TCP, a silent holder of
+    the token): beyond the bound the oldest unproven ones are hung up long before the
+    handshake timeout, while a connection that has sent a signed message is never hung up
+    and is still answered."""
+    creds = Credentials.new()
+    broker = Broker(creds, size=2)
+    broker.gate.max_unproven = 8
+    broker.start()
+    ctx = zmq.Context()
+    host, port = broker.address.removeprefix("tcp://").rsplit(":", 1)
+    flood: list[socket.socket] = []
+    codec = P.Codec(creds.key, 1)
+    try:
+        watchdog = creds.connect(ctx, P.routing_id(b"h", 1), broker.address)
+        watchdog.send_multipart(codec.encode(P.PING))
+        assert _answered(watchdog, 10000), "the job's own connection got no PONG"
+        watchdog.recv_multipart()
+        silent = creds.connect(ctx, b"w2", broker.address)  # the token, and then nothing
+        time.sleep(0.2)
+        flood = [socket.create_connection((host, int(port))) for _ in range(40)]
+        oldest = flood[:32]
+        assert all(_closed_by_peer(c, 5.0) for c in oldest), \
+            "unproven connections beyond the bound were not hung up"
+        assert broker.gate.hung_up >= 32 + 1  # the oldest 32 raw ones and the silent one
+        watchdog.send_multipart(codec.encode(P.PING))
+        assert _answered(watchdog, 10000), "a proven connection was hung up"
+        assert P.Codec(creds.key, 0).decode(watchdog.recv_multipart()).kind == P.PONG
+        silent.close(0)
+    finally:
+        for conn in flood:
+            conn.close()
+        broker.stop()
+        ctx.destroy(linger=0)
