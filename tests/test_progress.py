@@ -1,0 +1,129 @@
+"""The progress display's parts, on a fake clock and in-memory streams (no job needed)."""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+
+import pytest
+
+from scoop import _progress
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_line_has_counts_percent_rate_workers_and_time_left():
+    clock = Clock()
+    p = _progress.Progress(clock)
+    p.workers = 4
+    p.add_total(10_000)
+    meter = _progress.Meter(p)
+    meter.line()
+    clock.now += 10
+    p.add_done(2_500)
+    line = meter.line()
+    assert line.startswith("scoop: 2,500/10,000 items  25%  250/s  4 workers  0:10")
+    assert line.endswith("0:30 left")  # 7,500 more at 250/s
+
+
+def test_an_input_without_length_shows_what_was_read_and_no_time_left():
+    clock = Clock()
+    p = _progress.Progress(clock)
+    p.reading(+1)
+    p.add_total(300)
+    meter = _progress.Meter(p)
+    meter.line()
+    clock.now += 2
+    p.add_done(100)
+    line = meter.line()
+    assert "100/300+ items" in line and "%" not in line and "left" not in line
+    p.reading(-1)
+    assert "33%" in meter.line()
+
+
+def test_the_rate_follows_the_last_window():
+    clock = Clock()
+    p = _progress.Progress(clock)
+    p.add_total(10**6)
+    meter = _progress.Meter(p)
+    for _ in range(30):  # 100/s for 30 s ...
+        clock.now += 1
+        p.add_done(100)
+        meter.line()
+    for _ in range(30):  # ... then 1,000/s: the window forgets the slow start
+        clock.now += 1
+        p.add_done(1000)
+        line = meter.line()
+    assert " 1,000/s" in line
+
+
+def test_log_lines_come_every_few_seconds_only_when_counts_move_and_at_the_end():
+    clock = Clock()
+    out = io.StringIO()
+    d = _progress.LogLines(out, every=5, clock=clock)
+    d.show("scoop: 1/10 items  0:00")
+    assert out.getvalue() == ""  # not before the first period
+    clock.now += 5
+    d.show("scoop: 1/10 items  0:05")
+    clock.now += 5
+    d.show("scoop: 1/10 items  0:10")  # counts did not move: nothing
+    clock.now += 1
+    d.show("scoop: 2/10 items  0:11")  # moved, but within the period: nothing
+    d.close("scoop: 10/10 items  0:12")
+    assert out.getvalue().splitlines() == ["scoop: 1/10 items  0:05",
+                                           "scoop: 10/10 items  0:12"]
+
+
+def test_the_terminal_line_is_redrawn_in_place_and_cleared_for_output():
+    out = Tty()
+    d = _progress.TerminalLine(out)
+    d.show("a")
+    d.show("b")
+    d.clear()
+    d.clear()  # nothing drawn: nothing to clear
+    d.close("c")
+    assert out.getvalue() == "\r\x1b[Ka\r\x1b[Kb\r\x1b[K\r\x1b[Kc\n"
+
+
+def test_display_for_picks_the_line_on_a_terminal_and_log_lines_elsewhere():
+    p = _progress.Progress()
+    assert isinstance(_progress.display_for(Tty(), p), _progress.TerminalLine)
+    assert isinstance(_progress.display_for(io.StringIO(), p), _progress.LogLines)
+
+
+def test_the_programs_prints_clear_the_line_first(monkeypatch):
+    """stdout and the line share one terminal: each print starts on a cleared line."""
+    term = Tty()
+    monkeypatch.setattr(sys, "stdout", term)
+    p = _progress.Progress()
+    p.add_total(2)
+    reporter = _progress.Reporter(p, _progress.TerminalLine(term), tick=0.01).start()
+    try:
+        for _ in range(500):
+            if "scoop: 0/2" in term.getvalue():
+                break
+            time.sleep(0.01)
+        print("hello")
+        p.add_done(2)
+    finally:
+        reporter.stop()
+    assert sys.stdout is term  # given back
+    text = term.getvalue()
+    assert "scoop: 0/2" in text
+    before, _, after = text.partition("hello\n")
+    assert before.endswith("\r\x1b[K")  # the line was taken away first
+    assert after.endswith("\n") and "scoop: 2/2 items  100%" in after.splitlines()[-1]
