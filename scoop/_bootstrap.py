@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 
 import scoop
 
-from . import _reaper, _serialize, _worker
+from . import _progress, _reaper, _serialize, _worker
 from ._errors import JobStopped
 from ._files import create_private
 from ._transport import Credentials
@@ -276,6 +276,7 @@ def _end_on_sigterm(signum: int, frame) -> None:
 
 def _run_root(worker: _worker.Worker, cfg: dict) -> int:
     status = 0
+    reporter = _progress.start(worker.size) if cfg.get("progress") else None
     try:
         run_main(cfg, "__main__")
     except SystemExit as exc:
@@ -291,6 +292,8 @@ def _run_root(worker: _worker.Worker, cfg: dict) -> int:
                     tb.tb_frame.f_code.co_filename == __file__:
                 tb = tb.tb_next  # the program's frames only
             traceback.print_exception(type(exc), exc, tb)
+    if reporter is not None:
+        _progress.stop()
     sys.stdout.flush()
     sys.stderr.flush()
     worker.shutdown(status)

@@ -215,6 +215,8 @@ class _Guarded:
     def write(self, text: str) -> int:
         with self._reporter.lock:
             self._reporter.display.clear()
+            if text:  # print() writes the text and its newline separately: no line between
+                self._reporter.mid_line = not text.endswith("\n")
             return self._stream.write(text)
 
     def __getattr__(self, name: str):
@@ -233,6 +235,7 @@ class Reporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._saved: tuple | None = None
+        self.mid_line = False  # the program's last write did not end its line
 
     def start(self, guard_streams: bool = True) -> Reporter:
         """Start drawing; with ``guard_streams``, the program's prints clear the line."""
@@ -248,7 +251,8 @@ class Reporter:
         while not self._stop.wait(self.tick):
             line = self.meter.line()
             with self.lock:
-                self.display.show(line)
+                if not self.mid_line:
+                    self.display.show(line)
 
     def stop(self) -> None:
         """Stop drawing and leave the final line; give the streams back."""
@@ -262,3 +266,33 @@ class Reporter:
             self._saved = None
         with self.lock:
             self.display.close(self.meter.line())
+
+
+# The root's progress while it is shown (None: not asked for; counting is then skipped).
+active: Progress | None = None
+_reporter: Reporter | None = None
+
+
+def start(workers: int, stream: TextIO | None = None) -> Reporter:
+    """Count and show the program's progress from now on (the root, or an Executor)."""
+    global active, _reporter
+    stop()
+    progress = Progress()
+    progress.workers = workers
+    _reporter = Reporter(progress, display_for(stream or sys.stderr, progress)).start()
+    active = progress
+    return _reporter
+
+
+def stop() -> None:
+    """Leave the final line and stop counting."""
+    global active, _reporter
+    if _reporter is not None:
+        _reporter.stop()
+    active = _reporter = None
+
+
+def count_done(fut) -> None:
+    """A future's done-callback: its one submitted call ended."""
+    if active is not None:
+        active.add_done(1)

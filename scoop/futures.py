@@ -29,7 +29,7 @@ from concurrent.futures import (
 )
 from typing import Any, NamedTuple
 
-from . import _chunks, _serialize, _worker
+from . import _chunks, _progress, _serialize, _worker
 from ._errors import (
     BrokenJobError,
     CancelledError,
@@ -75,7 +75,11 @@ def submit(func: Callable, *args: Any, **kwargs: Any) -> Future:
     Returns:
         The Future of the call.
     """
-    return _worker.current().submit(func, args, kwargs)
+    fut = _worker.current().submit(func, args, kwargs)
+    if _progress.active is not None:  # --progress: count the call, and its end
+        _progress.active.add_total(1)
+        fut.add_done_callback(_progress.count_done)
+    return fut
 
 
 # The smallest automatic chunk is 1/(MIN_CHUNK_SPLIT * workers) of the items: the tail of

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import pty
+import select
+import subprocess
 import sys
 import time
 
@@ -10,7 +14,9 @@ import pytest
 
 from scoop import _progress
 
-pytestmark = pytest.mark.timeout(30)
+from conftest import run_scoop, write_program
+
+pytestmark = pytest.mark.timeout(90)
 
 
 class Clock:
@@ -127,3 +133,79 @@ def test_the_programs_prints_clear_the_line_first(monkeypatch):
     before, _, after = text.partition("hello\n")
     assert before.endswith("\r\x1b[K")  # the line was taken away first
     assert after.endswith("\n") and "scoop: 2/2 items  100%" in after.splitlines()[-1]
+
+
+# -- with a real job ---------------------------------------------------------------------
+
+SUBMITS = """
+    import sys, time
+    from scoop import futures
+
+    def f(x):
+        time.sleep(0.02)
+        return x
+
+    if __name__ == "__main__":
+        fs = [futures.submit(f, i) for i in range(60)]
+        for i, fut in enumerate(fs):
+            if i % 20 == 0:
+                print("hello", i, flush=True)
+            fut.result()
+        print("sum", sum(fut.result() for fut in fs))
+"""
+
+
+@pytest.mark.usefixtures("no_leftovers")
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_job_with_progress_ends_with_a_final_line_of_the_counts(tmp_path, how):
+    prog = write_program(tmp_path, SUBMITS)
+    env = {**os.environ, "SCOOP_PROGRESS": "1"} if how == "environment" else None
+    args = ["-n", "2", prog] if how == "environment" else ["-n", "2", "--progress", prog]
+    proc = run_scoop(*args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["hello 0", "hello 20", "hello 40", f"sum {sum(range(60))}"]
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("scoop: 60/60 items  100%  "), proc.stderr
+    assert "2 workers" in last
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_without_progress_nothing_is_shown(tmp_path):
+    proc = run_scoop("-n", "2", write_program(tmp_path, SUBMITS))
+    assert proc.returncode == 0 and "scoop:" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_on_a_terminal_the_line_is_live_and_the_programs_lines_stay_whole(tmp_path):
+    """The launcher on a pseudo-terminal: the live line is redrawn while the job runs,
+    and every line the program prints arrives whole, on its own line."""
+    prog = write_program(tmp_path, SUBMITS.replace("0.02", "0.05"))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "scoop", "-n", "2", "--progress", prog],
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 60)
+            if not ready:
+                break
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        if proc.wait(timeout=30) is None:
+            proc.kill()
+    text = b"".join(chunks).decode()
+    assert proc.returncode == 0, text
+    assert text.count("\r\x1b[Kscoop: ") >= 3, text  # redrawn while running
+    screen = [line.rsplit("\r\x1b[K", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    for expected in ("hello 0", "hello 20", "hello 40", f"sum {sum(range(60))}"):
+        assert expected in screen, text  # a whole line, with nothing of the bar on it
+    assert [line for line in screen if line.startswith("scoop: ")][-1].startswith(
+        "scoop: 60/60 items  100%"), text

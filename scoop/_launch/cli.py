@@ -127,6 +127,10 @@ def build_parser(prog: str = "python -m scoop") -> argparse.ArgumentParser:
     p.add_argument("--log", metavar="FILE", default=None,
                    help="write scoop's log messages (launcher and workers) to FILE; the "
                         "program's own output still goes to the terminal")
+    p.add_argument("--progress", action="store_true",
+                   default=os.environ.get("SCOOP_PROGRESS", "") not in ("", "0"),
+                   help="show the program's progress on stderr: items done/total, rate, "
+                        "workers, time left (also SCOOP_PROGRESS=1)")
     p.add_argument("--debug", action="store_true",
                    help="debug mode: scoop.DEBUG is True and logging is verbose")
     p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="module",
@@ -324,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                         ssh=ns.ssh, broker_hostname=ns.broker_hostname, prolog=ns.prolog,
                         tunnel=ns.tunnel, external=ns.external, job_file=ns.job_file,
                         launcher=ns.launcher or _default_launcher(ns),
-                        max_attempts=ns.max_attempts, encrypt=ns.encrypt, module=ns.module)
+                        max_attempts=ns.max_attempts, encrypt=ns.encrypt, module=ns.module,
+                        progress=ns.progress)
     return _run(launcher, hosts)
 
 

@@ -75,6 +75,7 @@ class Job:
     prolog: str | None = None
     tunnel: bool = False
     max_attempts: int = _broker.MAX_ATTEMPTS
+    progress: bool = False
     id: str = field(default_factory=_reaper.new_job_id)
 
     def __post_init__(self) -> None:
@@ -122,7 +123,7 @@ class Job:
             "program": self.program, "module": self.module, "args": list(self.args),
             "cwd": self.cwd, "nice": self.nice, "debug": self.debug,
             "log_level": self.log_level, "log_file": self.log_file,
-            "hosts": self.hosts,
+            "hosts": self.hosts, "progress": self.progress,
         }
 
 

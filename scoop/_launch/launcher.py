@@ -79,8 +79,8 @@ class Launcher:
         log_file: where the workers write their log records (None: stderr).
         encrypt: encrypt the job's traffic with ZeroMQ CURVE (see ``_transport``); None:
             whenever a worker may connect from another machine (:func:`wants_encryption`).
-        ssh, broker_hostname, prolog, tunnel, external, job_file, launcher, max_attempts:
-            as the command line's options of the same names (see :mod:`.cli`).
+        ssh, broker_hostname, prolog, tunnel, external, job_file, launcher, max_attempts,
+        progress: as the command line's options of the same names (see :mod:`.cli`).
     """
 
     def __init__(self, n: int | None = None, program: str | None = None,
@@ -92,14 +92,14 @@ class Launcher:
                  prolog: str | None = None, tunnel: bool = False, external: int = 0,
                  job_file: str | None = None, launcher: str = "ssh",
                  max_attempts: int = _broker.MAX_ATTEMPTS, encrypt: bool | None = None,
-                 module: str | None = None) -> None:
+                 module: str | None = None, progress: bool = False) -> None:
         self.job = Job(
             hosts=tuple(hosts if hosts is not None else [("127.0.0.1", n or 1)]),
             program=program, module=module, args=tuple(args or ()), python=python,
             cwd=cwd or os.getcwd(), pythonpath=pythonpath, nice=nice, debug=debug,
             log_level=log_level, log_file=log_file, external=external, launcher=launcher,
             ssh=ssh, broker_hostname=broker_hostname, prolog=prolog, tunnel=tunnel,
-            max_attempts=max_attempts)
+            max_attempts=max_attempts, progress=progress)
         self.job_file = job_file
         self._wrote_job_file = False
         self.creds = Credentials.new(wants_encryption(
