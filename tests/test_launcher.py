@@ -368,3 +368,24 @@ echo 2
                  "prog.py"])
     assert job_hosts(ns) == [(name, 2) for name in names]
     assert max(int(n) for n in seen.read_text().split()) > 1, "the probes ran one by one"
+
+
+@pytest.mark.parametrize("said", [
+    "srun: error: Unable to allocate resources: Unable to contact slurm controller "
+    "(connect failure)",
+    "srun: fatal: Could not establish a configuration source",
+])
+def test_an_srun_that_finds_no_controller_points_at_launcher_ssh(said):
+    """What srun (slurm 22.05) prints without a controller, from a real process: the
+    launcher's error names the cause and the way out (--launcher ssh)."""
+    from scoop._launch.job import Job, LaunchError
+    from scoop._launch.remote import RemoteHost
+
+    job = Job(hosts=(("127.0.0.1", 1),))
+    host = RemoteHost("srun", [1], ["sh", "-c", f"echo '{said}' >&2; exit 1"], job)
+    host.proc.wait(10)
+    with pytest.raises(LaunchError) as err:
+        host.check_failed()
+    host.close()
+    assert "could not reach a SLURM controller" in str(err.value)
+    assert "--launcher ssh" in str(err.value) and said in str(err.value)

@@ -64,6 +64,12 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+# What srun says when it finds no controller: no slurm.conf and no DNS record of one,
+# or a controller that does not answer (slurm 22.05's words).
+SRUN_NO_CONTROLLER = ("configuration source", "fetch_config", "slurm controller",
+                      "slurm.conf", "Unable to allocate resources")
+
+
 class RemoteHost:
     """The workers ``wids`` of one remote host (or srun step): the process that runs them.
 
@@ -135,6 +141,8 @@ class RemoteHost:
     def _diagnose(self, code: int) -> tuple[str, str]:
         """What went wrong on this host and what to try, from its status and stderr."""
         tail = list(self.stderr_tail)
+        if self.name == "srun":
+            return self._diagnose_srun(tail)
         if code == 255 and any("forwarding failed" in line for line in tail):
             return ("ssh could not open the tunnel (-e) to the broker's port there",
                     "run again (the port is chosen anew), or drop -e and use --broker-hostname")
@@ -159,6 +167,18 @@ class RemoteHost:
         return (f"its workers ended with {_agent.describe_status(code)}",
                 "if they could not reach the broker, pass --broker-hostname with an "
                 "address of this machine that the host can reach")
+
+    @staticmethod
+    def _diagnose_srun(tail: list[str]) -> tuple[str, str]:
+        if any(w in line for line in tail for w in SRUN_NO_CONTROLLER):
+            return ("srun could not reach a SLURM controller (SLURM variables are set, but "
+                    "this is not a working SLURM allocation, or its configuration is "
+                    "missing here)",
+                    "--launcher ssh, to start the workers over ssh on the allocation's "
+                    "hosts; or run the job inside salloc or sbatch")
+        return ("the srun step that starts the workers failed",
+                "check that `srun true` works in this allocation, or pass --launcher ssh "
+                "to start the workers over ssh instead")
 
     def check_ended(self) -> None:
         """Once the job runs, a host whose agent ended is reported, not fatal: the
