@@ -1,0 +1,734 @@
+"""Resume after a kill: the store behind ``futures.map(f, items, checkpoint="run.db")``.
+
+New in scoop (the original SCOOP has no checkpoints; issue 13). Status: the store is
+ready; the ``checkpoint=`` argument of ``map``, ``map_as_completed`` and ``Executor.map``
+lands with the streaming map, which calls the functions below.
+
+The flow this module owns::
+
+    input ──enumerate──> split() ──per batch: one range look-up──┐
+                            │                                     │
+                            ├─ Stored(index, value) ─────────────────────> yielded as is
+                            └─ Pending(index, item, key) ─> submitted ─> result
+                                                                     │
+                          record(index, key, value) <───────────────┘ (and yielded)
+                            │  rows wait in memory: a batch goes to the file in one
+                            │  transaction every BATCH_SIZE rows or BATCH_SECONDS
+                            v
+                          run.db (sqlite, WAL) ── close(): the last batch
+
+*The map* (root process, the program's own call) opens one :class:`Checkpoint` per call,
+passes its enumerated input through :func:`split`, submits only the ``Pending`` items,
+and hands each result to :meth:`Checkpoint.record` as it arrives. It closes the
+checkpoint when it ends, however it ends (``finally``).
+
+*The store* (one per file and process, shared by every map of the program on that file)
+holds the sqlite connection, the rows not written yet, and a flusher thread that writes
+them at most ``BATCH_SECONDS`` after they arrived, so that a slow map loses little.
+
+Integration sketch (the streaming map; :func:`checkpointed_map` is the same flow run one
+item at a time, and is what the tests drive)::
+
+    ckpt = Checkpoint.open(path, func)              # refuses others' files, keys func
+    try:
+        for entry in split(ckpt, enumerate(items)):  # reads the input as it goes
+            if isinstance(entry, Stored):
+                slot[entry.index] = entry.value      # done in an earlier run
+            else:
+                submit(entry)                        # keep entry.index and entry.key
+        ...
+        # as each result arrives (never for an exception):
+        ckpt.record(entry.index, entry.key, value)
+    finally:
+        ckpt.close()
+
+Keys: what makes a stored result the right one
+----------------------------------------------
+A row is ``(call, index, item key, pickled value)``; a stored value is used only when
+all of ``call``, ``index`` and the item key match.
+
+* **The function key** is a SHA-256 over its module and qualified name and its
+  *behaviour as code*: the bytecode and constants of its code object (and of the code
+  objects nested in it), its names, argument layout and flags, its default arguments,
+  and the values in its closure cells (functions there are keyed the same way,
+  recursively). Line numbers and file names are left out, so editing elsewhere in the
+  file does not invalidate a checkpoint; a changed body, a changed constant or a changed
+  closure value does. ``functools.partial`` objects are keyed on their function and
+  arguments, bound methods on their function and their object (pickled), other callable
+  objects on their class's ``__call__`` and their pickled state, builtins and classes on
+  their name. The key is stable across runs and processes of the same Python version
+  (a frozenset constant is keyed on its sorted elements, so hash randomisation does not
+  matter); another Python version has other bytecode, so it recomputes everything.
+  Limits: what the function reads *at call time* is not in its key: global variables,
+  the top-level functions it calls, files, library versions. Change any of those and
+  the old results would be taken as valid: pass ``key="my-f-v2"`` to name the
+  function's version yourself (it replaces the automatic key), or delete the file.
+* **The call key** is the function key plus the call's ordinal: the n-th map of that
+  function on that file in this program run (0, 1, ...). Two maps of one function in one
+  program therefore never share rows, and a re-run that makes the same calls in the same
+  order finds each one's rows again. If a re-run skips a call, the next one takes its
+  ordinal; the item keys below then differ and its items are recomputed, never mixed.
+* **The item key** is a SHA-256 (128 bits kept) of the item: a canonical encoding for
+  None, bools, ints, floats, complex numbers, strings, bytes, and tuples, lists, dicts
+  (in their order) and sets (sorted by encoding, so deterministic across processes) of
+  those; the pickle (cloudpickle, as the item would travel) for anything else. It is
+  stored with the item's index and checked at look-up, so a changed item, or reordered
+  input, recomputes from the first position that differs. An input whose pickle is not
+  deterministic across runs (an object holding a set of strings) gets a new key every
+  run: it is recomputed each time, which costs time but never returns a wrong result.
+  An item that cannot be pickled is refused with :class:`CheckpointError` (it could not
+  be sent to a worker either).
+
+Commit policy, and what a kill loses
+------------------------------------
+sqlite in WAL mode with ``synchronous=NORMAL``: a transaction is complete in the log
+when ``COMMIT`` returns, and a killed process (``kill -9``, at any instruction) leaves
+the file with every committed transaction and none of a half-written one: there are no
+torn rows. Only a power loss or OS crash can drop the last committed transactions, never
+corrupt the file (``synchronous=FULL``, one fsync per commit, would cover that too; the
+benchmark ``bench/bench_checkpoint.py`` measures both). Rows go to the file in batches,
+one transaction each, every ``BATCH_SIZE`` rows or ``BATCH_SECONDS`` after the first row
+of a batch, whichever comes first, and at :meth:`Checkpoint.close`. A kill therefore
+loses at most the results of the last ``BATCH_SECONDS`` (and fewer than ``BATCH_SIZE``):
+those items run again at the next run, as do the items running at the kill. Together
+with the map's own loss (items a worker finished but had not reported), a map killed
+and run again computes each item at most once more than it had finished.
+
+Results, exceptions
+-------------------
+* A result is pickled when it is recorded. One that cannot be pickled is still
+  returned by the map in this run; it is only not recorded (one warning per call naming
+  the function), so the next run computes it again.
+* A result that can no longer be unpickled at look-up (its class was removed or renamed)
+  counts as missing: the item runs again (one warning per call).
+* An exception raised by the function is never recorded: the map only records results.
+  A re-run returns the stored results before it and calls the function on that item
+  again. A function that *returns* an exception object has it recorded like any value.
+
+Trust, and one writer
+---------------------
+A checkpoint holds pickles, and unpickling runs code: an existing file is opened only
+if it is a regular file owned by the user, not writable by group or others, and so are
+its ``-wal`` and ``-journal`` companions, in a folder that is the user's own, or that
+others cannot write to, or that is sticky (like /tmp: others cannot replace the file);
+otherwise :class:`CheckpointError` says which test failed.
+A new file is created with mode 0600. A file that is not a scoop checkpoint (another
+sqlite database, any other file) is refused, never modified.
+
+The store opens the file with ``locking_mode=EXCLUSIVE``: the process that opened it
+holds the lock until it closes it, and no shared-memory index is used (so the file may
+sit on a network file system, used from one host at a time). Another program opening
+the same file meanwhile waits up to ``BUSY_WAIT_S`` (a previous run still exiting) and
+then gets :class:`CheckpointBusyError`. Within one program, every map on that file goes
+through the one store: only that process writes. Open checkpoints from the program (the
+root worker); a map inside a task that opened the same file on another worker would get
+the busy error.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import hashlib
+import io
+import os
+import pickle
+import sqlite3
+import stat
+import struct
+import threading
+import time
+import types
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+from . import _files, _serialize
+
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointBusyError", "Stored", "Pending",
+           "split", "checkpointed_map", "function_key", "item_key"]
+
+# Rows written per transaction at most: a commit costs a few tens of microseconds (WAL,
+# synchronous=NORMAL), so batching makes it negligible per row; a kill loses fewer rows
+# than this (they are recomputed).
+BATCH_SIZE = 1000
+# The longest a recorded row waits in memory before it is written: the most work a kill
+# can lose from a slow map. Shorter costs one commit per interval, nothing more.
+BATCH_SECONDS = 0.5
+# Items looked up per query in split(): one range scan per batch instead of one query per
+# item, and no more input read ahead of the map than this.
+LOOKUP_BATCH = 256
+# How long opening a file held by another program waits before CheckpointBusyError: long
+# enough for a previous run that is still exiting, short enough to tell the user soon.
+BUSY_WAIT_S = 2.0
+
+# "SCKP": marks a sqlite file as a scoop checkpoint (PRAGMA application_id).
+APPLICATION_ID = 0x53434B50
+SCHEMA_VERSION = 1
+# Bytes of SHA-256 kept in keys: 128 bits cannot collide by chance.
+KEY_BYTES = 16
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used (not the user's own, not a checkpoint, an input
+    that cannot be keyed)."""
+
+
+class CheckpointBusyError(CheckpointError):
+    """Another program holds the checkpoint file."""
+
+
+class Stored(NamedTuple):
+    """An item finished in an earlier run: its stored result."""
+
+    index: int
+    value: Any
+
+
+class Pending(NamedTuple):
+    """An item still to run; record its result with ``index`` and ``key``."""
+
+    index: int
+    item: Any
+    key: bytes
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+_ATOM_TAGS = {type(None): b"N", bool: b"B", int: b"I", float: b"F", complex: b"C",
+              str: b"S", bytes: b"Y", type(...): b"."}
+_CANON_DEPTH = 32
+
+
+def _pickled(obj: Any) -> bytes:
+    """The pickle of ``obj`` as it would travel (cloudpickle), buffers in band."""
+    out = io.BytesIO()
+    _serialize._Pickler(out, protocol=5).dump(obj)
+    return out.getvalue()
+
+
+def _canon(obj: Any, out: list[bytes], depth: int = _CANON_DEPTH) -> None:
+    """Append a deterministic encoding of ``obj``; raises ValueError where none exists
+    (then the caller falls back to the pickle)."""
+    kind = type(obj)  # exact types: a subclass may pickle (and behave) differently
+    tag = _ATOM_TAGS.get(kind)
+    if tag is not None:
+        if kind is str:
+            raw = obj.encode("utf-8", "surrogatepass")
+        elif kind is bytes:
+            raw = obj
+        elif kind is float:
+            raw = obj.hex().encode()  # exact, and -0.0 differs from 0.0
+        elif kind is complex:
+            raw = f"{obj.real.hex()},{obj.imag.hex()}".encode()
+        else:
+            raw = repr(obj).encode()
+        out += (tag, struct.pack("<Q", len(raw)), raw)
+        return
+    if depth == 0:
+        raise ValueError("too deep (or a cycle)")
+    if kind in (tuple, list):
+        out += (b"T" if kind is tuple else b"L", struct.pack("<Q", len(obj)))
+        for x in obj:
+            _canon(x, out, depth - 1)
+    elif kind is dict:
+        out += (b"D", struct.pack("<Q", len(obj)))
+        for k, v in obj.items():
+            _canon(k, out, depth - 1)
+            _canon(v, out, depth - 1)
+    elif kind in (set, frozenset):
+        # Iteration order follows string hashes, which change with every process.
+        parts = []
+        for x in obj:
+            sub: list[bytes] = []
+            _canon(x, sub, depth - 1)
+            parts.append(b"".join(sub))
+        out += (b"E" if kind is set else b"Z", struct.pack("<Q", len(obj)), *sorted(parts))
+    else:
+        raise ValueError(f"no canonical form for {kind.__qualname__}")
+
+
+def _value_bytes(obj: Any) -> bytes:
+    """Canonical bytes of a builtin value, else its pickle (may raise)."""
+    out: list[bytes] = []
+    try:
+        _canon(obj, out)
+        return b"c" + b"".join(out)
+    except ValueError:
+        return b"p" + _pickled(obj)
+
+
+def item_key(item: Any, index: int | None = None) -> bytes:
+    """The key of one input item (see the module docstring); 16 bytes.
+
+    Raises:
+        CheckpointError: the item cannot be pickled.
+    """
+    try:
+        raw = _value_bytes(item)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is reported
+        where = "" if index is None else f" {index}"
+        raise CheckpointError(
+            f"checkpoint: input item{where} ({type(item).__module__}."
+            f"{type(item).__qualname__}) cannot be pickled to key it: {exc}") from exc
+    return hashlib.sha256(raw).digest()[:KEY_BYTES]
+
+
+def _code_into(h: Any, code: types.CodeType) -> None:
+    # Line numbers, positions and the file name are left out on purpose: editing other
+    # parts of the file must not invalidate a checkpoint.
+    h.update(b"code")
+    for part in (code.co_code, getattr(code, "co_exceptiontable", b"")):
+        h.update(struct.pack("<Q", len(part)))
+        h.update(part)
+    h.update(repr((code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount,
+                   code.co_flags, code.co_names, code.co_varnames, code.co_freevars,
+                   code.co_cellvars)).encode())
+    h.update(struct.pack("<Q", len(code.co_consts)))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _code_into(h, const)
+        else:
+            out: list[bytes] = []
+            _canon(const, out)  # constants are atoms, tuples and frozensets of them
+            h.update(b"".join(out))
+
+
+def _callable_into(h: Any, func: Any, seen: set[int], what: str) -> None:
+    """Feed ``func``'s identity and behaviour into the hash ``h``."""
+    if id(func) in seen:  # a recursive closure refers to itself
+        h.update(b"again")
+        return
+    seen.add(id(func))
+    if isinstance(func, functools.partial):
+        h.update(b"partial")
+        _callable_into(h, func.func, seen, what)
+        _state_into(h, (func.args, func.keywords), seen, what)
+    elif isinstance(func, types.MethodType):
+        h.update(b"method")
+        _callable_into(h, func.__func__, seen, what)
+        _state_into(h, func.__self__, seen, what)
+    elif isinstance(func, types.FunctionType):
+        h.update(f"function {func.__module__}.{func.__qualname__}\0".encode())
+        _code_into(h, func.__code__)
+        _state_into(h, (func.__defaults__, func.__kwdefaults__), seen, what)
+        cells = []
+        for cell in func.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # a cell not filled yet
+                cells.append(None)
+        h.update(struct.pack("<Q", len(cells)))
+        for value in cells:
+            _state_into(h, value, seen, what)
+    elif isinstance(func, (type, types.BuiltinFunctionType)) or (
+            not hasattr(func, "__dict__") and hasattr(func, "__qualname__")):
+        # Classes, builtins, method descriptors: what they do is their name's, and the
+        # object a builtin method is bound to ("{}!".format).
+        name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
+        h.update(f"named {getattr(func, '__module__', '')}.{name}\0".encode())
+        bound = getattr(func, "__self__", None)
+        if bound is not None and not isinstance(bound, types.ModuleType):
+            _state_into(h, bound, seen, what, whole=True)
+    else:
+        cls = type(func)
+        h.update(f"object {cls.__module__}.{cls.__qualname__}\0".encode())
+        call = vars(cls).get("__call__")  # the class's own method, not a descriptor's
+        if isinstance(call, types.FunctionType):
+            _callable_into(h, call, seen, what)
+        _state_into(h, func, seen, what, whole=True)
+
+
+def _state_into(h: Any, value: Any, seen: set[int], what: str, whole: bool = False) -> None:
+    """Feed a value a function carries (default, closure cell, bound object)."""
+    if not whole and (callable(value) and not isinstance(value, type)
+                      and not isinstance(value, (tuple, list, dict))):
+        _callable_into(h, value, seen, what)
+        return
+    if not whole and isinstance(value, tuple):
+        h.update(struct.pack("<Q", len(value)))
+        for x in value:
+            _state_into(h, x, seen, what)
+        return
+    try:
+        raw = _value_bytes(value)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is reported
+        raise CheckpointError(
+            f"checkpoint: cannot key {what}: it carries a "
+            f"{type(value).__module__}.{type(value).__qualname__} that cannot be pickled "
+            f"({exc}); pass key='name-and-version' to name the function yourself") from exc
+    h.update(struct.pack("<Q", len(raw)))
+    h.update(raw)
+
+
+def _describe(func: Any) -> str:
+    inner = func
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+    return f"{getattr(inner, '__module__', None) or '?'}.{name}"
+
+
+def function_key(func: Callable, key: str | None = None) -> bytes:
+    """The key of a mapped function (see the module docstring); 16 bytes.
+
+    Args:
+        func: the mapped callable.
+        key: the function's identity given by the user; replaces the automatic key.
+
+    Raises:
+        CheckpointError: something the function carries (a closure value, a default, its
+            bound object) cannot be pickled; pass ``key`` instead.
+    """
+    h = hashlib.sha256()
+    if key is not None:
+        h.update(b"user\0" + key.encode())
+    else:
+        _callable_into(h, func, set(), _describe(func) + "()")
+    return h.digest()[:KEY_BYTES]
+
+
+# -- the store ------------------------------------------------------------------------------
+
+def _check_trusted(path: str) -> None:
+    """Refuse a checkpoint whose pickles someone else could have written."""
+    uid = os.getuid()
+    folder = os.path.dirname(os.path.abspath(path))
+    info = os.stat(folder)
+    if (info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            and not info.st_mode & stat.S_ISVTX and info.st_uid != uid):
+        raise CheckpointError(
+            f"checkpoint {path}: its folder {folder} is writable by others (and not "
+            f"sticky): anyone could replace the file, whose pickles run code when loaded")
+    for name in (path, path + "-wal", path + "-journal"):
+        try:
+            info = os.stat(name)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"checkpoint {name}: not a regular file")
+        if info.st_uid != uid:
+            raise CheckpointError(
+                f"checkpoint {name}: owned by uid {info.st_uid}, not by you (uid {uid}); "
+                f"its pickles would run code when loaded, so only your own file is read")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise CheckpointError(
+                f"checkpoint {name}: writable by group or others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}); its pickles would run code when "
+                f"loaded: chmod go-w it if you trust its content")
+
+
+class _Store:
+    """One open checkpoint file in this process, shared by every map on it."""
+
+    def __init__(self, path: str, batch_size: int, batch_seconds: float) -> None:
+        self.path = path
+        self.batch_size = batch_size
+        self.batch_seconds = batch_seconds
+        self.users = 0
+        self.ordinals: dict[bytes, int] = {}
+        self.rows: list[tuple] = []
+        self.due: float | None = None  # when the first unwritten row must be written
+        self.closed = False
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        fresh = not os.path.exists(path)
+        if fresh:
+            _files.create_private(path)
+        _check_trusted(path)
+        # check_same_thread=False: the flusher thread writes too, always under self.cond.
+        self.db = sqlite3.connect(path, timeout=BUSY_WAIT_S, isolation_level=None,
+                                  check_same_thread=False)
+        try:
+            self._setup(path)
+        except BaseException:
+            self.db.close()
+            raise
+        self.flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                        name=f"scoop-checkpoint {os.path.basename(path)}")
+        self.flusher.start()
+
+    def _setup(self, path: str) -> None:
+        db = self.db
+        try:
+            # Before the first access: the lock is then held until close, and WAL keeps
+            # its index in this process's memory instead of a shared -shm file.
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            app = db.execute("PRAGMA application_id").fetchone()[0]
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables and app != APPLICATION_ID:
+                raise CheckpointError(f"checkpoint {path}: a sqlite database but not a "
+                                      f"scoop checkpoint; refusing to touch it")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if tables and version != SCHEMA_VERSION:
+                raise CheckpointError(f"checkpoint {path}: made by another scoop version "
+                                      f"(schema {version}, this one reads {SCHEMA_VERSION})")
+            if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise CheckpointError(f"checkpoint {path}: cannot use WAL mode there")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")  # takes the write lock now, held until close
+            db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("CREATE TABLE IF NOT EXISTS calls (call BLOB PRIMARY KEY, "
+                       "func TEXT, ordinal INTEGER, created REAL)")
+            db.execute("CREATE TABLE IF NOT EXISTS results (call BLOB, idx INTEGER, "
+                       "item BLOB, value BLOB, PRIMARY KEY (call, idx))")
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise CheckpointBusyError(
+                    f"checkpoint {path}: in use by another program (waited "
+                    f"{BUSY_WAIT_S:g} s); one program at a time may use a checkpoint "
+                    f"file") from exc
+            raise CheckpointError(f"checkpoint {path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise CheckpointError(f"checkpoint {path}: not a scoop checkpoint ({exc})") \
+                from exc
+
+    # Everything below runs under self.cond.
+
+    def begin_call(self, fkey: bytes, name: str) -> tuple[bytes, bool]:
+        """The key of the next call of ``fkey``, and whether an earlier run made it."""
+        ordinal = self.ordinals.get(fkey, 0)
+        self.ordinals[fkey] = ordinal + 1
+        call = hashlib.sha256(fkey + struct.pack("<Q", ordinal)).digest()[:KEY_BYTES]
+        known = self.db.execute("SELECT 1 FROM calls WHERE call=?", (call,)).fetchone()
+        if known is None:
+            self.db.execute("INSERT INTO calls VALUES (?,?,?,?)",
+                            (call, name, ordinal, time.time()))
+        return call, known is not None
+
+    def add(self, row: tuple) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.batch_size:
+            self.write()
+        elif self.due is None:
+            self.due = time.monotonic() + self.batch_seconds
+            self.cond.notify()
+
+    def write(self) -> None:
+        rows, self.rows, self.due = self.rows, [], None
+        if not rows or self.closed:
+            return
+        try:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?)", rows)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # Disk full, file removed: the map goes on; the results are just not kept.
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            if self.error is None:
+                self.error = exc
+                warnings.warn(f"checkpoint {self.path}: cannot record results ({exc}); "
+                              f"the map goes on without recording them", RuntimeWarning,
+                              stacklevel=2)
+
+    def _flush_loop(self) -> None:
+        # Writes a batch BATCH_SECONDS after its first row at the latest, even when no
+        # further result arrives (a map of slow tasks).
+        with self.cond:
+            while not self.closed:
+                if self.due is None:
+                    self.cond.wait()
+                    continue
+                left = self.due - time.monotonic()
+                if left > 0:
+                    self.cond.wait(left)
+                else:
+                    self.write()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.write()
+        self.closed = True
+        self.cond.notify_all()
+        self.db.close()
+
+
+_stores: dict[str, _Store] = {}
+_stores_lock = threading.Lock()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Write the last batches of maps the program left unfinished."""
+    with _stores_lock:
+        stores = list(_stores.values())
+        _stores.clear()
+    for store in stores:
+        with store.cond:
+            if not store.closed:
+                store.close()
+
+
+class Checkpoint:
+    """The store of one map call: look up finished items, record new results.
+
+    Make one with :meth:`open`; the map calls :meth:`lookup` (through :func:`split`),
+    :meth:`record` and :meth:`close`.
+    """
+
+    def __init__(self, store: _Store, call: bytes, name: str, known: bool) -> None:
+        self._store = store
+        self._call = call
+        self.name = name
+        self.known = known  # an earlier run made this call: look-ups can find rows
+        self._warned_value = self._warned_load = False
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], func: Callable, *, key: str | None = None,
+             batch_size: int = BATCH_SIZE, batch_seconds: float = BATCH_SECONDS
+             ) -> Checkpoint:
+        """Open (or create) the checkpoint file ``path`` for one map of ``func``.
+
+        Args:
+            path: the sqlite file; created (mode 0600) if missing.
+            func: the mapped function; its key is computed here (:func:`function_key`).
+            key: names the function's version yourself instead (bump it when what the
+                function reads at call time changes).
+            batch_size: rows written per transaction at most (the file's first opener
+                in this program sets it).
+            batch_seconds: the longest a row waits before it is written (likewise).
+
+        Raises:
+            CheckpointError: the file is not the user's own, is writable by others, is
+                not a checkpoint, or ``func`` cannot be keyed.
+            CheckpointBusyError: another program holds the file.
+        """
+        name = _describe(func)
+        fkey = function_key(func, key)
+        real = os.path.realpath(os.fspath(path))
+        with _stores_lock:
+            store = _stores.get(real)
+            if store is None:
+                store = _stores[real] = _Store(real, batch_size, batch_seconds)
+            store.users += 1
+        with store.cond:
+            try:
+                call, known = store.begin_call(fkey, name)
+            except sqlite3.Error as exc:
+                raise CheckpointError(f"checkpoint {real}: {exc}") from exc
+        return cls(store, call, name, known)
+
+    def lookup(self, indexed_items: list[tuple[int, Any]]) -> list[Stored | Pending]:
+        """Stored results and pending items, in the order given (one query).
+
+        Raises:
+            CheckpointError: an item cannot be pickled to key it.
+        """
+        keyed = [(i, item, item_key(item, i)) for i, item in indexed_items]
+        found: dict[int, tuple[bytes, bytes]] = {}
+        if self.known and keyed:
+            indices = [i for i, _, _ in keyed]
+            with self._store.cond:
+                rows = self._store.db.execute(
+                    "SELECT idx, item, value FROM results WHERE call=? AND idx BETWEEN ? "
+                    "AND ?", (self._call, min(indices), max(indices))).fetchall()
+            found = {i: (k, v) for i, k, v in rows}
+        out: list[Stored | Pending] = []
+        for i, item, k in keyed:
+            row = found.get(i)
+            if row is not None and row[0] == k:
+                try:
+                    out.append(Stored(i, pickle.loads(row[1])))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - recompute instead
+                    if not self._warned_load:
+                        self._warned_load = True
+                        warnings.warn(f"checkpoint: a stored result of {self.name}() cannot "
+                                      f"be loaded ({type(exc).__name__}: {exc}); such items "
+                                      f"run again", RuntimeWarning, stacklevel=2)
+            out.append(Pending(i, item, k))
+        return out
+
+    def record(self, index: int, key: bytes, value: Any) -> bool:
+        """Record the result of the item at ``index`` (``key`` from its :class:`Pending`).
+
+        Never raises for the value: one that cannot be pickled is not recorded (one
+        warning per call). Returns whether it was recorded.
+        """
+        try:
+            raw = _pickled(value)
+        except Exception as exc:  # noqa: BLE001 - the map still returns it
+            if not self._warned_value:
+                self._warned_value = True
+                warnings.warn(
+                    f"checkpoint: {self.name}() returned a result that cannot be pickled "
+                    f"(item {index}, {type(value).__qualname__}: {exc}); it is returned but "
+                    f"not recorded, so a re-run computes it again", RuntimeWarning,
+                    stacklevel=2)
+            return False
+        with self._store.cond:
+            if self._closed:
+                raise ValueError("record() on a closed checkpoint")
+            self._store.add((self._call, index, key, raw))
+        return True
+
+    def flush(self) -> None:
+        """Write the rows recorded so far now (the map needs not call it)."""
+        with self._store.cond:
+            self._store.write()
+
+    def close(self) -> None:
+        """Write what is left; the file closes with the last map using it."""
+        if self._closed:
+            return
+        self._closed = True
+        store = self._store
+        with _stores_lock, store.cond:
+            store.users -= 1
+            if store.users == 0:
+                store.close()
+                if _stores.get(store.path) is store:
+                    del _stores[store.path]
+            else:
+                store.write()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def split(checkpoint: Checkpoint, indexed_items: Iterable[tuple[int, Any]],
+          batch: int = LOOKUP_BATCH) -> Iterator[Stored | Pending]:
+    """The map's input, each item either done (:class:`Stored`) or to run (:class:`Pending`),
+    in input order.
+
+    Lazy: it reads at most ``batch`` items ahead of what it has yielded, and asks the
+    file once per batch (a range look-up on the indices), never for the whole table.
+    """
+    it = iter(indexed_items)
+    while True:
+        chunk = []
+        for pair in it:
+            chunk.append(pair)
+            if len(chunk) >= batch:
+                break
+        if not chunk:
+            return
+        yield from checkpoint.lookup(chunk)
+
+
+def checkpointed_map(func: Callable, iterable: Iterable, path: str | os.PathLike[str],
+                     **options: Any) -> Iterator:
+    """``map(func, iterable)`` one item at a time, in this process, resuming from ``path``.
+
+    The reference of the flow the parallel map follows (and what the tests drive): stored
+    results come back in order, only the rest runs, and each new result is recorded as
+    it is computed. An exception stops the map and is not recorded. ``options`` go to
+    :meth:`Checkpoint.open`.
+    """
+    with Checkpoint.open(path, func, **options) as ckpt:
+        for entry in split(ckpt, enumerate(iterable)):
+            if isinstance(entry, Stored):
+                yield entry.value
+            else:
+                value = func(entry.item)
+                ckpt.record(entry.index, entry.key, value)
+                yield value
