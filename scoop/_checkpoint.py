@@ -51,7 +51,8 @@ all of ``call``, ``index`` and the item key match.
   *behaviour as code*: the bytecode and constants of its code object (and of the code
   objects nested in it), its names, argument layout and flags, its default arguments,
   and the values in its closure cells (functions there are keyed the same way,
-  recursively). Line numbers and file names are left out, so editing elsewhere in the
+  recursively), as they are when the map is called. Line numbers and file names are
+  left out, so editing elsewhere in the
   file does not invalidate a checkpoint; a changed body, a changed constant or a changed
   closure value does. ``functools.partial`` objects are keyed on their function and
   arguments, bound methods on their function and their object (pickled), other callable
@@ -59,6 +60,9 @@ all of ``call``, ``index`` and the item key match.
   their name. The key is stable across runs and processes of the same Python version
   (a frozenset constant is keyed on its sorted elements, so hash randomisation does not
   matter); another Python version has other bytecode, so it recomputes everything.
+  A closure over state that changes (a counter, a cache, a list it appends to) gets a
+  new key whenever that state differs at the call: its items are recomputed (safe, but
+  nothing resumes); name its version with ``key=`` instead.
   Limits: what the function reads *at call time* is not in its key: global variables,
   the top-level functions it calls, files, library versions. Change any of those and
   the old results would be taken as valid: pass ``key="my-f-v2"`` to name the
@@ -68,14 +72,20 @@ all of ``call``, ``index`` and the item key match.
   program therefore never share rows, and a re-run that makes the same calls in the same
   order finds each one's rows again. If a re-run skips a call, the next one takes its
   ordinal; the item keys below then differ and its items are recomputed, never mixed.
+  The ordinal (rather than the input's fingerprint, which a streaming map does not
+  know before it has read all its input) also keeps apart two maps of one function on
+  the same input: a function that draws random numbers gets fresh draws in each.
+  :func:`new_run` counts from 0 again in a long-lived process (a notebook).
 * **The item key** is a SHA-256 (128 bits kept) of the item: a canonical encoding for
   None, bools, ints, floats, complex numbers, strings, bytes, and tuples, lists, dicts
   (in their order) and sets (sorted by encoding, so deterministic across processes) of
   those; the pickle (cloudpickle, as the item would travel) for anything else. It is
   stored with the item's index and checked at look-up, so a changed item, or reordered
-  input, recomputes from the first position that differs. An input whose pickle is not
-  deterministic across runs (an object holding a set of strings) gets a new key every
-  run: it is recomputed each time, which costs time but never returns a wrong result.
+  input, recomputes each position whose item differs (an item inserted near the start
+  shifts those after it: they all run again; items appended at the end do not). An
+  input whose pickle is not deterministic across runs (an object holding a set of
+  strings) gets a new key every run: it is recomputed each time, which costs time but
+  never returns a wrong result.
   An item that cannot be pickled is refused with :class:`CheckpointError` (it could not
   be sent to a worker either).
 
@@ -147,7 +157,7 @@ from typing import Any, NamedTuple
 from . import _files, _serialize
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointBusyError", "Stored", "Pending",
-           "split", "checkpointed_map", "function_key", "item_key"]
+           "split", "checkpointed_map", "function_key", "item_key", "new_run"]
 
 # Rows written per transaction at most: a commit costs a few tens of microseconds (WAL,
 # synchronous=NORMAL), so batching makes it negligible per row; a kill loses fewer rows
@@ -427,7 +437,6 @@ class _Store:
         self.batch_size = batch_size
         self.batch_seconds = batch_seconds
         self.users = 0
-        self.ordinals: dict[bytes, int] = {}
         self.rows: list[tuple] = []
         self.due: float | None = None  # when the first unwritten row must be written
         self.closed = False
@@ -488,10 +497,8 @@ class _Store:
 
     # Everything below runs under self.cond.
 
-    def begin_call(self, fkey: bytes, name: str) -> tuple[bytes, bool]:
-        """The key of the next call of ``fkey``, and whether an earlier run made it."""
-        ordinal = self.ordinals.get(fkey, 0)
-        self.ordinals[fkey] = ordinal + 1
+    def begin_call(self, fkey: bytes, ordinal: int, name: str) -> tuple[bytes, bool]:
+        """The key of a call, and whether an earlier run made it."""
         call = hashlib.sha256(fkey + struct.pack("<Q", ordinal)).digest()[:KEY_BYTES]
         known = self.db.execute("SELECT 1 FROM calls WHERE call=?", (call,)).fetchone()
         if known is None:
@@ -549,7 +556,18 @@ class _Store:
 
 
 _stores: dict[str, _Store] = {}
+# (file, function key) -> maps of it so far in this program, whether or not the file
+# stayed open in between.
+_ordinals: dict[tuple[str, bytes], int] = {}
 _stores_lock = threading.Lock()
+
+
+def new_run() -> None:
+    """Count maps from 0 again, as a new run of the program does (the call key's
+    ordinal): for a session that runs the same code again in one process (a notebook
+    cell, a test)."""
+    with _stores_lock:
+        _ordinals.clear()
 
 
 @atexit.register
@@ -607,9 +625,11 @@ class Checkpoint:
             if store is None:
                 store = _stores[real] = _Store(real, batch_size, batch_seconds)
             store.users += 1
+            ordinal = _ordinals.get((real, fkey), 0)
+            _ordinals[real, fkey] = ordinal + 1
         with store.cond:
             try:
-                call, known = store.begin_call(fkey, name)
+                call, known = store.begin_call(fkey, ordinal, name)
             except sqlite3.Error as exc:
                 raise CheckpointError(f"checkpoint {real}: {exc}") from exc
         return cls(store, call, name, known)
@@ -719,16 +739,23 @@ def checkpointed_map(func: Callable, iterable: Iterable, path: str | os.PathLike
                      **options: Any) -> Iterator:
     """``map(func, iterable)`` one item at a time, in this process, resuming from ``path``.
 
-    The reference of the flow the parallel map follows (and what the tests drive): stored
-    results come back in order, only the rest runs, and each new result is recorded as
-    it is computed. An exception stops the map and is not recorded. ``options`` go to
+    The reference of the flow the parallel map follows (and what the tests drive): the
+    checkpoint opens at the call, as the map's will (the call's ordinal follows the
+    program's calls, not the order their results are consumed); stored results come
+    back in order, only the rest runs, and each new result is recorded as it is
+    computed. An exception stops the map and is not recorded. ``options`` go to
     :meth:`Checkpoint.open`.
     """
-    with Checkpoint.open(path, func, **options) as ckpt:
-        for entry in split(ckpt, enumerate(iterable)):
-            if isinstance(entry, Stored):
-                yield entry.value
-            else:
-                value = func(entry.item)
-                ckpt.record(entry.index, entry.key, value)
-                yield value
+    ckpt = Checkpoint.open(path, func, **options)
+
+    def results() -> Iterator:
+        with ckpt:
+            for entry in split(ckpt, enumerate(iterable)):
+                if isinstance(entry, Stored):
+                    yield entry.value
+                else:
+                    value = func(entry.item)
+                    ckpt.record(entry.index, entry.key, value)
+                    yield value
+
+    return results()
