@@ -173,11 +173,20 @@ LOOKUP_BATCH = 256
 # enough for a previous run that is still exiting, short enough to tell the user soon.
 BUSY_WAIT_S = 2.0
 
+# NORMAL: a commit is safe from a killed process (what checkpoints are for), and only a
+# power loss or OS crash can lose the last commits. FULL adds an fsync per commit,
+# which batching makes affordable (see bench/bench_checkpoint.py); it guards against
+# those too.
+SYNCHRONOUS = "NORMAL"
+
 # "SCKP": marks a sqlite file as a scoop checkpoint (PRAGMA application_id).
 APPLICATION_ID = 0x53434B50
 SCHEMA_VERSION = 1
 # Bytes of SHA-256 kept in keys: 128 bits cannot collide by chance.
 KEY_BYTES = 16
+# A result's row id is (call id << INDEX_BITS) + index: a map of up to 2**40 items, and
+# 2**23 calls per file.
+INDEX_BITS = 40
 
 
 class CheckpointError(RuntimeError):
@@ -216,6 +225,22 @@ def _pickled(obj: Any) -> bytes:
     out = io.BytesIO()
     _serialize._Pickler(out, protocol=5).dump(obj)
     return out.getvalue()
+
+
+def _stored_pickle(value: Any) -> bytes:
+    """A result as stored: plain pickle where it works (ten times faster for small
+    values; classes go by reference, so a re-run loads them as the program now defines
+    them), else cloudpickle (lambdas, closures, classes of ``__main__`` by value)."""
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:  # noqa: BLE001 - cloudpickle may manage; if not, it raises
+        return _pickled(value)
+
+
+def _checked(index: int) -> int:
+    if not 0 <= index < 2**INDEX_BITS:
+        raise ValueError(f"checkpoint: item index {index} out of range")
+    return index
 
 
 def _canon(obj: Any, out: list[bytes], depth: int = _CANON_DEPTH) -> None:
@@ -475,14 +500,16 @@ class _Store:
                                       f"(schema {version}, this one reads {SCHEMA_VERSION})")
             if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
                 raise CheckpointError(f"checkpoint {path}: cannot use WAL mode there")
-            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
             db.execute("BEGIN IMMEDIATE")  # takes the write lock now, held until close
             db.execute(f"PRAGMA application_id={APPLICATION_ID}")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("CREATE TABLE IF NOT EXISTS calls (call BLOB PRIMARY KEY, "
-                       "func TEXT, ordinal INTEGER, created REAL)")
-            db.execute("CREATE TABLE IF NOT EXISTS results (call BLOB, idx INTEGER, "
-                       "item BLOB, value BLOB, PRIMARY KEY (call, idx))")
+            db.execute("CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, "
+                       "call BLOB UNIQUE, func TEXT, ordinal INTEGER, created REAL)")
+            # One B-tree keyed by (call id, index) packed in the rowid: no second index
+            # to update per row, and large values sit in the table as they would anyway.
+            db.execute("CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY, "
+                       "item BLOB, value BLOB)")
             db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
@@ -497,14 +524,20 @@ class _Store:
 
     # Everything below runs under self.cond.
 
-    def begin_call(self, fkey: bytes, ordinal: int, name: str) -> tuple[bytes, bool]:
-        """The key of a call, and whether an earlier run made it."""
+    def begin_call(self, fkey: bytes, ordinal: int, name: str) -> tuple[int, bool]:
+        """The first row id of a call's results, and whether an earlier run made it."""
         call = hashlib.sha256(fkey + struct.pack("<Q", ordinal)).digest()[:KEY_BYTES]
-        known = self.db.execute("SELECT 1 FROM calls WHERE call=?", (call,)).fetchone()
-        if known is None:
-            self.db.execute("INSERT INTO calls VALUES (?,?,?,?)",
-                            (call, name, ordinal, time.time()))
-        return call, known is not None
+        row = self.db.execute("SELECT id FROM calls WHERE call=?", (call,)).fetchone()
+        if row is None:
+            cur = self.db.execute("INSERT INTO calls (call, func, ordinal, created) "
+                                  "VALUES (?,?,?,?)", (call, name, ordinal, time.time()))
+            call_id = cur.lastrowid
+        else:
+            call_id = row[0]
+        if call_id >= 2**(63 - INDEX_BITS):
+            raise CheckpointError(f"checkpoint {self.path}: too many calls in one file; "
+                                  f"start a new one")
+        return call_id << INDEX_BITS, row is not None
 
     def add(self, row: tuple) -> None:
         self.rows.append(row)
@@ -520,7 +553,7 @@ class _Store:
             return
         try:
             self.db.execute("BEGIN")
-            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?)", rows)
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?)", rows)
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             # Disk full, file removed: the map goes on; the results are just not kept.
@@ -589,9 +622,9 @@ class Checkpoint:
     :meth:`record` and :meth:`close`.
     """
 
-    def __init__(self, store: _Store, call: bytes, name: str, known: bool) -> None:
+    def __init__(self, store: _Store, base: int, name: str, known: bool) -> None:
         self._store = store
-        self._call = call
+        self._base = base  # row id of index 0
         self.name = name
         self.known = known  # an earlier run made this call: look-ups can find rows
         self._warned_value = self._warned_load = False
@@ -629,10 +662,10 @@ class Checkpoint:
             _ordinals[real, fkey] = ordinal + 1
         with store.cond:
             try:
-                call, known = store.begin_call(fkey, ordinal, name)
+                base, known = store.begin_call(fkey, ordinal, name)
             except sqlite3.Error as exc:
                 raise CheckpointError(f"checkpoint {real}: {exc}") from exc
-        return cls(store, call, name, known)
+        return cls(store, base, name, known)
 
     def lookup(self, indexed_items: list[tuple[int, Any]]) -> list[Stored | Pending]:
         """Stored results and pending items, in the order given (one query).
@@ -640,15 +673,16 @@ class Checkpoint:
         Raises:
             CheckpointError: an item cannot be pickled to key it.
         """
-        keyed = [(i, item, item_key(item, i)) for i, item in indexed_items]
+        keyed = [(_checked(i), item, item_key(item, i)) for i, item in indexed_items]
         found: dict[int, tuple[bytes, bytes]] = {}
         if self.known and keyed:
             indices = [i for i, _, _ in keyed]
+            base = self._base
             with self._store.cond:
                 rows = self._store.db.execute(
-                    "SELECT idx, item, value FROM results WHERE call=? AND idx BETWEEN ? "
-                    "AND ?", (self._call, min(indices), max(indices))).fetchall()
-            found = {i: (k, v) for i, k, v in rows}
+                    "SELECT id, item, value FROM results WHERE id BETWEEN ? AND ?",
+                    (base + min(indices), base + max(indices))).fetchall()
+            found = {i - base: (k, v) for i, k, v in rows}
         out: list[Stored | Pending] = []
         for i, item, k in keyed:
             row = found.get(i)
@@ -672,7 +706,7 @@ class Checkpoint:
         warning per call). Returns whether it was recorded.
         """
         try:
-            raw = _pickled(value)
+            raw = _stored_pickle(value)
         except Exception as exc:  # noqa: BLE001 - the map still returns it
             if not self._warned_value:
                 self._warned_value = True
@@ -685,7 +719,7 @@ class Checkpoint:
         with self._store.cond:
             if self._closed:
                 raise ValueError("record() on a closed checkpoint")
-            self._store.add((self._call, index, key, raw))
+            self._store.add((self._base + _checked(index), key, raw))
         return True
 
     def flush(self) -> None:

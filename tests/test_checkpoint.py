@@ -409,20 +409,20 @@ for entry in split(ck, enumerate(range(10**9))):
 def _stored_prefix(db) -> int:
     """How many results, from index 0, the file holds; checks each value and the file."""
     value = lambda i: __import__("hashlib").sha256(str(i).encode()).digest() * (1 + i % 8)
+    n = 0
+    new_run()  # as the recorder's next run would open it (the file may not exist yet)
+    with Checkpoint.open(db, None, key="kill-test") as ckpt:
+        for entry in split(ckpt, enumerate(range(10**9))):
+            if not isinstance(entry, Stored):
+                break
+            assert entry.value == value(entry.index), f"torn value at {entry.index}"
+            n += 1
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         count = con.execute("SELECT count(*) FROM results").fetchone()[0]
     finally:
         con.close()
-    n = 0
-    new_run()  # as the recorder's next run would open it
-    with Checkpoint.open(db, None, key="kill-test") as ckpt:
-        for entry in split(ckpt, enumerate(range(count + 10))):
-            if not isinstance(entry, Stored):
-                break
-            assert entry.value == value(entry.index), f"torn value at {entry.index}"
-            n += 1
     assert n == count, f"{count} rows but only the first {n} in a row from index 0"
     return n
 
@@ -432,27 +432,29 @@ def test_a_kill_at_any_moment_leaves_a_clean_prefix_of_intact_results(tmp_path, 
     prog.write_text(RECORDER)
     rng = random.Random(13)
     db = tmp_path / "run.db"
-    stored = grew = 0
-    for attempt in range(6):
+    stored = 0
+    for attempt in range(8):
         batch = rng.choice([1, 7, 100, 1000])
         child = subprocess.Popen([sys.executable, str(prog), str(db), str(batch)],
                                  stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(rng.uniform(0.05, 0.8))
+            # Even attempts: at any moment from the start (imports, creating the file,
+            # opening it); odd ones: while it records, so that each run gets further.
+            head = "" if attempt % 2 == 0 else child.stdout.readline()
+            time.sleep(rng.uniform(0, 0.4))
         finally:
             child.send_signal(signal.SIGKILL)
             out, _ = child.communicate()
         assert child.returncode == -signal.SIGKILL  # it was still recording
-        flushed = [int(line) for line in out.split()]
+        flushed = [int(line) for line in (head + out).split()]
         n = _stored_prefix(db)
-        # Resuming: every run starts where the last one's file ended, and nothing it
-        # reported as flushed is lost.
+        # Nothing an earlier run stored, nor anything this one reported as flushed, is
+        # lost; the next run starts where the file ends.
         assert n >= stored, (attempt, n, stored)
         if flushed:
             assert n > flushed[-1], (attempt, batch, n, flushed[-1])
-        grew += n > stored
         stored = n
-    assert grew >= 3, "too few runs got as far as recording"
+    assert stored > 0
 
 
 def test_a_slow_map_loses_at_most_the_last_batch_seconds(tmp_path, no_leftovers):
