@@ -465,6 +465,7 @@ class _Store:
         self.rows: list[tuple] = []
         self.due: float | None = None  # when the first unwritten row must be written
         self.closed = False
+        self.pid = os.getpid()  # a forked child must not touch the parent's connection
         self.error: BaseException | None = None
         self.cond = threading.Condition()
         fresh = not os.path.exists(path)
@@ -549,7 +550,7 @@ class _Store:
 
     def write(self) -> None:
         rows, self.rows, self.due = self.rows, [], None
-        if not rows or self.closed:
+        if not rows or self.closed or self.pid != os.getpid():
             return
         try:
             self.db.execute("BEGIN")
@@ -585,7 +586,8 @@ class _Store:
         self.write()
         self.closed = True
         self.cond.notify_all()
-        self.db.close()
+        if self.pid == os.getpid():  # sqlite: a connection never crosses a fork
+            self.db.close()
 
 
 _stores: dict[str, _Store] = {}

@@ -476,3 +476,23 @@ def test_a_slow_map_loses_at_most_the_last_batch_seconds(tmp_path, no_leftovers)
         child.wait()
     with Checkpoint.open(db, None, key="slow") as ckpt:
         assert list(split(ckpt, enumerate(["only"]))) == [Stored(0, "done")]
+
+
+def test_a_forked_child_never_writes_through_the_parents_connection(tmp_path):
+    db = tmp_path / "run.db"
+    ckpt = Checkpoint.open(db, None, key="fork", batch_seconds=60)
+    for entry in split(ckpt, enumerate(range(3))):
+        ckpt.record(entry.index, entry.key, entry.item * 10)
+    pid = os.fork()
+    if pid == 0:  # a task that forks, records by mistake, then exits through atexit
+        try:
+            ckpt.record(3, _checkpoint.item_key(3), "from the child")
+            _checkpoint._close_all()
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    ckpt.close()  # the parent's rows are written once, by the parent
+    rerun()
+    with Checkpoint.open(db, None, key="fork") as again:
+        assert list(split(again, enumerate(range(4)))) == [
+            Stored(0, 0), Stored(1, 10), Stored(2, 20), Pending(3, 3, _checkpoint.item_key(3))]
