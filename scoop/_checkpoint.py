@@ -76,10 +76,12 @@ all of ``call``, ``index`` and the item key match.
   know before it has read all its input) also keeps apart two maps of one function on
   the same input: a function that draws random numbers gets fresh draws in each.
   :func:`new_run` counts from 0 again in a long-lived process (a notebook).
-* **The item key** is a SHA-256 (128 bits kept) of the item: a canonical encoding for
-  None, bools, ints, floats, complex numbers, strings, bytes, and tuples, lists, dicts
-  (in their order) and sets (sorted by encoding, so deterministic across processes) of
-  those; the pickle (cloudpickle, as the item would travel) for anything else. It is
+* **The item key** is an encoding of the item, or its SHA-256 (128 bits kept) when the
+  encoding is 16 bytes or longer: ``repr()`` for None, bools, ints, floats, complex
+  numbers, strings, bytes and tuples, lists and dicts (in their order) of those; a
+  canonical encoding where sets come in (their elements sorted by encoding, so
+  deterministic across processes); the pickle (cloudpickle, as the item would travel)
+  for anything else. Exact types only: a subclass goes by its pickle. It is
   stored with the item's index and checked at look-up, so a changed item, or reordered
   input, recomputes each position whose item differs (an item inserted near the start
   shifts those after it: they all run again; items appended at the end do not). An
@@ -294,19 +296,50 @@ def _value_bytes(obj: Any) -> bytes:
         return b"p" + _pickled(obj)
 
 
+# Exact types whose repr() is deterministic and tells every value apart (also inside
+# tuples, lists and dicts, which keep their order).
+_REPR_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
+def _reprable(obj: Any, depth: int = 4) -> bool:
+    kind = type(obj)
+    if kind in _REPR_ATOMS:
+        return True
+    if depth == 0:
+        return False
+    if kind is tuple or kind is list:
+        for x in obj:
+            if type(x) not in _REPR_ATOMS and not _reprable(x, depth - 1):
+                return False
+        return True
+    if kind is dict:
+        return _reprable(tuple(obj.items()), depth)
+    return False
+
+
 def item_key(item: Any, index: int | None = None) -> bytes:
-    """The key of one input item (see the module docstring); 16 bytes.
+    """The key of one input item (see the module docstring); at most 16 bytes.
 
     Raises:
         CheckpointError: the item cannot be pickled.
     """
-    try:
-        raw = _value_bytes(item)
-    except Exception as exc:  # noqa: BLE001 - any pickling failure is reported
-        where = "" if index is None else f" {index}"
-        raise CheckpointError(
-            f"checkpoint: input item{where} ({type(item).__module__}."
-            f"{type(item).__qualname__}) cannot be pickled to key it: {exc}") from exc
+    # The hot path of a map of small items: repr() runs in C, and a short encoding is its
+    # own key (a hash costs as much again). Each form has its own first byte; kept
+    # encodings are at most 15 bytes, hashes exactly 16: no two forms can meet.
+    raw = None
+    if _reprable(item):
+        with contextlib.suppress(ValueError):  # an int too long for str()
+            raw = b"r" + repr(item).encode("utf-8", "surrogatepass")
+    if raw is None:
+        try:
+            raw = _value_bytes(item)
+        except Exception as exc:  # noqa: BLE001 - any pickling failure is reported
+            where = "" if index is None else f" {index}"
+            raise CheckpointError(
+                f"checkpoint: input item{where} ({type(item).__module__}."
+                f"{type(item).__qualname__}) cannot be pickled to key it: {exc}") from exc
+    if len(raw) < KEY_BYTES:
+        return raw
     return hashlib.sha256(raw).digest()[:KEY_BYTES]
 
 
@@ -467,7 +500,10 @@ class _Store:
         self.closed = False
         self.pid = os.getpid()  # a forked child must not touch the parent's connection
         self.error: BaseException | None = None
-        self.cond = threading.Condition()
+        # A plain Lock under the condition: record() takes it once per result, and
+        # entering a Lock is a C call (the Condition's own __enter__ is Python code).
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         fresh = not os.path.exists(path)
         if fresh:
             _files.create_private(path)
@@ -539,14 +575,6 @@ class _Store:
             raise CheckpointError(f"checkpoint {self.path}: too many calls in one file; "
                                   f"start a new one")
         return call_id << INDEX_BITS, row is not None
-
-    def add(self, row: tuple) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= self.batch_size:
-            self.write()
-        elif self.due is None:
-            self.due = time.monotonic() + self.batch_seconds
-            self.cond.notify()
 
     def write(self) -> None:
         rows, self.rows, self.due = self.rows, [], None
@@ -718,10 +746,18 @@ class Checkpoint:
                     f"not recorded, so a re-run computes it again", RuntimeWarning,
                     stacklevel=2)
             return False
-        with self._store.cond:
+        if not 0 <= index < 2**INDEX_BITS:
+            raise ValueError(f"checkpoint: item index {index} out of range")
+        store = self._store
+        with store.lock:
             if self._closed:
                 raise ValueError("record() on a closed checkpoint")
-            self._store.add((self._base + _checked(index), key, raw))
+            store.rows.append((self._base + index, key, raw))
+            if len(store.rows) >= store.batch_size:
+                store.write()
+            elif store.due is None:
+                store.due = time.monotonic() + store.batch_seconds
+                store.cond.notify()
         return True
 
     def flush(self) -> None:
