@@ -26,21 +26,27 @@ checkpoint when it ends, however it ends (``finally``).
 holds the sqlite connection, the rows not written yet, and a flusher thread that writes
 them at most ``BATCH_SECONDS`` after they arrived, so that a slow map loses little.
 
-Integration sketch (the streaming map; :func:`checkpointed_map` is the same flow run one
-item at a time, and is what the tests drive)::
+Integration sketch: the streaming map (:func:`checkpointed_map` is the same flow one
+item at a time, in-process, and is what the tests drive). ``checkpoint`` is the map's
+argument; items of several iterables are their zipped tuples, as the chunks carry them::
 
-    ckpt = Checkpoint.open(path, func)              # refuses others' files, keys func
-    try:
-        for entry in split(ckpt, enumerate(items)):  # reads the input as it goes
-            if isinstance(entry, Stored):
-                slot[entry.index] = entry.value      # done in an earlier run
+    ckpt = Checkpoint.open(checkpoint, func)      # at the call: refuses others' files,
+    try:                                          # keys func, counts the call
+        for entry in split(ckpt, enumerate(items), batch=buffersize):
+            if isinstance(entry, Stored):         # finished in an earlier run:
+                ready(entry.index, entry.value)   # yielded at its place, never sent
             else:
-                submit(entry)                        # keep entry.index and entry.key
-        ...
-        # as each result arrives (never for an exception):
-        ckpt.record(entry.index, entry.key, value)
+                chunk.append(entry)               # a Pending: send entry.item, and
+                ...                               # keep (index, key) with the chunk
+        # as the results of a chunk arrive (the ones before a failure too, never the
+        # exception itself):
+        for entry, value in zip(chunk, results):
+            ckpt.record(entry.index, entry.key, value)   # never raises for the value
     finally:
-        ckpt.close()
+        ckpt.close()                              # writes the last batch
+
+``map_as_completed`` yields each ``Stored`` value as ``split`` produces it. ``record`` may
+be called in any order of indices, from any thread; ``close`` more than once.
 
 Keys: what makes a stored result the right one
 ----------------------------------------------
@@ -690,11 +696,14 @@ class Checkpoint:
             store.users += 1
             ordinal = _ordinals.get((real, fkey), 0)
             _ordinals[real, fkey] = ordinal + 1
-        with store.cond:
-            try:
+        try:
+            with store.cond:
                 base, known = store.begin_call(fkey, ordinal, name)
-            except sqlite3.Error as exc:
+        except BaseException as exc:
+            cls(store, 0, name, False).close()  # let go of the file
+            if isinstance(exc, sqlite3.Error):
                 raise CheckpointError(f"checkpoint {real}: {exc}") from exc
+            raise
         return cls(store, base, name, known)
 
     def lookup(self, indexed_items: list[tuple[int, Any]]) -> list[Stored | Pending]:
