@@ -457,6 +457,65 @@ def test_a_kill_at_any_moment_leaves_a_clean_prefix_of_intact_results(tmp_path, 
     assert stored > 0
 
 
+# A map whose every computation leaves a line in a log (after the function returned).
+KILLED_MAP = """\
+import os, signal, sys, time
+from scoop._checkpoint import checkpointed_map
+db, log, mode = sys.argv[1:4]
+log = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+if mode == "term-exits":  # SIGTERM ends the program through its finally blocks
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+def f(x):
+    time.sleep(0.002)
+    os.write(log, b"%d\\n" % x)
+    return x * x
+for i, value in enumerate(checkpointed_map(f, range(600), db, batch_seconds=0.2)):
+    assert value == i * i, (i, value)
+    if i == 100:
+        print("going", flush=True)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["term-exits", "term-kills"])
+def test_a_killed_map_run_again_computes_each_item_at_most_once_more(tmp_path, mode,
+                                                                     no_leftovers):
+    prog = tmp_path / "killed_map.py"
+    prog.write_text(KILLED_MAP)
+    db, log = tmp_path / "run.db", tmp_path / "computed.log"
+    args = [sys.executable, str(prog), str(db), str(log), mode]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "going\n"
+        time.sleep(random.Random(mode).uniform(0.1, 0.4))
+        first.send_signal(signal.SIGTERM)  # as a batch system's wall-time kill: TERM,
+        try:                               # then KILL after a grace period
+            first.wait(0.5)
+        except subprocess.TimeoutExpired:
+            first.kill()
+    finally:
+        first.kill()
+        first.wait()
+    done_first = log.read_text().split()
+    again = _python(*args[1:])
+    assert again.returncode == 0 and again.stdout.endswith("done\n"), again.stderr
+    counts: dict[int, int] = {}
+    for line in log.read_text().split():
+        counts[int(line)] = counts.get(int(line), 0) + 1
+    assert sorted(counts) == list(range(600))
+    twice = [x for x, c in counts.items() if c > 1]
+    assert max(counts.values()) <= 2
+    assert 100 < len(done_first) < 600  # killed half way
+    if mode == "term-exits":
+        # The last batch was written on the way out: at most the item between its
+        # log line and its record ran again.
+        assert len(twice) <= 1, twice
+    else:
+        # Killed outright: at most the last batch_seconds of results (items take at
+        # least 2 ms each; twice that for a flusher thread slowed by a busy machine).
+        assert len(twice) <= 2 * 0.2 / 0.002, len(twice)
+
+
 def test_a_slow_map_loses_at_most_the_last_batch_seconds(tmp_path, no_leftovers):
     db = tmp_path / "run.db"
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""\
