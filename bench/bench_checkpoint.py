@@ -10,6 +10,8 @@ checkpoint. Lines:
   every BATCH_SIZE rows or BATCH_SECONDS).
 * ``record, FULL``: the same with synchronous=FULL (an fsync per commit).
 * ``commit per row, NORMAL/FULL``: batch_size=1, what batching saves (fewer items).
+* ``record_many, chunks of 100``: the default policy, results recorded a chunk at a
+  time (as the parallel map gets them), not one by one.
 * ``resume, all stored``: a second run that finds every result (look-ups, unpickling).
 
 Usage: ``python bench/bench_checkpoint.py [--items 100000] [--dir DIR]``. The file goes
@@ -45,6 +47,29 @@ def timed_run(items: int, path: str | None, **options) -> tuple[float, float]:
     else:
         _checkpoint.new_run()
         out = list(_checkpoint.checkpointed_map(task, range(items), path, **options))
+    elapsed = time.perf_counter() - start, time.process_time() - cpu
+    assert len(out) == items and out[-1] == task(items - 1)
+    return elapsed
+
+
+def chunked_run(items: int, path: str, chunk: int = 100) -> tuple[float, float]:
+    """As :func:`timed_run`, results recorded a chunk at a time with record_many."""
+    cpu = time.process_time()
+    start = time.perf_counter()
+    _checkpoint.new_run()
+    out: list = []
+    with _checkpoint.Checkpoint.open(path, task) as ckpt:
+        pending: list = []
+        for entry in _checkpoint.split(ckpt, enumerate(range(items))):
+            pending.append(entry)
+            if len(pending) == chunk:
+                values = [task(e.item) for e in pending]
+                ckpt.record_many(pending, values)
+                out += values
+                pending = []
+        values = [task(e.item) for e in pending]
+        ckpt.record_many(pending, values)
+        out += values
     elapsed = time.perf_counter() - start, time.process_time() - cpu
     assert len(out) == items and out[-1] == task(items - 1)
     return elapsed
@@ -88,6 +113,9 @@ def main() -> int:
             seconds = timed_run(few, path, batch_size=1)
             line(f"commit per row, {sync}", few, seconds,
                  (per_item[0] * few, per_item[1] * few))
+        chunked = min(chunked_run(n, os.path.join(folder, f"chunked-{i}.db"))
+                      for i in range(3))
+        line("record_many, chunks of 100", n, chunked, plain)
         line("resume, all stored", n, resume, plain)
         size = os.path.getsize(os.path.join(folder, "NORMAL-0.db"))
     finally:

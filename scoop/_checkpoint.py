@@ -39,9 +39,8 @@ argument; items of several iterables are their zipped tuples, as the chunks carr
                 chunk.append(entry)               # a Pending: send entry.item, and
                 ...                               # keep (index, key) with the chunk
         # as the results of a chunk arrive (the ones before a failure too, never the
-        # exception itself):
-        for entry, value in zip(chunk, results):
-            ckpt.record(entry.index, entry.key, value)   # never raises for the value
+        # exception itself); never raises for a value:
+        ckpt.record_many(chunk, results)          # or record(index, key, value)
     finally:
         ckpt.close()                              # writes the last batch
 
@@ -751,30 +750,40 @@ class Checkpoint:
         Never raises for the value: one that cannot be pickled is not recorded (one
         warning per call). Returns whether it was recorded.
         """
-        try:
-            raw = _stored_pickle(value)
-        except Exception as exc:  # noqa: BLE001 - the map still returns it
-            if not self._warned_value:
-                self._warned_value = True
-                warnings.warn(
-                    f"checkpoint: {self.name}() returned a result that cannot be pickled "
-                    f"(item {index}, {type(value).__qualname__}: {exc}); it is returned but "
-                    f"not recorded, so a re-run computes it again", RuntimeWarning,
-                    stacklevel=2)
-            return False
-        if not 0 <= index < 2**INDEX_BITS:
-            raise ValueError(f"checkpoint: item index {index} out of range")
+        return self.record_many(((index, key),), (value,)) == 1
+
+    def record_many(self, entries: Iterable[Pending | tuple[int, bytes]],
+                    values: Iterable[Any]) -> int:
+        """Record the results of a chunk: ``values[i]`` is the result of ``entries[i]``
+        (a :class:`Pending`, or an ``(index, key)`` pair); as :meth:`record`, with one
+        lock for the lot. Returns how many were recorded."""
+        rows = []
+        base = self._base
+        for entry, value in zip(entries, values):
+            index, key = entry[0], entry[-1]
+            if not 0 <= index < 2**INDEX_BITS:
+                raise ValueError(f"checkpoint: item index {index} out of range")
+            try:
+                rows.append((base + index, key, _stored_pickle(value)))
+            except Exception as exc:  # noqa: BLE001 - the map still returns it
+                if not self._warned_value:
+                    self._warned_value = True
+                    warnings.warn(
+                        f"checkpoint: {self.name}() returned a result that cannot be "
+                        f"pickled (item {index}, {type(value).__qualname__}: {exc}); it is "
+                        f"returned but not recorded, so a re-run computes it again",
+                        RuntimeWarning, stacklevel=3)
         store = self._store
         with store.lock:
             if self._closed:
                 raise ValueError("record() on a closed checkpoint")
-            store.rows.append((self._base + index, key, raw))
+            store.rows += rows
             if len(store.rows) >= store.batch_size:
                 store.write()
-            elif store.due is None:
+            elif store.due is None and store.rows:
                 store.due = time.monotonic() + store.batch_seconds
                 store.cond.notify()
-        return True
+        return len(rows)
 
     def flush(self) -> None:
         """Write the rows recorded so far now (the map needs not call it)."""

@@ -237,6 +237,21 @@ def test_an_unpicklable_result_is_returned_warned_once_and_not_recorded(tmp_path
     assert ran == [1, 3, 5]
 
 
+def test_record_many_records_a_chunk_and_skips_what_cannot_be_pickled(tmp_path):
+    db = tmp_path / "run.db"
+    with Checkpoint.open(db, None, key="chunks") as ckpt:
+        chunk = list(split(ckpt, enumerate("abcd")))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recorded = ckpt.record_many(chunk, ["A", threading.Lock(), "C", lambda: "D"])
+        assert recorded == 3 and len(caught) == 1  # the lambda goes by cloudpickle
+    rerun()
+    with Checkpoint.open(db, None, key="chunks") as ckpt:
+        entries = list(split(ckpt, enumerate("abcd")))
+    assert [type(e).__name__ for e in entries] == ["Stored", "Pending", "Stored", "Stored"]
+    assert entries[0].value == "A" and entries[3].value() == "D"
+
+
 def test_an_exception_is_not_recorded_and_runs_again(tmp_path):
     db = tmp_path / "run.db"
     failing.add(3)
