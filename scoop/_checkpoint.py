@@ -718,9 +718,12 @@ class Checkpoint:
         Raises:
             CheckpointError: an item cannot be pickled to key it.
         """
+        if not self.known:  # a call no earlier run made: nothing to look up
+            return [Pending(_checked(i), item, item_key(item, i))
+                    for i, item in indexed_items]
         keyed = [(_checked(i), item, item_key(item, i)) for i, item in indexed_items]
         found: dict[int, tuple[bytes, bytes]] = {}
-        if self.known and keyed:
+        if keyed:
             indices = [i for i, _, _ in keyed]
             base = self._base
             with self._store.cond:
