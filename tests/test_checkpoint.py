@@ -1,7 +1,8 @@
 """The checkpoint store (scoop._checkpoint): resume a map after a kill, never mix results.
 
 Real files and real processes: programs are written to disk and run with plain python,
-edited between runs as a user would; kills are real SIGKILLs at seeded random moments.
+edited between runs as a user would; kills are real SIGTERMs and SIGKILLs at seeded
+random moments.
 """
 
 from __future__ import annotations
@@ -215,6 +216,25 @@ def test_two_maps_in_one_file_and_one_function_mapped_twice(tmp_path):
     rerun()
     assert program() == first == ([(1, 0), (2, 10), (3, 20), (4, 30)], [11, 21])
     assert ran == []
+
+
+def test_one_function_mapped_twice_on_the_same_input_keeps_each_calls_results(tmp_path):
+    # A function that draws a new number at every call (a simulation): each map of the
+    # program gets its own draws back, not the other's.
+    db = tmp_path / "run.db"
+
+    def draw(x):
+        ran.append(x)
+        return (x, len(ran))
+
+    def program():
+        return (list(checkpointed_map(draw, range(3), db)),
+                list(checkpointed_map(draw, range(3), db)))
+
+    first = program()
+    assert first[0] != first[1]
+    rerun()
+    assert program() == first and ran == []
 
 
 def test_an_unpicklable_result_is_returned_warned_once_and_not_recorded(tmp_path):
