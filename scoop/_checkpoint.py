@@ -11,7 +11,7 @@ The flow this module owns::
                             ├─ Stored(index, value) ─────────────────────> yielded as is
                             └─ Pending(index, item, key) ─> submitted ─> result
                                                                      │
-                          record(index, key, value) <───────────────┘ (and yielded)
+                  record() / record_many() <───────────────┘ (and yielded)
                             │  rows wait in memory: a batch goes to the file in one
                             │  transaction every BATCH_SIZE rows or BATCH_SECONDS
                             v
@@ -107,15 +107,20 @@ benchmark ``bench/bench_checkpoint.py`` measures both). Rows go to the file in b
 one transaction each, every ``BATCH_SIZE`` rows or ``BATCH_SECONDS`` after the first row
 of a batch, whichever comes first, and at :meth:`Checkpoint.close`. A kill therefore
 loses at most the results of the last ``BATCH_SECONDS`` (and fewer than ``BATCH_SIZE``):
-those items run again at the next run, as do the items running at the kill. Together
+those items run again at the next run, as do the items running at the kill. A program
+that ends through its ``finally`` blocks (Ctrl-C, a SIGTERM handler raising SystemExit)
+loses none: :meth:`Checkpoint.close` writes the last batch, and an ``atexit`` hook those
+of maps left unfinished. Together
 with the map's own loss (items a worker finished but had not reported), a map killed
 and run again computes each item at most once more than it had finished.
 
 Results, exceptions
 -------------------
-* A result is pickled when it is recorded. One that cannot be pickled is still
-  returned by the map in this run; it is only not recorded (one warning per call naming
-  the function), so the next run computes it again.
+* A result is pickled when it is recorded: plain pickle (classes by reference, so a
+  re-run loads them as the program defines them then), or cloudpickle for what plain
+  pickle refuses (lambdas, nested functions and classes). One that cannot be pickled
+  is still returned by the map in this run; it is only not recorded (one warning per
+  call naming the function), so the next run computes it again.
 * A result that can no longer be unpickled at look-up (its class was removed or renamed)
   counts as missing: the item runs again (one warning per call).
 * An exception raised by the function is never recorded: the map only records results.
