@@ -41,10 +41,11 @@ import sys
 import time
 
 from .. import _agent, _bootstrap, _broker, _reaper, _worker
+from .._errors import LaunchError
 from .._files import write_atomically
 from .._transport import Credentials
 from . import address, remote
-from .job import Job, LaunchError, Placement, wants_encryption
+from .job import Job, Placement, wants_encryption
 
 log = logging.getLogger("scoop")
 
