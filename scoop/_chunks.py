@@ -206,7 +206,7 @@ class Stream:
         so that a long one does not hold up the resumption of others (LOST)."""
         if rt.link is None:
             return None
-        entry = rt.running_entry
+        entry = rt.hub.running_entry  # (group, tid, call); None: an inline run
         if entry is None or entry[0].owner == rt.wid:
             return cls(rt, None, 0, False)
         return cls(rt, entry[0].owner, entry[1], fine)

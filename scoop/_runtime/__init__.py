@@ -47,6 +47,7 @@ One role per module (each opens with the flow it owns):
 * ``policy.py``: the scheduling decisions (credit, standby, grouping, give-back), with no
   I/O (unit-tested in ``tests/test_runtime_policy.py``), and the tuning constants.
 * ``handlers.py``: what each message from the broker does.
+* ``consts.py``: shared constants (``shared.setConst`` / ``getConst``).
 * ``link.py``: the socket to the broker, joining the job, waiting for answers.
 
 ``scoop._worker`` is the process's entry point to all this: ``current()``, ``install()``.

@@ -10,7 +10,7 @@
              kept until its last one comes: scoop._chunks)
     LOST     a worker died holding map chunks of ours: cut what they had not finished
              into pieces and send them back, first in line (scoop._chunks)
-    CONST    shared constants -> the runtime's table; wake greenlets in getConst
+    CONST    shared constants -> the runtime's table (consts.py); wake getConst
     STOP     the job is over: stop the runtime (parked greenlets raise JobStopped)
 """
 
@@ -34,15 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("scoop")
 
 _SKIP = object()  # a result entry that completes no future
-
-
-class Unloaded:
-    """A shared constant that arrived but could not be unpickled on this worker."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: SerializationError) -> None:
-        self.error = error
 
 
 class Handlers:
@@ -144,22 +135,8 @@ class Handlers:
             rt.shipper.send_pieces(subs)
 
     def handle_const(self, msg: P.Message) -> None:
-        rt = self.rt
-        for parcel in self._authentic(msg, "a constants parcel"):
-            try:
-                items, broken = _serialize.loads_items(parcel.frames)
-            except Exception as exc:  # noqa: BLE001 - the names are inside: log, go on
-                log.error("%s: dropped shared constants that could not be unpickled: "
-                          "%s: %s", rt.where, type(exc).__name__, exc)
-                continue
-            for i, (name, value) in enumerate(items):
-                if i in broken:  # getConst(name) raises this error here
-                    value = Unloaded(self.unpickling_error(
-                        f"the shared constant {name!r}", broken[i]))
-                rt.consts.setdefault(name, value)
-        waiters, rt.const_waiters = rt.const_waiters, []
-        for w in waiters:
-            w.wake(rt)
+        self.rt.constants.receive(self._authentic(msg, "a constants parcel"),
+                                  self.unpickling_error)
 
     def handle_stop(self, msg: P.Message) -> None:
         self.rt.stop(JobStopped("the job was stopped"))

@@ -212,7 +212,7 @@ class Hub:
         waiters = itertools.chain(
             (w for fut in itertools.chain(rt.pending.values(), rt.outbox.values())
              for w in fut._waiters),
-            rt.const_waiters, (timer[2] for timer in self.timers))
+            rt.constants.waiters, (timer[2] for timer in self.timers))
         for w in waiters:
             if w.parked and id(w.glet) not in seen:
                 seen.add(id(w.glet))

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 from greenlet import getcurrent
 
 from .. import _protocol as P
-from .. import _serialize
 from .._errors import BrokenJobError, TimeoutError
 from .._future import FINISHED, PENDING, Future
-from .handlers import Handlers, Unloaded
+from .consts import Constants
+from .handlers import Handlers
 from .hub import Hub, Waiter
 from .outbox import Shipper
 from .policy import MAX_ATTEMPTS, MAX_INLINE_DEPTH, OUTBOX_MAX, Policy
@@ -64,6 +64,11 @@ class Flags:
     def flag_as_not_accepting(self) -> None:
         self.accepting = False
 
+    def check_usable(self) -> None:
+        """Raise BrokenJobError (from the reason) if no future can run any more."""
+        if self.broken is not None:
+            raise BrokenJobError(str(self.broken)) from self.broken
+
     def flag_as_broken(self, reason: BaseException) -> None:
         self.broken = reason
         self.stopped = True
@@ -91,8 +96,6 @@ class Worker:
         self.flags = Flags()
         self.policy = Policy(max(1, size))
         self.max_attempts = MAX_ATTEMPTS
-        self.consts: dict[str, object] = {}
-        self.const_waiters: list[Waiter] = []
         # Called by submit while set: _bootstrap looks for a program that calls futures
         # outside its `if __name__ == "__main__":` guard.
         self.submit_hook: Callable[[], None] | None = None
@@ -100,6 +103,7 @@ class Worker:
         self.shipper = Shipper(self)
         self.hub = Hub(self)
         self.handlers = Handlers(self)
+        self.constants = Constants(self)
         # The tables the pieces share (the same objects, named here for short).
         self.outbox, self.pending, self.away = (
             self.shipper.outbox, self.shipper.pending, self.shipper.away)
@@ -124,10 +128,8 @@ class Worker:
         """
         if self.submit_hook is not None:
             self.submit_hook()
-        flags = self.flags
-        if flags.broken is not None:
-            raise BrokenJobError(str(flags.broken)) from flags.broken
-        if not flags.accepting:
+        self.flags.check_usable()
+        if not self.flags.accepting:
             raise RuntimeError("cannot submit new futures after futures.shutdown()")
         fut = Future(self, next(self._ids), (fn, args, kwargs), weight,
                      state if state is not None else chunk)
@@ -162,8 +164,7 @@ class Worker:
 
         Returns the waiter, whose ``arrived`` lists the futures that finished meanwhile.
         """
-        if self.flags.broken is not None:
-            raise BrokenJobError(str(self.flags.broken)) from self.flags.broken
+        self.flags.check_usable()
         waiter = Waiter(getcurrent(), need, on_error)
         pending = [f for f in futs if f._state < FINISHED]
         waiter.remaining = need - (len(futs) - len(pending))
@@ -257,45 +258,16 @@ class Worker:
         """Run done-callbacks (see :meth:`Hub.run_callbacks`): for Future."""
         self.hub.run_callbacks(fut, callbacks)
 
-    @property
-    def running_entry(self):
-        """``(group, tid, call)`` of the task started last (None: an inline run)."""
-        return self.hub.running_entry
-
-    # -- shared constants ------------------------------------------------------------------
+    # -- shared constants (consts.py) ------------------------------------------------------
     def set_const(self, values: dict) -> None:
         """Record shared constants here and broadcast them to every worker."""
-        for name in values:
-            if name in self.consts:
-                raise TypeError(f"constant {name!r} is already defined; constants are "
-                                "immutable")
-        frames = _serialize.dumps(list(values.items()))  # items load one by one
-        self.consts.update(values)
-        if self.link is not None:
-            self.link.send(P.CONST, parcels=[self.link.codec.parcel(frames)])
+        self.constants.set(values)
 
     def get_const(self, name: str, timeout: float | None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while name not in self.consts and self.link is not None and self.broken is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            waiter = Waiter(getcurrent(), 1)
-            self.const_waiters.append(waiter)
-            self.hub.park(waiter, deadline)
-        value = self.consts.get(name)
-        if isinstance(value, Unloaded):
-            raise value.error
-        return value
+        """The shared constant ``name``, waiting up to ``timeout`` (None: it never came)."""
+        return self.constants.get(name, timeout)
 
     # -- life cycle ------------------------------------------------------------------------
-    @property
-    def broken(self) -> BaseException | None:
-        return self.flags.broken
-
-    @property
-    def stopped(self) -> bool:
-        return self.flags.stopped
-
     def ask_id(self, address: str, creds: Credentials, timeout: float = 30.0) -> int:
         """Get a worker id from the broker (a worker started by another launcher)."""
         from . import link  # ZeroMQ loads when a job starts: `import scoop.futures` stays light
