@@ -24,6 +24,7 @@ from scoop._runtime.policy import (
 )
 
 FAST = PREFETCH_BACKLOG_S / 1000  # a task this quick: prefetch as much as allowed
+WARM = [("task_took", (FAST,), None)] * 80  # many fast tasks ran
 SLOW = PREFETCH_BACKLOG_S * 100  # a task this slow: ask for one group at a time
 
 # -- credit and standby ----------------------------------------------------------------
@@ -35,7 +36,7 @@ CREDIT_CASES = {
         ("want", (0, False), 1),
     ], {"credit_out": 1}),
     "fast tasks: up to MAX_CREDIT ahead, none while the queue holds enough": (2, [
-        *[("task_took", (FAST,), None)] * 80,
+        *WARM,
         ("want", (0, False), MAX_CREDIT),
         ("received", (2, False), None),
         ("want", (0, False), 2),  # back up to MAX_CREDIT
@@ -43,7 +44,7 @@ CREDIT_CASES = {
         ("want", (10_000, False), 0),  # 10,000 queued tasks last long enough
     ], {"credit_out": 0}),
     "a slow task stops prefetching at once": (2, [
-        *[("task_took", (FAST,), None)] * 80,
+        *WARM,
         ("want", (0, False), MAX_CREDIT),
         ("task_took", (SLOW,), None),
         ("received", (MAX_CREDIT, False), None),
@@ -58,11 +59,6 @@ CREDIT_CASES = {
         ("may_run", (), False),
         ("want", (0, False), 0),
         ("timed_wait", (-1,), None),
-        ("may_run", (), True),
-        ("want", (0, False), 1),
-    ], {"credit_out": 1}),
-    "the job's only worker runs tasks even in a timed wait (nobody else would)": (1, [
-        ("timed_wait", (1,), None),
         ("may_run", (), True),
         ("want", (0, False), 1),
     ], {"credit_out": 1}),
@@ -107,6 +103,12 @@ def test_credit_and_standby(size, script, state):
         if expected is not None:
             assert got == expected, f"step {step}: {call}{args} -> {got!r}"
     assert {name: getattr(p, name) for name in state} == state
+
+
+def test_the_only_worker_runs_tasks_even_in_a_timed_wait():
+    p = Policy(1)  # nobody else would
+    p.timed_waits = 1
+    assert p.may_run() and p.want(0, False) == 1 and p.credit_out == 1
 
 
 @pytest.mark.parametrize("queued,timed,size,keeps", [

@@ -25,7 +25,7 @@ ending (program done, Ctrl-C, SIGTERM, error) stops them all.
 *Broker.* Routes work between the workers (see :mod:`scoop._broker`); where it listens
 is a row of :data:`.address.ROUTES`.
 
-*Workers.* See :mod:`scoop._bootstrap` (start-up) and :mod:`scoop._worker` (runtime).
+*Workers.* See :mod:`scoop._bootstrap` (start-up) and :mod:`scoop._runtime` (runtime).
 
 A :class:`Launcher` can also make the calling interpreter the root worker
 (``root_in_process=True``): a library call then gets a pool with no separate program.

@@ -159,13 +159,7 @@ class Hub:
     def _execute(self, entry) -> None:
         group, tid, (fn, args, kwargs) = entry
         self.running_entry = entry  # a map chunk streams its results to group.owner
-        try:
-            value = fn(*args, **kwargs)
-            ok = True
-        except GreenletExit:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - any outcome is the future's
-            value, ok = exc, False
+        ok, value = _call(fn, args, kwargs)
         rt = self.rt
         if group.owner == rt.wid:
             if not ok:
@@ -256,14 +250,11 @@ class Hub:
         self.running_entry = None
         self.inline_depth += 1
         try:
-            value = fn(*args, **kwargs)
-            ok = True
-        except GreenletExit:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - any outcome is the future's
-            value, ok = _serialize.attach_traceback(exc, self.rt.where), False
+            ok, value = _call(fn, args, kwargs)
         finally:
             self.inline_depth -= 1
+        if not ok:
+            _serialize.attach_traceback(value, self.rt.where)
         self.rt.complete(fut, ok, value)
 
     def run_callbacks(self, fut: Future, callbacks) -> None:
@@ -272,6 +263,17 @@ class Hub:
             greenlet(_call_callbacks, parent=self.glet).switch(fut, callbacks)
         else:
             _call_callbacks(fut, callbacks)
+
+
+def _call(fn, args: tuple, kwargs: dict) -> tuple[bool, object]:
+    """Run one task: ``(True, its value)`` or ``(False, its exception)``. The exception's
+    traceback starts here: ``_serialize.format_remote`` drops this one frame."""
+    try:
+        return True, fn(*args, **kwargs)
+    except GreenletExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any outcome is the future's
+        return False, exc
 
 
 def _call_callbacks(fut: Future, callbacks) -> None:
