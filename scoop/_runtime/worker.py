@@ -119,7 +119,7 @@ class Worker:
         self.policy.size = max(1, n)
 
     # -- API: submit, wait, cancel (from program and task greenlets) ----------------------
-    def submit(self, fn, args: tuple, kwargs: dict, weight: int = 1,
+    def submit(self, fn: Callable, args: tuple, kwargs: dict, weight: int = 1,
                state: Chunk | None = None, *, chunk: Chunk | None = None) -> Future:
         """Queue ``fn(*args, **kwargs)`` in the outbox and return its Future.
 
@@ -139,6 +139,7 @@ class Worker:
         return fut
 
     def cancel(self, fut: Future) -> bool:
+        """Cancel a future still in the outbox (``Future.cancel``); False if it left."""
         if self.outbox.pop(fut._id, None) is None:
             return False
         fut._mark_cancelled()
@@ -236,6 +237,7 @@ class Worker:
 
     # -- completion (from the hub, the handlers and scoop._chunks) -------------------------
     def new_id(self) -> int:
+        """A fresh future id (for the pieces of a lost map chunk, ``scoop._chunks``)."""
         return next(self._ids)
 
     def complete(self, fut: Future | None, ok: bool, value) -> None:
@@ -249,6 +251,7 @@ class Worker:
         self.notify(fut)
 
     def notify(self, fut: Future) -> None:
+        """Tell a done (or cancelled) future's waiters; run its done-callbacks."""
         for w in fut._take_waiters():
             w.notify(self, fut)
         if fut._callbacks:
