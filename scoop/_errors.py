@@ -105,7 +105,8 @@ class WorkerLostError(ScoopError, RuntimeError):
     """A task's worker died while holding it, again and again (see ``MAX_ATTEMPTS``).
 
     Likely causes: the task crashes the interpreter (a segfault in an extension, os._exit)
-    or exhausts memory (the OOM killer).
+    or exhausts memory (the OOM killer). Not a BrokenJobError: only that task fails, and
+    the job goes on with the workers left.
     """
 
 
