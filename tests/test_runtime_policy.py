@@ -1,6 +1,7 @@
 """The worker's scheduling decisions, without a socket: tables played on
 ``scoop._runtime.policy`` (credit, standby, grouping, give-back), then a worker whose
-link to the broker is a recorder, to check what it hands back and under which tag.
+link to the broker is a recorder, to check what it hands back and under which tag, and
+an in-process one whose futures wait on each other (a deadlock, reported as such).
 
 Policy scripts are lists of ``(call, args, expected)``: the call is a Policy method,
 ``expected`` its answer (None: not checked), then the state named in the case.
@@ -12,6 +13,7 @@ import pytest
 
 from scoop import _protocol as P
 from scoop import _serialize
+from scoop._errors import BrokenJobError
 from scoop._runtime import Worker
 from scoop._runtime import policy as pol
 from scoop._runtime.hub import Group
@@ -261,3 +263,21 @@ def test_a_group_partly_run_goes_back_as_a_group_of_its_own():
     rt.shipper.give_back()
     assert _returned(rt) == [(P.returned_tag(1, 1) | P.SUSPECT, 0, [2, 3])]
     assert group.remaining == 1 and not rt.runq
+
+
+_cycle: dict = {}
+
+
+def _wait_for(name: str):
+    return _cycle[name].result()
+
+
+def test_futures_that_wait_on_each_other_in_process_end_in_a_deadlock_error():
+    rt = Worker()  # in-process: no broker, no socket
+    a = rt.submit(_wait_for, ("b",), {})
+    b = rt.submit(_wait_for, ("a",), {})
+    _cycle.update(a=a, b=b)
+    with pytest.raises(BrokenJobError, match="deadlock"):
+        a.result()
+    assert rt.flags.broken is None  # the runtime is still usable
+    assert rt.submit(abs, (-3,), {}).result() == 3

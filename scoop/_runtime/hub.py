@@ -233,6 +233,7 @@ class Hub:
                 rt.link.send(P.WITHDRAW, arg=1)
         waiter.glet = getcurrent()
         waiter.parked = True
+        waiter.error = None  # it may park again (watch, park) after a deadlock woke it
         try:
             self.glet.switch()
         finally:
