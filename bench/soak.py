@@ -232,7 +232,8 @@ class Monitor(threading.Thread):
             rw = job.root_worker
             if rw is not None:
                 log(f"root: pending={len(rw.pending)} away={len(rw.away)} "
-                    f"outbox={len(rw.outbox)} runq={len(rw.runq)} credit_out={rw.credit_out}")
+                    f"outbox={len(rw.outbox)} runq={len(rw.runq)} "
+                    f"credit_out={rw.policy.credit_out}")
             procs = {w: (p.pid, p.poll()) for w, p in list(job.procs.items())}
             log(f"procs (wid: pid, returncode): {procs}")
             missing = sorted(self.state.inflight_indices())[:20]

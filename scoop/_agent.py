@@ -31,6 +31,7 @@ import threading
 import time
 
 from . import _reaper
+from ._errors import SpawnError
 
 WORKER_MODULE = "scoop._start_worker"
 # How long workers get after a stop request before they are killed.
@@ -69,10 +70,6 @@ def death_message(wid: int, pid: int, code: int) -> str:
         return f"{who} ended {'with' if wid == 0 else 'early:'} {describe_status(code)}"
     cause = SIGNAL_CAUSES.get(-code)
     return f"{who} was {describe_status(code)}" + (f": {cause}" if cause else "")
-
-
-class SpawnError(RuntimeError):
-    """A worker process could not be started."""
 
 
 def worker_env(pythonpath: str | None) -> dict[str, str]:

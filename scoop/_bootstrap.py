@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 import scoop
 
 from . import _progress, _reaper, _serialize, _worker
-from ._errors import JobStopped
+from ._errors import BrokenJobError, JobOver, JobStopped, ProgramError, UnguardedCall
 from ._files import create_private
 from ._transport import Credentials
 from ._watchdog import Watchdog
@@ -60,11 +60,6 @@ def load_program(path: str, run_name: str) -> types.ModuleType:
     sys.modules["__main__"] = mod
     sys.modules[MAIN_RUN_NAME] = mod
     return mod
-
-
-class ProgramError(Exception):
-    """The program cannot run at all (no such module, a syntax error); the message is
-    what to print, in Python's own words."""
 
 
 def _compile(source: bytes | str, path: str) -> types.CodeType:
@@ -157,7 +152,7 @@ def _die_with_parent(ppid: int) -> None:
     :func:`_end_on_sigterm`); the watchdog ends it anyway if the handler cannot run.
     """
     try:
-        import ctypes
+        import ctypes  # only here: workers that join on their own never load it
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -206,9 +201,9 @@ def start(cfg: dict) -> None:
             worker.ask_id(cfg["address"], creds, timeout)
         enter_job(worker, cfg["address"], creds, debug=bool(cfg.get("debug")),
                   hosts=cfg.get("hosts", []), timeout=timeout)
-    except _worker.JobOver:
+    except JobOver:
         return  # started too late to matter: leave quietly
-    except _worker.BrokenJobError as exc:
+    except BrokenJobError as exc:
         print(f"scoop: {worker.where}: {exc}. If this host cannot reach that address, "
               "start the job with --broker-hostname ADDRESS (one it can reach) or -e; "
               "if it runs another scoop version than the launcher's, install the same.",
@@ -336,11 +331,6 @@ def _import_program(worker: _worker.Worker, cfg: dict) -> None:
                   worker.wid, what, traceback.format_exc())
     finally:
         worker.submit_hook = None
-
-
-class UnguardedCall(BaseException):
-    """A non-root worker's import of the program reached a futures call: code only the
-    root should run. A BaseException, so that ``except Exception`` lets it through."""
 
 
 def _refuse_unguarded() -> None:

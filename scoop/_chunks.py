@@ -38,6 +38,7 @@ from __future__ import annotations
 import time
 from itertools import islice, starmap
 
+from . import _serialize
 from ._errors import WorkerLostError
 from ._future import FINISHED, Future
 
@@ -51,6 +52,14 @@ FINE_MAX = 16
 # A lost chunk's rest is cut into this many pieces per worker of the job.
 PIECES_PER_WORKER = 2
 PARTIAL = 2  # the ``ok`` field of a result entry that carries partial results of a chunk
+
+
+def partial_results(func):
+    """Stands for the call of a partial result (a list of ``func``'s results) when one of
+    them cannot be pickled: the error names ``func`` and the result."""
+
+
+_serialize.register_runner(partial_results, _serialize.Runner(results="list"))
 
 
 class Lineage:
@@ -144,14 +153,14 @@ class Join:
             if p._state < FINISHED:
                 return
             if p._exception is not None:
-                rt._complete(self.fut, True, (results, p._exception))
+                rt.complete(self.fut, True, (results, p._exception))
                 return
             values, wire = p._result
             results.extend(values)
             if wire is not None:
-                rt._complete(self.fut, True, (results, wire))
+                rt.complete(self.fut, True, (results, wire))
                 return
-        rt._complete(self.fut, True, (results, self.error))
+        rt.complete(self.fut, True, (results, self.error))
 
 
 def resume(rt, fut: Future, running: bool, how: str) -> list[Future]:
@@ -169,12 +178,11 @@ def resume(rt, fut: Future, running: bool, how: str) -> list[Future]:
     subs = []
     for a, b, fine in pieces:
         call = (fn, (func, items[a - ch.base:b - ch.base], star, fine), kwargs)
-        sub = Future(rt, rt.new_id(), call, b - a)
-        sub._chunk = Chunk(a, ch.lineage, fine, fut, ch.suspect)
-        subs.append(sub)
+        subs.append(Future(rt, rt.new_id(), call, b - a,
+                           Chunk(a, ch.lineage, fine, fut, ch.suspect)))
     join = Join(fut, ch.parts, subs, error)
     for sub in subs:
-        sub._waiters.append(join)
+        sub._add_waiter(join)
     if not subs:
         join.notify(rt)
     return subs
@@ -196,9 +204,9 @@ class Stream:
         """The stream of the chunk task starting now; None outside a job. A chunk run
         for this worker reports nothing: it takes in messages instead (``owner`` None),
         so that a long one does not hold up the resumption of others (LOST)."""
-        if rt.sock is None:
+        if rt.link is None:
             return None
-        entry = rt.running_entry
+        entry = rt.hub.running_entry  # (group, tid, call); None: an inline run
         if entry is None or entry[0].owner == rt.wid:
             return cls(rt, None, 0, False)
         return cls(rt, entry[0].owner, entry[1], fine)

@@ -1,8 +1,9 @@
 """The Future of a call submitted to scoop (PEP 3148 interface).
 
 A Future belongs to the worker that created it (its *owner*) and only ever changes there:
-the owner's runtime (:mod:`scoop._worker`) runs it inline, ships it to the broker, or
-receives its result. Waiting is done by the runtime, which lets the waiting greenlet's
+the owner's runtime (:mod:`scoop._runtime`) runs it inline, ships it to the broker, or
+receives its result, through the methods of the last section (nothing else writes its
+fields). Waiting is done by the runtime, which lets the waiting greenlet's
 worker run other futures meanwhile.
 
 States, in order: PENDING (in the owner's outbox, can be cancelled or run inline),
@@ -29,7 +30,8 @@ class Future:
     __slots__ = ("_id", "_state", "_result", "_exception", "_callbacks", "_waiters",
                  "_call", "_weight", "_runtime", "_chunk", "__weakref__")
 
-    def __init__(self, runtime, fid: int, call: tuple, weight: int = 1) -> None:
+    def __init__(self, runtime, fid: int, call: tuple, weight: int = 1,
+                 chunk: Any = None) -> None:
         self._id = fid
         self._state = PENDING
         self._result: Any = None
@@ -39,7 +41,7 @@ class Future:
         self._call = call  # (fn, args, kwargs) until shipped or run
         self._weight = weight  # items of work it stands for (a map chunk is several)
         self._runtime = runtime
-        self._chunk = None  # a map chunk's state at its owner (scoop._chunks.Chunk)
+        self._chunk = chunk  # a map chunk's state at its owner (scoop._chunks.Chunk)
 
     def __repr__(self) -> str:
         fn = self._call[0] if self._call else None
@@ -124,6 +126,36 @@ class Future:
             self._callbacks.append(fn)
 
     # -- set by the owner's runtime only ------------------------------------------------
+    def _mark_running(self) -> None:
+        """It left the outbox (shipped, kept to run here, or running inline): called by
+        the runtime's ``ship``, its inline run and a lost chunk's resumption."""
+        self._state = RUNNING
+
+    def _mark_cancelled(self) -> None:
+        """Called by the runtime's ``cancel``, which took it out of the outbox."""
+        self._state = CANCELLED
+        self._call = None
+
+    def _drop_arguments(self) -> None:
+        """Its call was pickled into a group: keep the function (for repr and error
+        messages), free the arguments. Called by the runtime's group packing."""
+        self._call = (self._call[0], (), {})
+
+    def _add_waiter(self, waiter) -> None:
+        """Notify ``waiter`` (``notify(runtime, future)``) once it is done: called by the
+        runtime's waits and by a lost chunk's :class:`scoop._chunks.Join`."""
+        self._waiters.append(waiter)
+
+    def _take_waiters(self) -> list:
+        """The waiters to notify once it is done (and forget them): called by the runtime."""
+        waiters, self._waiters = self._waiters, []
+        return waiters
+
+    def _take_callbacks(self) -> list:
+        """The done-callbacks to run once it is done (and forget them): ditto."""
+        callbacks, self._callbacks = self._callbacks, []
+        return callbacks
+
     def _finish(self, ok: bool, value: Any) -> None:
         """Record the outcome; called by the runtime, which then wakes waiters."""
         self._state = FINISHED

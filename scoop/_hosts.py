@@ -33,13 +33,10 @@ import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from ._errors import HostfileError
 from ._files import read_regular
 
 SYNTAX_HINT = "expected 'hostname', 'hostname COUNT' or 'hostname slots=COUNT'"
-
-
-class HostfileError(ValueError):
-    """A hostfile (or a scheduler's host file) that cannot be read or has a bad line."""
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,18 @@ Frames of one message (the broker's ROUTER socket sees the peer's routing id fir
     refuses longer frames before reading them (``_transport``). The broker forwards the
     pieces as they came; a worker joins them.
 
-A task group's ``tag`` (its fid) with bit :data:`RESUMABLE` set holds only map chunks whose
-owner keeps their items and resumes them itself after a worker loss (``LOST``); with bit
-:data:`SUSPECT`, it holds items that may have killed a worker: the broker never gives it
-to the root worker (whose death would end the job).
+A task group's ``tag`` (its fid, unique per owner) is a u64::
+
+    bit 63     RETURNED   tasks a worker handed back (RETURN) as a group the broker did
+                          not hold as such (part of one, the rest runs there; or one the
+                          owner kept for itself): bits 32-60 hold that worker's id, bits
+                          0-31 its count of such groups (:func:`returned_tag`), so that
+                          they never collide with an owner's own fids (counted from 1)
+    bit 62     RESUMABLE  only map chunks, whose owner keeps their items and resumes them
+                          itself after a worker loss (``LOST``)
+    bit 61     SUSPECT    items that may have killed a worker: the broker never gives the
+                          group to the root worker (whose death would end the job)
+    bits 0-60  the owner's group count (a group the owner shipped itself)
 
 A *parcel* is pickled user data: a group of tasks, a batch of results, or shared
 constants. It is one pickle frame followed by its out-of-band buffers (pickle protocol
@@ -39,7 +47,11 @@ tasks of a group, or to name a lost group's tasks to their owner. Its
 that made it and checked by the worker that unpickles it. The broker checks only the
 envelope and routes parcels without reading them: it never unpickles user data, and a
 10 MB argument is hashed twice per trip instead of four times. Swapping a parcel's frames
-is caught by its mac, swapping a mac by the envelope ``sig``.
+is caught by its mac, swapping a mac by the envelope ``sig``. A receiver unpickles only
+the parcels :meth:`Codec.authentic` lets through.
+
+A frame may arrive as ``bytes``, a buffer or a zero-copy ``zmq.Frame``: every reader
+takes its bytes with :func:`buffer_of`.
 
 Messages (w: worker, b: broker)::
 
@@ -83,10 +95,13 @@ import struct
 import sys
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+
+from ._errors import AuthError
 
 VERSION = 3
 ANY_WORKER = 0xFFFFFFFE  # the sender id of a JOIN: the worker has no id yet
+RETURNED = 1 << 63  # tag bit of the part of a group a worker handed back (RETURN)
 RESUMABLE = 1 << 62  # tag bit of a group of map chunks that its owner resumes (LOST)
 SUSPECT = 1 << 61  # tag bit of a group holding items charged with a worker's death
 
@@ -140,10 +155,6 @@ def peer_name(ident: bytes) -> bytes:
     return ident if ident.startswith(b"j") else ident.split(b".", 1)[0]
 
 
-class AuthError(ValueError):
-    """A message that is not an authentic message of this job (bad sig, mac or layout)."""
-
-
 class Parcel:
     """Pickled user data: frames (pickle + out-of-band buffers) and their mac."""
 
@@ -160,6 +171,12 @@ class Parcel:
         return f"<Parcel tag={self.tag} peer={self.peer} frames={len(self.frames)} {size}B>"
 
 
+def returned_tag(wid: int, n: int) -> int:
+    """The fid of the ``n``-th part of a group that worker ``wid`` hands back (RETURN);
+    see the tag layout in the module doc (``wid`` < 2**29, ``n`` < 2**32)."""
+    return RETURNED | (wid << 32) | n
+
+
 def task_ids_frame(tids) -> bytes:
     """The first frame of a task group's parcel: its task ids (see the module doc)."""
     frame = array("Q", tids)
@@ -171,7 +188,7 @@ def task_ids_frame(tids) -> bytes:
 def task_ids(parcel: Parcel) -> array:
     """The task ids of a task group's parcel, read from its first frame."""
     tids = array("Q")
-    tids.frombytes(bytes(_buf(parcel.frames[0])))
+    tids.frombytes(bytes(buffer_of(parcel.frames[0])))
     if sys.byteorder != "little":
         tids.byteswap()
     return tids
@@ -202,8 +219,8 @@ class Pieces(tuple):
     __slots__ = ()
 
 
-def _buf(frame) -> memoryview | bytes:
-    """The bytes of a frame, whether it is bytes, a buffer, or a zmq.Frame."""
+def buffer_of(frame) -> memoryview | bytes:
+    """The bytes of a frame, whether it is bytes, a buffer, or a zmq.Frame (no copy)."""
     b = getattr(frame, "buffer", None)
     return frame if b is None else b
 
@@ -216,7 +233,7 @@ def _split(frame, limit: int) -> list:
     """The wire frames of one logical frame: itself, or slices of at most ``limit``."""
     if isinstance(frame, Pieces):
         return list(frame)
-    b = _buf(frame)
+    b = buffer_of(frame)
     n = _nbytes(b)
     if n <= limit:
         return [frame]
@@ -243,7 +260,7 @@ class Codec:
         """The mac of a parcel's frames (lengths are hashed so frames cannot shift)."""
         h = hmac.new(self.key, digestmod=hashlib.sha256)
         for f in frames:
-            pieces = [_buf(p) for p in f] if isinstance(f, Pieces) else [_buf(f)]
+            pieces = [buffer_of(p) for p in f] if isinstance(f, Pieces) else [buffer_of(f)]
             h.update(_LEN.pack(sum(_nbytes(b) for b in pieces)))
             for b in pieces:
                 h.update(b)
@@ -257,6 +274,18 @@ class Codec:
         """Raise AuthError unless the parcel's frames match its mac (call before unpickling)."""
         if not hmac.compare_digest(self.mac(parcel.frames), parcel.mac):
             raise AuthError("parcel mac mismatch")
+
+    def authentic(self, parcels: Sequence[Parcel],
+                  reject: Callable[[AuthError], None]) -> Iterator[Parcel]:
+        """The parcels that pass :meth:`check`, in order; each other one goes to
+        ``reject`` (which logs it) and is skipped: the rest of the message still counts."""
+        for parcel in parcels:
+            try:
+                self.check(parcel)
+            except AuthError as exc:
+                reject(exc)
+                continue
+            yield parcel
 
     # -- messages --------------------------------------------------------------------
     def encode(self, kind: bytes, arg: int = 0, parcels: Sequence[Parcel] = (),
@@ -299,7 +328,7 @@ class Codec:
             raise AuthError(f"too few frames ({len(frames)})")
         # Sizes first, on the received buffers: a forged message is dropped without its
         # large frames being copied or hashed.
-        sig, kind, hdr = (_buf(f) for f in frames[:3])
+        sig, kind, hdr = (buffer_of(f) for f in frames[:3])
         if (_nbytes(sig) != SIG_SIZE or _nbytes(kind) != 1
                 or _nbytes(hdr) > MAX_HEADER_BYTES):
             raise AuthError("malformed envelope")
@@ -357,6 +386,6 @@ def _join(wire: Sequence, splits: list[tuple[int, int]], join: bool) -> list:
         if len(group) != pieces:
             raise AuthError("frame count does not match header")
         pos += pieces
-        out.append(bytearray().join(_buf(f) for f in group) if join else Pieces(group))
+        out.append(bytearray().join(buffer_of(f) for f in group) if join else Pieces(group))
     out.extend(wire[pos:])
     return out

@@ -28,10 +28,13 @@ import pickle
 import sys
 import traceback
 import types
+from dataclasses import dataclass
+from typing import Literal
 
 import cloudpickle
 
 from ._errors import RemoteError, RemoteTraceback, SerializationError
+from ._protocol import buffer_of
 
 # Buffers smaller than this stay inside the pickle: a frame of its own costs more
 # (bookkeeping per frame) than copying a few kilobytes.
@@ -152,20 +155,15 @@ def dumps(obj) -> list:
     return [out.getbuffer(), *buffers]
 
 
-def _view(frame):
-    b = getattr(frame, "buffer", None)
-    return frame if b is None else b
-
-
 def _buffers(frames) -> list:
     # Out-of-band buffers are copied once so that arrays built on them are writable, as
     # they would be after a plain pickle round trip.
-    return [bytearray(_view(f)) for f in frames[1:]]
+    return [bytearray(buffer_of(f)) for f in frames[1:]]
 
 
 def loads(frames):
     """Unpickle frames made by :func:`dumps` (authenticate them first)."""
-    return pickle.loads(_view(frames[0]), buffers=_buffers(frames))
+    return pickle.loads(buffer_of(frames[0]), buffers=_buffers(frames))
 
 
 # -- lenient loading ----------------------------------------------------------------------
@@ -312,7 +310,7 @@ def loads_items(frames) -> tuple[list, dict[int, BaseException]]:
         # The fast unpickler stops at the first failure. Reducers that ran before it run
         # again here; the objects they built are dropped.
         try:
-            items = _LenientUnpickler(io.BytesIO(_view(frames[0])),
+            items = _LenientUnpickler(io.BytesIO(buffer_of(frames[0])),
                                       buffers=_buffers(frames)).load()
         except Exception:  # noqa: BLE001 - the pickle is broken: report the first error
             raise exc from None
@@ -415,18 +413,55 @@ def find_unpicklable(value, path: str = "result", depth: int = 6):
     return path, value, error
 
 
+# -- what a call stands for, in error messages --------------------------------------------
+
+@dataclass(frozen=True)
+class Runner:
+    """How to read the call of one of scoop's own runners (a map chunk, say) in an error
+    message: whose function to name, and where the user's results are in its result.
+
+    Attributes:
+        maps_first_argument: the user's function is the runner's first argument (name
+            it, not the runner).
+        results: the shape of the runner's result: ``"value"`` (one result),
+            ``"chunk"`` (a map chunk's ``(results, error)``), ``"list"`` (a list of
+            results that a chunk sent ahead).
+    """
+
+    maps_first_argument: bool = True
+    results: Literal["value", "chunk", "list"] = "value"
+
+
+# Runner functions by id (a user's callable may be unhashable), with the function kept
+# alive so that its id is never reused; filled by register_runner, where each is defined.
+_RUNNERS: dict[int, tuple[object, Runner]] = {}
+
+
+def register_runner(fn, runner: Runner) -> None:
+    """Declare ``fn`` one of scoop's runners, described by ``runner``."""
+    _RUNNERS[id(fn)] = (fn, runner)
+
+
+def runner_of(fn) -> Runner | None:
+    """The description of ``fn`` if it is one of scoop's runners, else None."""
+    entry = _RUNNERS.get(id(fn))
+    return entry[1] if entry is not None and entry[0] is fn else None
+
+
 def call_name(fn, args) -> str:
     """The user's function of a task: the mapped one for the chunks of a map."""
-    user = args[0] if getattr(fn, "maps_first_argument", False) and args else fn
+    runner = runner_of(fn)
+    user = args[0] if runner is not None and runner.maps_first_argument and args else fn
     return getattr(user, "__qualname__", None) or repr(user)
 
 
 def unpicklable_result_error(fn, args, value) -> SerializationError:
     """Name the function and the part of its result that cannot be pickled."""
     found = results = None
-    if getattr(fn, "returns_chunk_results", False) and isinstance(value, tuple) and value:
+    shape = runner.results if (runner := runner_of(fn)) is not None else "value"
+    if shape == "chunk" and isinstance(value, tuple) and value:
         results = value[0]  # a chunk's (results, error)
-    elif getattr(fn, "returns_result_list", False) and isinstance(value, list):
+    elif shape == "list" and isinstance(value, list):
         results = value  # results a chunk sent ahead
     for result in results or ():  # name the map's own result, not the chunk's list
         found = found or find_unpicklable(result)

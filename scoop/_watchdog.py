@@ -16,6 +16,7 @@ import time
 
 from . import _protocol as P
 from . import _reaper
+from ._runtime.link import Link
 from ._transport import Credentials
 
 log = logging.getLogger("scoop")
@@ -35,7 +36,6 @@ class Watchdog(threading.Thread):
         super().__init__(name="scoop-watchdog", daemon=True)
         self.address = address
         self.creds = creds
-        self.codec = P.Codec(creds.key, wid)
         self.wid = wid
         self.timeout = timeout
         self.period = period
@@ -46,29 +46,19 @@ class Watchdog(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
-        import zmq
-
-        ctx = zmq.Context()
-        sock = self.creds.connect(ctx, P.routing_id(b"h", self.wid), self.address)
+        link = Link(self.address, self.creds, self.wid, role=b"h")
         heard = time.monotonic()
         try:
             while not self._stop_event.is_set():
-                sock.send_multipart(self.codec.encode(P.PING))
-                deadline = time.monotonic() + self.period
-                while (left := deadline - time.monotonic()) > 0:
-                    if sock.poll(int(left * 1000) + 1):
-                        try:
-                            msg = self.codec.decode(sock.recv_multipart(), "broker")
-                            if msg.kind == P.PONG:
-                                heard = time.monotonic()
-                        except P.AuthError:
-                            pass
+                for msg in link.request(P.PING, self.period):
+                    if msg.kind == P.PONG:
+                        heard = time.monotonic()
+                    # then keep listening until the period is over: one PING per period
                 if time.monotonic() - heard > self.timeout:
                     self.on_lost(time.monotonic() - heard)
                     return
         finally:
-            sock.close(0)
-            ctx.term()
+            link.close(0)
 
     def _exit(self, silence: float) -> None:
         log.error("worker %d: the broker at %s has not answered for %.0f s; the job is gone, "

@@ -123,7 +123,7 @@ def _run_chunk(func: Callable, chunk: list, star: bool, fine: bool = False) -> t
 
 
 # Chunk runners: errors name the mapped function, their first argument, not the runner.
-_run_chunk.maps_first_argument = _run_chunk.returns_chunk_results = True
+_serialize.register_runner(_run_chunk, _serialize.Runner(results="chunk"))
 
 
 def _unwrap(wire) -> BaseException:
@@ -281,7 +281,7 @@ def _map_reduce_chunk(map_func: Callable, reduce_func: Callable, chunk: list, st
     return _reduce(reduce_func, _calls(map_func, chunk, star))
 
 
-_map_reduce_chunk.maps_first_argument = True
+_serialize.register_runner(_map_reduce_chunk, _serialize.Runner())
 
 
 def _reduce(func: Callable, values: Iterable):
@@ -322,7 +322,7 @@ def _scan_chunk(map_func: Callable, reduce_func: Callable, chunk: list, star: bo
     return list(itertools.accumulate(_calls(map_func, chunk, star), reduce_func))
 
 
-_scan_chunk.maps_first_argument = True
+_serialize.register_runner(_scan_chunk, _serialize.Runner())
 
 
 def _offset_scan(reduce_func: Callable, offset, values: list) -> list:
@@ -356,9 +356,4 @@ def shutdown(wait: bool = True) -> None:
     After ``shutdown``, :func:`submit` and :func:`map` raise RuntimeError. The job itself
     ends when the program does.
     """
-    rt = _worker.current()
-    if wait:
-        futs = [*rt.outbox.values(), *rt.pending.values()]
-        if futs:
-            rt.wait_many(futs, len(futs), False, None)
-    rt.closed = True
+    _worker.current().stop_accepting(wait)

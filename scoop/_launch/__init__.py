@@ -20,8 +20,8 @@ the connections to other hosts.
 and ``main`` are the entry points; both are importable from here.
 """
 
+from .._errors import LaunchError
 from .cli import main
-from .job import LaunchError
 from .launcher import Launcher
 
 __all__ = ["Launcher", "LaunchError", "main"]

@@ -34,8 +34,8 @@ import traceback
 import scoop
 
 from .. import _broker, _hosts
+from .._errors import LaunchError
 from .._files import create_private, read_regular
-from .job import LaunchError
 from .launcher import Launcher
 from .remote import cpu_count, host_cpu_counts
 

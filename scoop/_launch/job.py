@@ -32,10 +32,6 @@ from .. import _broker, _reaper
 from .._hosts import is_local
 
 
-class LaunchError(RuntimeError):
-    """The job could not start (bad program, interpreter or option)."""
-
-
 class Placement(NamedTuple):
     """Workers started together: on ``host``, ``how`` ("local", "ssh" or "srun")."""
 

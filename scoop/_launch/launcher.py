@@ -25,7 +25,7 @@ ending (program done, Ctrl-C, SIGTERM, error) stops them all.
 *Broker.* Routes work between the workers (see :mod:`scoop._broker`); where it listens
 is a row of :data:`.address.ROUTES`.
 
-*Workers.* See :mod:`scoop._bootstrap` (start-up) and :mod:`scoop._worker` (runtime).
+*Workers.* See :mod:`scoop._bootstrap` (start-up) and :mod:`scoop._runtime` (runtime).
 
 A :class:`Launcher` can also make the calling interpreter the root worker
 (``root_in_process=True``): a library call then gets a pool with no separate program.
@@ -41,10 +41,11 @@ import sys
 import time
 
 from .. import _agent, _bootstrap, _broker, _reaper, _worker
+from .._errors import LaunchError
 from .._files import write_atomically
 from .._transport import Credentials
 from . import address, remote
-from .job import Job, LaunchError, Placement, wants_encryption
+from .job import Job, Placement, wants_encryption
 
 log = logging.getLogger("scoop")
 

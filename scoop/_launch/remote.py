@@ -35,8 +35,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import _agent
+from .._errors import LaunchError
 from .._hosts import is_local
-from .job import Job, LaunchError
+from .job import Job
 
 log = logging.getLogger("scoop")
 

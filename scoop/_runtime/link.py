@@ -1,0 +1,156 @@
+"""The link to the broker: one DEALER socket, the codec that signs and checks what goes
+over it, and the one way to wait for answers.
+
+Importing this module imports ZeroMQ; the runtime imports it only when a job starts, so
+that importing ``scoop.futures`` stays light::
+
+    worker / watchdog                      Link                                    broker
+    -----------------                      ----                                    ------
+    join: request(JOIN | HELLO | PING) ->  send: encode, sign  ------------------>  ROUTER
+          answers until the deadline  <--  poll; decode: check sig, seq; a forged
+                                           message is logged (once per source)
+                                           and dropped  <-----------------------  replies
+    hub:  drain(timeout) ------------->    up to MAX_DRAIN authentic messages <--  TASKS...
+
+*Request.* :meth:`Link.request` sends one message, then yields the authentic messages
+that arrive until its deadline: asking for an id (JOIN), joining (HELLO), a watchdog's
+PING. The caller looks for the answer it wants and stops there.
+
+*Drain.* :meth:`Link.drain` is the hub's: what has arrived (waiting up to a timeout for
+the first message), for the handlers (``handlers.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import zmq
+
+from .. import _protocol as P
+from .._errors import AuthError, BrokenJobError, JobOver
+
+if TYPE_CHECKING:
+    from .._transport import Credentials
+
+log = logging.getLogger("scoop")
+
+# Messages handled per poll before the hub goes back to running tasks.
+MAX_DRAIN = 256
+
+
+class Link:
+    """A connection to the broker (``role``: ``w`` worker, ``h`` watchdog, ``j`` joiner).
+
+    Args:
+        address: the broker's address.
+        creds: the job's credentials.
+        wid: the worker id this connection speaks for.
+        sender: the sender id of its messages (default ``wid``).
+        linger_ms: how long closing waits for unsent messages.
+    """
+
+    def __init__(self, address: str, creds: Credentials, wid: int, role: bytes = b"w",
+                 sender: int | None = None, linger_ms: int = 0) -> None:
+        self.wid = wid
+        self.codec = P.Codec(creds.key, wid if sender is None else sender)
+        self.ctx = zmq.Context()
+        self.sock = creds.connect(self.ctx, P.routing_id(role, wid), address,
+                                  linger_ms=linger_ms)
+        self._bad_sources: set[str] = set()
+
+    def send(self, kind: bytes, **kw) -> None:
+        """Sign and send one message (see ``Codec.encode`` for the fields)."""
+        self.sock.send_multipart(self.codec.encode(kind, **kw), copy=False)
+
+    def request(self, kind: bytes, timeout: float, **kw) -> Iterator[P.Message]:
+        """Send one message, then yield the authentic messages that arrive within
+        ``timeout`` seconds (stop iterating once the answer came)."""
+        self.send(kind, **kw)
+        deadline = time.monotonic() + timeout
+        sock = self.sock
+        while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1):
+            msg = self._decode(sock.recv_multipart(copy=False))
+            if msg is not None:
+                yield msg
+
+    def drain(self, timeout_ms: int) -> Iterator[P.Message]:
+        """The authentic messages that have arrived (at most MAX_DRAIN), after waiting up
+        to ``timeout_ms`` for the first one."""
+        sock = self.sock
+        if timeout_ms and not sock.poll(timeout_ms):
+            return
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            msg = self._decode(frames)
+            if msg is not None:
+                yield msg
+
+    def _decode(self, frames) -> P.Message | None:
+        try:
+            return self.codec.decode(frames, peer="broker")
+        except AuthError as exc:
+            self.reject("broker", exc)
+            return None
+
+    def reject(self, source: str, exc: Exception) -> None:
+        """Log a message or parcel that failed authentication: once per source, not
+        once per message (a flood must not flood the log)."""
+        if source not in self._bad_sources:
+            self._bad_sources.add(source)
+            log.warning("worker %d: dropped a message that failed authentication from %s: %s",
+                        self.wid, source, exc)
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close the socket (waiting up to its linger for what is unsent) and the context."""
+        self.sock.close(linger_ms)
+        self.ctx.term()
+
+
+def ask_id(address: str, creds: Credentials, timeout: float) -> int:
+    """A worker id from the broker, for a worker started by another launcher (JOIN).
+
+    Raises:
+        JobOver: the job ended first.
+        BrokenJobError: no answer within ``timeout`` seconds.
+    """
+    link = Link(address, creds, 0, role=b"j", sender=P.ANY_WORKER)
+    try:
+        for msg in link.request(P.JOIN, timeout):
+            if msg.kind == P.STOP:
+                raise JobOver("the job ended before this worker joined")
+            if msg.kind == P.ASSIGN:
+                return int(msg.body["wid"])
+        raise BrokenJobError(f"no answer from the broker at {address} within {timeout:.0f} "
+                             "s: is the job running, and reachable from here?")
+    finally:
+        link.close(0)
+
+
+def join(link: Link, address: str, timeout: float) -> P.Message:
+    """Say HELLO on ``link``; the broker's WELCOME (its body and the constants so far).
+
+    Raises:
+        JobOver: the job ended first.
+        BrokenJobError: refused (another scoop version, a duplicate id), or no answer
+            within ``timeout`` seconds.
+    """
+    hello = {"version": P.VERSION, "wid": link.wid, "pid": os.getpid(),
+             "host": socket.gethostname()}
+    for msg in link.request(P.HELLO, timeout, body=hello):
+        if msg.kind == P.REFUSED:
+            raise BrokenJobError(f"the broker refused worker {link.wid}: "
+                                 f"{msg.body.get('reason')}")
+        if msg.kind == P.STOP:
+            raise JobOver("the job ended before this worker joined")
+        if msg.kind == P.WELCOME:
+            return msg
+        log.debug("worker %d: %r before WELCOME, dropped", link.wid, msg)
+    raise BrokenJobError(f"no answer from the broker at {address} within {timeout:.0f} s")

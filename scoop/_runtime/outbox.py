@@ -1,0 +1,205 @@
+"""What leaves this worker: the outbox shipped as task groups, results, finished groups,
+credit requests, and the tasks it hands back.
+
+::
+
+    submit() -> outbox {id: Future}
+    ship(): every future -> pending (owned here, until its result comes)
+            no broker: the run queue (all of it)
+            keep_first: the first group stays in the run queue (no pickle, no round trip)
+            the rest: guided groups (policy.guided_groups), one pickle each -> TASKS
+                      (the first message carries one group, the next SHIP_BATCH each)
+    flush(): ship; then the results of tasks run for others, one parcel per owner, the
+             groups finished, and the credit request (policy.want) -> RESULTS or READY
+    give_back(): unstarted tasks of the run queue -> RETURN (policy.give_back,
+                 return_tag), while this worker may not run them
+    send_pieces(): the pieces of a lost map chunk -> RETURN, first in line
+
+A group's call list is pickled once, when it leaves; its futures then drop their
+arguments (the function stays, for repr and error messages), except map chunks, whose
+owner keeps their items to resume them after a worker loss (``scoop._chunks``). A call
+that cannot be pickled fails its own future only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+from .. import _chunks, _serialize
+from .. import _protocol as P
+from .._errors import SerializationError
+from . import policy
+from .hub import Group
+
+if TYPE_CHECKING:
+    from .._future import Future
+    from .worker import Worker
+
+
+class Shipper:
+    """The outbox and everything this worker sends that carries work or results."""
+
+    def __init__(self, rt: Worker) -> None:
+        self.rt = rt
+        self.outbox: dict[int, Future] = {}  # submitted, not shipped yet, by id
+        self.pending: dict[int, Future] = {}  # shipped futures owned here, by id
+        self.away: set[int] = set()  # ids of those sent to the broker, until they finish
+        self.results_out: dict[int, list] = {}  # owner -> (tid, ok, value, fn, args)
+        self.done_out: list[tuple[int, int]] = []  # finished groups: (owner, fid)
+        self._fids = itertools.count(1)
+        self._returned = itertools.count(1)  # ids of groups handed back (returned_tag)
+
+    def ship(self, keep_first: bool = False) -> None:
+        """Send every future of the outbox away (to the broker, or to the local queue).
+
+        With ``keep_first`` (this worker is about to wait, or a map starts), the first
+        group stays here if nothing else is queued: it runs on this worker without being
+        pickled or making a broker round trip, while the rest leaves at once.
+        """
+        outbox = self.outbox
+        if not outbox:
+            return
+        futs = list(outbox.values())
+        outbox.clear()
+        pending = self.pending
+        for f in futs:
+            f._mark_running()
+            pending[f._id] = f
+        rt = self.rt
+        link = rt.link
+        if link is None:
+            self._keep(futs)
+            return
+        keep = keep_first and rt.policy.keeps_first(len(rt.runq))
+        batch: list[P.Parcel] = []
+        sent_first = False
+        for group in self._groups(futs):
+            if keep:
+                self._keep(group)
+                keep = False
+                continue
+            parcel = self._pack_group(group)
+            if parcel is not None:
+                batch.append(parcel)
+            if len(batch) >= (policy.SHIP_BATCH if sent_first else 1):
+                link.send(P.TASKS, parcels=batch)
+                batch, sent_first = [], True
+        if batch:
+            link.send(P.TASKS, parcels=batch)
+
+    def _keep(self, futs: list[Future]) -> None:
+        group = Group(self.rt.wid, 0, len(futs))  # fid 0: never held by the broker
+        self.rt.runq.extend((group, f._id, f._call) for f in futs)
+
+    def _groups(self, futs: list[Future]):
+        weights = [f._weight for f in futs]
+        plain = [f._chunk is None for f in futs]
+        for start, stop in policy.guided_groups(weights, plain, self.rt.size):
+            yield futs[start:stop]
+
+    def _pack_group(self, futs: list[Future]) -> P.Parcel | None:
+        try:
+            frames = _serialize.dumps([f._call for f in futs])
+        except Exception:  # noqa: BLE001 - find and fail the culprits, ship the rest
+            good = []
+            for f in futs:
+                try:
+                    _serialize.dumps(f._call)
+                    good.append(f)
+                except Exception:  # noqa: BLE001
+                    msg = _serialize.describe_unpicklable(*f._call)
+                    self.rt.complete(f, False, SerializationError(msg))
+            if not good:
+                return None
+            futs = good
+            frames = _serialize.dumps([f._call for f in futs])
+        tids = P.task_ids_frame(f._id for f in futs)
+        self.away.update(f._id for f in futs)
+        codec = self.rt.link.codec
+        if futs[0]._chunk is not None:  # map chunks: kept, to be resumed if they are lost
+            tag = next(self._fids) | P.RESUMABLE
+            if any(f._chunk.charged(len(f._call[1][1])) for f in futs):
+                tag |= P.SUSPECT  # items that may have killed a worker: never for the root
+            return codec.parcel([tids, *frames], tag=tag)
+        for f in futs:
+            f._drop_arguments()
+        return codec.parcel([tids, *frames], tag=next(self._fids))
+
+    def flush(self) -> None:
+        """Ship the outbox, send results and finished groups, ask for work if low."""
+        self.ship()
+        rt = self.rt
+        link = rt.link
+        if link is None:
+            self.done_out.clear()
+            return
+        want = rt.policy.want(len(rt.runq), bool(rt.wakeups))
+        if self.results_out or self.done_out:
+            parcels = [self._pack_results(owner, items)
+                       for owner, items in self.results_out.items()]
+            # the credit request rides along: one message instead of two
+            link.send(P.RESULTS, arg=want, parcels=parcels, done=self.done_out)
+            self.results_out = {}
+            self.done_out = []
+        elif want:
+            link.send(P.READY, arg=want)
+
+    def _pack_results(self, owner: int, items: list) -> P.Parcel:
+        wire = [(tid, ok, value) for tid, ok, value, _, _ in items]
+        try:
+            frames = _serialize.dumps(wire)
+        except Exception:  # noqa: BLE001 - replace the unpicklable results only
+            fixed = []
+            for tid, ok, value, fn, args in items:
+                try:
+                    _serialize.dumps(value)
+                except Exception:  # noqa: BLE001
+                    err = _serialize.unpicklable_result_error(fn, args, value)
+                    ok, value = False, _serialize.wire_exception(err, self.rt.where)
+                fixed.append((tid, ok, value))
+            frames = _serialize.dumps(fixed)
+        return self.rt.link.codec.parcel(frames, peer=owner)
+
+    def send_partial(self, owner: int, tid: int, values: list, func=None) -> None:
+        """Send the finished results of a map chunk still running to its owner."""
+        entry = (tid, _chunks.PARTIAL, values, _chunks.partial_results, (func,))
+        self.rt.link.send(P.RESULTS, parcels=[self._pack_results(owner, [entry])])
+
+    def give_back(self) -> None:
+        """Return the unstarted tasks to the broker, to be run by another worker."""
+        rt = self.rt
+        runq, link = rt.runq, rt.link
+        if not runq or link is None:
+            return
+        stay, groups = policy.give_back(runq)
+        runq.clear()
+        runq.extend(stay)
+        parcels = []
+        for group, items in groups:
+            try:
+                frames = _serialize.dumps([call for _, call in items])
+            except Exception:  # noqa: BLE001 - keep what cannot travel; run it later
+                runq.extend((group, tid, call) for tid, call in items)
+                continue
+            first = self.pending.get(items[0][0])
+            tag = policy.return_tag(group.fid, group.remaining, len(items),
+                                    first is not None and first._chunk is not None,
+                                    P.returned_tag(rt.wid, next(self._returned)))
+            group.remaining -= len(items)
+            tids = P.task_ids_frame(tid for tid, _ in items)
+            parcels.append(link.codec.parcel([tids, *frames], tag=tag, peer=group.owner))
+        if parcels:
+            link.send(P.RETURN, parcels=parcels)
+
+    def send_pieces(self, subs: list[Future]) -> None:
+        """Send the pieces of lost map chunks back to the broker, first in line."""
+        pending = self.pending
+        for sub in subs:
+            sub._mark_running()
+            pending[sub._id] = sub
+        parcels = [p for group in self._groups(subs)
+                   if (p := self._pack_group(group)) is not None]
+        for parcel in parcels:
+            parcel.peer = self.rt.wid
+        self.rt.link.send(P.RETURN, parcels=parcels)
