@@ -229,6 +229,7 @@ class Broker:
                 if self.router in events:
                     self._drain()
                     self._carry_out(self.schedule.dispatch(time.monotonic()))
+                self.gate.stopping = self.schedule.stopping
                 for sock in self.gate.sockets:
                     if sock in events:
                         self.gate.handle(sock)

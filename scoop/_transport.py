@@ -217,6 +217,9 @@ class Gate:
         # hang up only the connection seen (a descriptor is reused once ZeroMQ closes it).
         self._unproven: dict[int, tuple] = {}
         self._logged: set = set()
+        # Set by the broker once the job stops: its workers are ended then, some of them
+        # in the middle of their handshake, which is not worth a warning.
+        self.stopping = False
 
     def watch(self, router: zmq.Socket) -> None:
         """Follow ``router``'s connections: count those that fail before the credentials
@@ -264,6 +267,8 @@ class Gate:
             self._unproven[value] = _peer_of(value)
         elif event == zmq.EVENT_DISCONNECTED:
             self._unproven.pop(value, None)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.stopping:
+            self.refused += 1  # a worker of this job, ended while it was connecting
         else:
             why = ("it broke off during the ZeroMQ handshake"
                    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else
