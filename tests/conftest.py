@@ -2,6 +2,9 @@
 
 Every process a test starts inherits ``SCOOP_TEST_RUN`` (set below), so a process left
 behind is found by scanning /proc for that mark, even after it was re-parented to init.
+The daemons of the real schedulers (tests/slurmcluster.py, tests/sgecell.py) live for the
+session, outside that mark: they carry ``SCOOP_TEST_DAEMON`` with the same value, and the
+session's end checks that none is left either.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _pool_pids: set[int] = set()  # the session pool's workers: alive until the session ends
 
 
-def marked_processes(exclude: set[int] = frozenset()) -> dict[int, str]:
-    """pid -> command line of every live process started by this test run."""
+def marked_processes(exclude: set[int] = frozenset(),
+                     variable: str = "SCOOP_TEST_RUN") -> dict[int, str]:
+    """pid -> command line of every live process started by this test run (with
+    ``variable="SCOOP_TEST_DAEMON"``: every scheduler daemon it started)."""
     found = {}
-    needle = f"SCOOP_TEST_RUN={RUN_MARK}".encode()
+    needle = f"{variable}={RUN_MARK}".encode()
     for name in os.listdir("/proc"):
         if (not name.isdigit() or int(name) == os.getpid() or int(name) in exclude
                 or int(name) in _pool_pids):
@@ -97,8 +102,48 @@ def run_scoop(*args: str, timeout: float = 60, cwd=None, env=None, **kw):
                           text=True, timeout=timeout, cwd=cwd, env=env, **kw)
 
 
+@pytest.fixture(scope="session")
+def scheduler_hosts():
+    """Three test hosts for the real schedulers' nodes, kept for the whole session."""
+    testhosts = pytest.importorskip("testhosts")
+    reason = testhosts.supported()
+    if reason:
+        pytest.skip(f"no test hosts here: {reason}")
+    th = testhosts.claim()
+    th.up(3)
+    try:
+        yield th
+    finally:
+        th.down()
+
+
+@pytest.fixture(scope="session")
+def slurm(scheduler_hosts):
+    """A real SLURM cluster (tests/slurmcluster.py): slurmctld on the head, a slurmd on
+    each test host. Skipped, with the reason (a daemon's log tail), where it cannot run."""
+    import slurmcluster
+
+    reason = slurmcluster.supported()
+    if reason:
+        pytest.skip(f"no SLURM here: {reason}")
+    cluster = slurmcluster.SlurmCluster(scheduler_hosts, mark=RUN_MARK)
+    try:
+        cluster.up()
+    except RuntimeError as exc:
+        pytest.skip(f"SLURM daemons did not start in the test hosts: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
 def pytest_sessionfinish(session, exitstatus):
     left = wait_no_processes(timeout=5)
+    daemons = marked_processes(variable="SCOOP_TEST_DAEMON")
+    if daemons:
+        print(f"\nERROR: scheduler daemons left behind by the tests: {daemons}",
+              file=sys.stderr)
+        left.update(daemons)
     if left:
         print(f"\nERROR: processes left behind by the tests: {left}", file=sys.stderr)
         for pid in left:

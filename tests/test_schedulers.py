@@ -1,0 +1,199 @@
+"""Jobs under real batch schedulers running on the test hosts (tests/testhosts.py).
+
+SLURM (tests/slurmcluster.py) and Grid Engine (tests/sgecell.py) run for real: their
+daemons start once per session, their nodes are the test hosts' network namespaces, and
+the jobs go through ``sbatch``, ``salloc``/``srun`` and ``qsub -pe`` as a user's would.
+Each test proves where the workers ran by the network namespace they report. PBS and
+LSF cannot be installed here: tests/test_remote.py imitates their allocations with the
+variables they set.
+
+Skipped, with the reason, where the schedulers cannot run (not root, packages missing,
+a daemon that fails: its log's tail is in the reason).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, write_program
+from test_remote import WHERE
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftovers")]
+
+
+def _ns(hosts, name: str) -> str:
+    """What ``readlink /proc/self/ns/net`` says in test host ``name``."""
+    return f"net:[{hosts.ns_inode(name)}]"
+
+
+def _head_ns() -> str:
+    return os.readlink("/proc/self/ns/net")
+
+
+def _seen(text: str) -> set:
+    """The WHERE program's output line: {(network namespace, worker id, cwd)}."""
+    lines = [line for line in text.splitlines() if line.startswith("[(")]
+    assert len(lines) == 1, text
+    return set(eval(lines[0]))  # noqa: S307 - our own program's output
+
+
+# ----------------------------------------------------------------------------- SLURM
+def _sbatch(slurm, tmp_path, *args: str, timeout: float = 90) -> tuple[str, str]:
+    """``sbatch --wait`` from the head; return (the job's output, sbatch's stderr)."""
+    out_file = tmp_path / "job.out"
+    r = slurm.run(["sbatch", "--wait", "--parsable", f"--output={out_file}", *args],
+                  timeout=timeout, cwd=tmp_path)
+    said = out_file.read_text() if out_file.exists() else "(no output file)"
+    assert r.returncode == 0, f"sbatch: {r.stderr}\njob output:\n{said}\n{slurm.log_tail()}"
+    return said, r.stderr
+
+
+def test_sbatch_job_runs_workers_on_two_nodes(slurm, tmp_path):
+    """sbatch -N 2: the batch script runs on the first node, the launcher reads the
+    allocation and starts the other workers with srun, on both nodes."""
+    hosts = slurm.hosts
+    prog = write_program(tmp_path, WHERE)
+    command = shlex.join([sys.executable, "-m", "scoop", "-v", prog, "80"])
+    said, _ = _sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=2", f"--wrap={command}")
+    first, second = hosts.names[:2]
+    seen = _seen(said)
+    by_worker = {wid: ns for ns, wid, _ in seen}
+    assert sorted(by_worker) == [0, 1, 2, 3], said
+    assert by_worker[0] == _ns(hosts, first), said  # the root runs with the batch script
+    assert set(by_worker.values()) == {_ns(hosts, first), _ns(hosts, second)}, said
+    assert {cwd for _, _, cwd in seen} == {str(tmp_path)}
+    assert f"hosts from the SLURM allocation: {first}:2 {second}:2" in said
+
+
+def test_the_example_slurm_script_runs(slurm, tmp_path):
+    """examples/submit_files/slurm.sh as it is, submitted from the repository with the
+    nodes' size given on the command line (it asks for 8 tasks per node)."""
+    env = slurm.env()
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"  # its `python`
+    out_file = tmp_path / "job.out"
+    r = slurm.run(["sbatch", "--wait", "--ntasks-per-node=2", f"--output={out_file}",
+                   os.path.join(REPO, "examples", "submit_files", "slurm.sh")],
+                  timeout=90, cwd=REPO, env=env)
+    said = out_file.read_text() if out_file.exists() else "(no output file)"
+    assert r.returncode == 0, f"{r.stderr}\n{said}\n{slurm.log_tail()}"
+    first, second = slurm.hosts.names[:2]
+    assert f"hosts from the SLURM allocation: {first}:2 {second}:2" in said
+    assert "full_tree: OK depth 10, 1024 leaves" in said
+
+
+def test_salloc_starts_the_workers_with_srun(slurm, tmp_path):
+    """salloc runs the launcher on the head; inside the allocation its default launcher
+    is srun, whose step puts the workers on the allocated nodes (no ssh at all)."""
+    hosts = slurm.hosts
+    prog = write_program(tmp_path, WHERE)
+    r = slurm.run(["salloc", "--nodes=2", "--ntasks-per-node=2", sys.executable, "-m",
+                   "scoop", "-vv", prog, "80"], timeout=90, cwd=tmp_path)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{slurm.log_tail()}"
+    first, second = hosts.names[:2]
+    by_worker = {wid: ns for ns, wid, _ in _seen(r.stdout)}
+    assert sorted(by_worker) == [0, 1, 2, 3]
+    assert by_worker[0] == _head_ns()  # salloc ran the launcher here
+    assert {by_worker[w] for w in (1, 2, 3)} == {_ns(hosts, first), _ns(hosts, second)}
+    assert re.search(r"host srun: .*srun --ntasks=3 .*-m scoop\.join", r.stderr), r.stderr
+
+
+def test_srun_without_a_controller_points_at_launcher_ssh(slurm, tmp_path):
+    """A real srun in an allocation whose controller does not answer (the variables of
+    an allocation, a slurm.conf whose controller port is closed): the error says so and
+    points at --launcher ssh."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(re.sub(r"(?m)^SlurmctldPort=\d+$", "SlurmctldPort=9",
+                           slurm.conf.read_text()))
+    first, second = slurm.hosts.names[:2]
+    env = slurm.env()
+    env.update(SLURM_CONF=str(conf), SLURM_JOB_NODELIST=f"{first},{second}",
+               SLURM_TASKS_PER_NODE="1(x2)", SLURM_JOB_ID="999999")
+    prog = write_program(tmp_path, WHERE)
+    r = slurm.run([sys.executable, "-m", "scoop", prog], timeout=90, env=env)
+    assert r.returncode == 1, r.stderr
+    assert "srun could not reach a SLURM controller" in r.stderr, r.stderr
+    assert "--launcher ssh" in r.stderr
+
+
+# --signal=B:USR1@N and --requeue: the scheduler's side of a checkpointed job. The drain
+# itself (finish the tasks under way, checkpoint, exit so that the job requeues) is the
+# runtime's part; these helpers submit such a job and show what reaches the launcher.
+SIGNAL_PROBE = """
+    import os, signal, sys, time
+    got = []
+    signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    print("restart", os.environ.get("SLURM_RESTART_COUNT", "0"), "pid", os.getpid(),
+          flush=True)
+    deadline = time.monotonic() + 60
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("got", [signal.Signals(s).name for s in got], flush=True)
+"""
+
+
+def submit_with_signal(slurm, script: str, cwd, *, signal: str = "B:USR1@30",
+                       requeue: bool = True, time_limit: str = "2",
+                       extra: tuple[str, ...] = ()) -> str:
+    """Submit ``script`` (a job script's text) with ``--signal`` and ``--requeue``;
+    return the job id. ``B:`` sends the signal to the batch shell only: the script
+    should ``exec`` the launcher, so that the launcher is that process."""
+    path = cwd / "job.sh"
+    path.write_text(script)
+    args = ["sbatch", "--parsable", f"--signal={signal}", f"--time={time_limit}",
+            f"--output={cwd / 'job.out'}", "--open-mode=append", *extra]
+    if requeue:
+        args.append("--requeue")
+    r = slurm.run([*args, str(path)], timeout=30, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def job_state(slurm, job_id: str) -> dict[str, str]:
+    """``scontrol show job``'s fields (JobState, ExitCode, Restarts, ...)."""
+    r = slurm.run(["scontrol", "-o", "show", "job", job_id], timeout=20)
+    assert r.returncode == 0, r.stderr
+    return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
+
+
+def wait_output(path, pattern: str, timeout: float = 30) -> str:
+    """Until the job's output file matches ``pattern``; return its text."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"no {pattern!r} in the job's output:\n{text}")
+
+
+def test_signal_and_requeue_reach_the_batch_process(slurm, tmp_path):
+    """A job submitted with --signal=B:USR1@N --requeue: USR1 reaches the process the
+    batch script exec'd (as the time limit would send it; slurmctld checks time limits
+    every 30 s, so the test delivers it with scancel --batch, the same path to the
+    batch step), and a requeued job runs again with SLURM_RESTART_COUNT=1."""
+    prog = write_program(tmp_path, SIGNAL_PROBE)
+    job = submit_with_signal(slurm, f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+                                    f"{shlex.quote(prog)}\n", tmp_path)
+    out = tmp_path / "job.out"
+    wait_output(out, r"restart 0 pid \d+")
+    assert job_state(slurm, job)["Requeue"] == "1"
+    r = slurm.run(["scancel", "--batch", "--signal=USR1", job], timeout=20)
+    assert r.returncode == 0, r.stderr
+    wait_output(out, r"got \['SIGUSR1'\]")
+    deadline = time.monotonic() + 30
+    while job_state(slurm, job)["JobState"] not in ("COMPLETED", "FAILED"):
+        assert time.monotonic() < deadline, job_state(slurm, job)
+        time.sleep(0.2)
+    r = slurm.run(["scontrol", "requeue", job], timeout=20)
+    assert r.returncode == 0, r.stderr
+    text = wait_output(out, r"restart 1 pid \d+", timeout=60)
+    r = slurm.run(["scancel", job], timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert text.count("restart ") == 2
