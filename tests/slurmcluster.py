@@ -71,7 +71,7 @@ def supported() -> str | None:
     for path, package in ((SLURMCTLD, "slurmctld"), (SLURMD, "slurmd"),
                           (MUNGED, "munge"), (MUNGEKEY, "munge")):
         if not os.access(path, os.X_OK):
-            return f"{path} not found (apt-get install slurm-wlm munge)"
+            return f"{path} not found (apt-get install {package})"
     for tool in CLIENTS:
         if shutil.which(tool, path=_SYSTEM_PATH) is None:
             return f"{tool} not found (apt-get install slurm-client)"

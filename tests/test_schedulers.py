@@ -20,9 +20,9 @@ import sys
 import time
 
 import pytest
+from test_remote import WHERE
 
 from conftest import REPO, write_program
-from test_remote import WHERE
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftovers")]
 
@@ -44,14 +44,42 @@ def _seen(text: str) -> set:
 
 
 # ----------------------------------------------------------------------------- SLURM
-def _sbatch(slurm, tmp_path, *args: str, timeout: float = 90) -> tuple[str, str]:
-    """``sbatch --wait`` from the head; return (the job's output, sbatch's stderr)."""
+# A job's end: its state then is one of these (squeue's long names).
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+         "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+
+
+def _sbatch(slurm, tmp_path, *args: str, cwd=None, env=None,
+            timeout: float = 90) -> str:
+    """Submit a job from the head and wait for its end; return its output.
+
+    ``sbatch --wait`` would do, but it polls every few seconds: the test polls faster.
+    """
     out_file = tmp_path / "job.out"
-    r = slurm.run(["sbatch", "--wait", "--parsable", f"--output={out_file}", *args],
-                  timeout=timeout, cwd=tmp_path)
+    r = slurm.run(["sbatch", "--parsable", f"--output={out_file}", *args], timeout=30,
+                  cwd=cwd or tmp_path, env=env)
+    assert r.returncode == 0, f"sbatch: {r.stderr}"
+    state = wait_job(slurm, r.stdout.strip().split(";")[0], ENDED, timeout)
     said = out_file.read_text() if out_file.exists() else "(no output file)"
-    assert r.returncode == 0, f"sbatch: {r.stderr}\njob output:\n{said}\n{slurm.log_tail()}"
-    return said, r.stderr
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), (
+        f"{state}\njob output:\n{said}\n{slurm.log_tail()}")
+    return said
+
+
+def job_state(slurm, job_id: str) -> dict[str, str]:
+    """``scontrol show job``'s fields (JobState, ExitCode, Restarts, ...)."""
+    r = slurm.run(["scontrol", "-o", "show", "job", job_id], timeout=20)
+    assert r.returncode == 0, r.stderr
+    return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
+
+
+def wait_job(slurm, job_id: str, states: tuple[str, ...], timeout: float = 60) -> dict:
+    """Until the job's state is one of ``states``; return its fields."""
+    deadline = time.monotonic() + timeout
+    while (state := job_state(slurm, job_id))["JobState"] not in states:
+        assert time.monotonic() < deadline, f"job {job_id} still {state}"
+        time.sleep(0.1)
+    return state
 
 
 def test_sbatch_job_runs_workers_on_two_nodes(slurm, tmp_path):
@@ -60,7 +88,7 @@ def test_sbatch_job_runs_workers_on_two_nodes(slurm, tmp_path):
     hosts = slurm.hosts
     prog = write_program(tmp_path, WHERE)
     command = shlex.join([sys.executable, "-m", "scoop", "-v", prog, "80"])
-    said, _ = _sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=2", f"--wrap={command}")
+    said = _sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=2", f"--wrap={command}")
     first, second = hosts.names[:2]
     seen = _seen(said)
     by_worker = {wid: ns for ns, wid, _ in seen}
@@ -76,12 +104,9 @@ def test_the_example_slurm_script_runs(slurm, tmp_path):
     nodes' size given on the command line (it asks for 8 tasks per node)."""
     env = slurm.env()
     env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"  # its `python`
-    out_file = tmp_path / "job.out"
-    r = slurm.run(["sbatch", "--wait", "--ntasks-per-node=2", f"--output={out_file}",
-                   os.path.join(REPO, "examples", "submit_files", "slurm.sh")],
-                  timeout=90, cwd=REPO, env=env)
-    said = out_file.read_text() if out_file.exists() else "(no output file)"
-    assert r.returncode == 0, f"{r.stderr}\n{said}\n{slurm.log_tail()}"
+    said = _sbatch(slurm, tmp_path, "--ntasks-per-node=2",
+                   os.path.join(REPO, "examples", "submit_files", "slurm.sh"), cwd=REPO,
+                   env=env)
     first, second = slurm.hosts.names[:2]
     assert f"hosts from the SLURM allocation: {first}:2 {second}:2" in said
     assert "full_tree: OK depth 10, 1024 leaves" in said
@@ -108,8 +133,8 @@ def test_srun_without_a_controller_points_at_launcher_ssh(slurm, tmp_path):
     an allocation, a slurm.conf whose controller port is closed): the error says so and
     points at --launcher ssh."""
     conf = tmp_path / "slurm.conf"
-    conf.write_text(re.sub(r"(?m)^SlurmctldPort=\d+$", "SlurmctldPort=9",
-                           slurm.conf.read_text()))
+    text = re.sub(r"(?m)^SlurmctldPort=\d+$", "SlurmctldPort=9", slurm.conf.read_text())
+    conf.write_text(re.sub(r"(?m)^MessageTimeout=\d+$", "MessageTimeout=2", text))
     first, second = slurm.hosts.names[:2]
     env = slurm.env()
     env.update(SLURM_CONF=str(conf), SLURM_JOB_NODELIST=f"{first},{second}",
@@ -154,13 +179,6 @@ def submit_with_signal(slurm, script: str, cwd, *, signal: str = "B:USR1@30",
     return r.stdout.strip().split(";")[0]
 
 
-def job_state(slurm, job_id: str) -> dict[str, str]:
-    """``scontrol show job``'s fields (JobState, ExitCode, Restarts, ...)."""
-    r = slurm.run(["scontrol", "-o", "show", "job", job_id], timeout=20)
-    assert r.returncode == 0, r.stderr
-    return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
-
-
 def wait_output(path, pattern: str, timeout: float = 30) -> str:
     """Until the job's output file matches ``pattern``; return its text."""
     deadline = time.monotonic() + timeout
@@ -187,11 +205,12 @@ def test_signal_and_requeue_reach_the_batch_process(slurm, tmp_path):
     r = slurm.run(["scancel", "--batch", "--signal=USR1", job], timeout=20)
     assert r.returncode == 0, r.stderr
     wait_output(out, r"got \['SIGUSR1'\]")
-    deadline = time.monotonic() + 30
-    while job_state(slurm, job)["JobState"] not in ("COMPLETED", "FAILED"):
-        assert time.monotonic() < deadline, job_state(slurm, job)
-        time.sleep(0.2)
+    wait_job(slurm, job, ENDED, 30)
     r = slurm.run(["scontrol", "requeue", job], timeout=20)
+    assert r.returncode == 0, r.stderr
+    # slurmctld holds a requeued job (Reason=BeginTime) for a while before it may run
+    # again; an administrator's StartTime=now lifts that.
+    r = slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=20)
     assert r.returncode == 0, r.stderr
     text = wait_output(out, r"restart 1 pid \d+", timeout=60)
     r = slurm.run(["scancel", job], timeout=20)
