@@ -137,6 +137,27 @@ def slurm(scheduler_hosts):
         cluster.down()
 
 
+@pytest.fixture(scope="session")
+def sge(scheduler_hosts):
+    """A real Grid Engine cell (tests/sgecell.py): sge_qmaster on the head, an sge_execd
+    on each test host. Skipped, with the reason (the daemons' log tails), where it cannot
+    run."""
+    import sgecell
+
+    reason = sgecell.supported()
+    if reason:
+        pytest.skip(f"no Grid Engine here: {reason}")
+    cell = sgecell.SGECell(scheduler_hosts, mark=RUN_MARK)
+    try:
+        cell.up()
+    except RuntimeError as exc:
+        pytest.skip(f"Grid Engine daemons did not start in the test hosts: {exc}")
+    try:
+        yield cell
+    finally:
+        cell.down()
+
+
 def pytest_sessionfinish(session, exitstatus):
     left = wait_no_processes(timeout=5)
     daemons = marked_processes(variable="SCOOP_TEST_DAEMON")

@@ -216,3 +216,56 @@ def test_signal_and_requeue_reach_the_batch_process(slurm, tmp_path):
     r = slurm.run(["scancel", job], timeout=20)
     assert r.returncode == 0, r.stderr
     assert text.count("restart ") == 2
+
+
+# ----------------------------------------------------------------------------- Grid Engine
+def _qsub(sge, tmp_path, *args: str, cwd=None, env=None, timeout: float = 90) -> str:
+    """``qsub -sync y`` from the head, the submitter's environment exported (-V): the
+    test hosts' ssh first on PATH, the one scoop's workers reach the other hosts with.
+    Return the job's output."""
+    out_file = tmp_path / "job.out"
+    if env is None:
+        env = sge.env(sge.hosts.env())
+    r = sge.run(["qsub", "-sync", "y", "-V", "-j", "y", "-o", str(out_file), *args],
+                timeout=timeout, cwd=cwd or tmp_path, env=env)
+    said = out_file.read_text() if out_file.exists() else "(no output file)"
+    assert r.returncode == 0, f"qsub: {r.stdout}{r.stderr}\njob output:\n{said}\n{sge.log_tail()}"
+    return said
+
+
+def _allocation(said: str, scheduler: str) -> list[tuple[str, int]]:
+    """The hosts the launcher read from the allocation (its -v line)."""
+    m = re.search(rf"hosts from the {scheduler} allocation: (.*)", said)
+    assert m, said
+    return [(h, int(c)) for h, c in (e.rsplit(":", 1) for e in m[1].split())]
+
+
+def test_qsub_pe_job_runs_workers_on_two_hosts(sge, tmp_path):
+    """qsub -pe scoop 4 (2 slots per host): the job script runs on the PE's first host,
+    the launcher reads $PE_HOSTFILE and starts the other host's workers over ssh."""
+    hosts = sge.hosts
+    prog = write_program(tmp_path, WHERE)
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m scoop -v "
+                      f"{shlex.quote(prog)} 80\n")
+    said = _qsub(sge, tmp_path, "-cwd", "-pe", "scoop", "4", str(script))
+    allocated = _allocation(said, "SGE")
+    assert [c for _, c in allocated] == [2, 2] and len({h for h, _ in allocated}) == 2
+    first, second = (h for h, _ in allocated)
+    seen = _seen(said)
+    by_worker = {wid: ns for ns, wid, _ in seen}
+    assert sorted(by_worker) == [0, 1, 2, 3], said
+    assert by_worker[0] == _ns(hosts, first), said  # the root runs with the job script
+    assert set(by_worker.values()) == {_ns(hosts, first), _ns(hosts, second)}, said
+    assert {cwd for _, _, cwd in seen} == {str(tmp_path)}
+
+
+def test_the_example_sge_script_runs(sge, tmp_path):
+    """examples/submit_files/sge.sh as it is, its parallel environment named on the
+    command line (a cluster's PE names are its own)."""
+    env = sge.env(sge.hosts.env())
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"  # its `python`
+    said = _qsub(sge, tmp_path, "-pe", "scoop", "4",
+                 os.path.join(REPO, "examples", "submit_files", "sge.sh"), cwd=REPO, env=env)
+    assert len(_allocation(said, "SGE")) == 2
+    assert "full_tree: OK depth 10, 1024 leaves" in said

@@ -1,0 +1,394 @@
+"""A real Grid Engine cell over the test hosts (tests/testhosts.py), for one test session.
+
+Debian's ``gridengine-master``/``gridengine-exec``/``gridengine-client`` 8.1.9 (Son of
+Grid Engine); a cell of its own in a throwaway SGE_ROOT, never Debian's ``default``::
+
+    head (root namespace, 10.213.77.1)            test hosts (network namespaces)
+      sge_qmaster (own UTS + mount namespace:       sct1: sge_execd (hostname sct1)
+        hostname "head", /etc/hosts = the           sct2: sge_execd (hostname sct2)
+        head's view of the test names)              ...   each with its host's /etc/hosts
+      clients: qconf, qsub, qstat ... through :meth:`SGECell.head_cmd` (hostname "head"
+               too: the qmaster knows hosts by the names their addresses resolve to)
+
+*Cell.* SGE_ROOT is a temp dir, SGE_CELL ``scoop``: ``common/bootstrap`` with classic
+(flat file) spooling, no admin user (the daemons stay root), ``act_qmaster`` = ``head``.
+The spool is made with Debian's ``spoolinit``/``spooldefaults``, as its postinst makes
+the default cell, then configured with ``qconf``: the exec hosts, a queue ``scoop.q``
+with :attr:`SGECell.slots` slots on each, and a parallel environment ``scoop`` that
+gives 2 slots per host (``qsub -pe scoop 4``: 2 hosts).
+
+*Names.* Grid Engine resolves every host name it meets (its own, its peers', the
+clients'): the qmaster and the clients read the head's /etc/hosts (the test names),
+each execd its host's; resolv.conf points at 127.0.0.1 in all of them, so no DNS query
+leaves. ``ignore_fqdn``, ``default_domain none``.
+
+*Ports.* The qmaster listens on every address of the root namespace: its port is picked
+free at :meth:`up`; an execd listens in its host's namespace (port 6445).
+
+*Leftovers.* Every daemon gets ``SCOOP_TEST_DAEMON`` (the session's mark, see
+conftest.py); :meth:`down` stops them and raises if one is left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from testhosts import TestHosts
+
+SGE_LIB = "/usr/lib/gridengine"  # Debian: the real binaries (the /usr/bin ones wrap them)
+QMASTER = f"{SGE_LIB}/sge_qmaster"
+EXECD = f"{SGE_LIB}/sge_execd"
+SPOOLINIT = f"{SGE_LIB}/spoolinit"
+SPOOLDEFAULTS = f"{SGE_LIB}/spooldefaults"
+SHARE = "/usr/share/gridengine"
+CLIENTS = ("qconf", "qsub", "qstat", "qdel")
+CELL = "scoop"
+EXECD_PORT = 6445
+_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Own hostname, /etc/hosts and resolv.conf (new UTS and mount namespaces), then exec.
+_NAMED = ('echo "$1" > /proc/sys/kernel/hostname && mount --bind "$2" /etc/hosts'
+          ' && mount --bind "$3" /etc/resolv.conf || exit 125; shift 3; exec "$@"')
+
+
+def supported() -> str | None:
+    """None if a Grid Engine cell can run here, else why not (for pytest.skip)."""
+    import testhosts
+
+    reason = testhosts.supported()
+    if reason:
+        return f"no test hosts here: {reason}"
+    for path, package in ((QMASTER, "gridengine-master"), (EXECD, "gridengine-exec"),
+                          (SPOOLINIT, "gridengine-master")):
+        if not os.access(path, os.X_OK):
+            return f"{path} not found (apt-get install {package})"
+    for tool in CLIENTS:
+        if shutil.which(tool, path=_SYSTEM_PATH) is None:
+            return f"{tool} not found (apt-get install gridengine-client)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+class SGECell:
+    """sge_qmaster on the head and one sge_execd per test host of ``hosts`` (up already).
+
+    A context manager: leaving it calls :meth:`down`.
+
+    Args:
+        hosts: the test hosts; every one becomes an exec host.
+        mark: put in each daemon's environment as ``SCOOP_TEST_DAEMON`` (leak checks).
+        slots: the queue's slots on each host.
+    """
+
+    __test__ = False
+
+    def __init__(self, hosts: TestHosts, mark: str = "", slots: int = 2) -> None:
+        self.hosts = hosts
+        self.mark = mark
+        self.slots = slots
+        self.root = Path(tempfile.mkdtemp(prefix="scoop-sge-"))
+        self.common = self.root / CELL / "common"
+        self.spool = self.root / "spool"
+        self.port = 0
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> SGECell:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def up(self, timeout: float = 60) -> SGECell:
+        """Make the cell, start the qmaster, configure it, start the execds; return once
+        every exec host reports a load (its execd is registered).
+
+        Raises:
+            RuntimeError: a step failed; the message ends with the daemons' logs' tails.
+        """
+        t0 = time.monotonic()
+        try:
+            self._make_cell()
+            self._start_qmaster()
+            self._configure()
+            for name in self.hosts.names:
+                self._start_execd(name)
+            self._wait_hosts(timeout)
+        except BaseException:
+            self.down()
+            raise
+        self.timings["up"] = time.monotonic() - t0
+        return self
+
+    def down(self) -> None:
+        """Stop every daemon (TERM, then KILL) and remove the cell.
+
+        Raises:
+            RuntimeError: a daemon survived SIGKILL.
+        """
+        t0 = time.monotonic()
+        # SIGTERM to all; an execd ends within ~1 s, the qmaster can take 10 s or more
+        # (with qconf -km too): its state is thrown away, so it is not waited for.
+        alive = [p for p in self.procs.values() if p.poll() is None]
+        for p in alive:
+            _kill(p, signal.SIGTERM)
+        execds = [p for n, p in self.procs.items() if n.startswith("execd")]
+        deadline = time.monotonic() + 5
+        while any(p.poll() is None for p in execds) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for p in alive:
+            if p.poll() is None:
+                _kill(p, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left = [f"{n} (pid {p.pid})" for n, p in self.procs.items() if p.poll() is None]
+        self.procs.clear()
+        left += [f"process {pid}: {cmd}" for pid, cmd in self.leftovers().items()]
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.timings["down"] = time.monotonic() - t0
+        if left:
+            raise RuntimeError(f"grid engine daemons left running: {left}")
+
+    def leftovers(self) -> dict[int, str]:
+        """pid -> command line of the live processes whose environment names this cell."""
+        needle = f"SGE_ROOT={self.root}".encode()
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle not in f.read().split(b"\0"):
+                        continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found[int(entry)] = f.read().replace(b"\0", b" ").decode(
+                        errors="replace")
+            except OSError:
+                continue
+        return found
+
+    # ------------------------------------------------------------------ using it
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of a client of this cell (no variable of another job)."""
+        env = {k: v for k, v in (os.environ if base is None else base).items()
+               if not k.startswith(("SGE_", "PE_", "JOB_", "NSLOTS", "NHOSTS"))}
+        env.update(SGE_ROOT=str(self.root), SGE_CELL=CELL,
+                   SGE_QMASTER_PORT=str(self.port), SGE_EXECD_PORT=str(EXECD_PORT))
+        return env
+
+    def head_cmd(self, argv: Sequence[str]) -> list[str]:
+        """argv that runs a client on the head as host ``head``, the test names
+        resolvable and no DNS query possible."""
+        s = self.hosts.state
+        return [_unshare(), "--uts", "--mount", "sh", "-c", _NAMED, "sh", "head",
+                str(s / "head-hosts"), str(s / "head-resolv.conf"), *argv]
+
+    def run(self, argv: Sequence[str], timeout: float = 60, env: dict | None = None,
+            **kwargs) -> subprocess.CompletedProcess:
+        """Run a client command on the head; text output captured, stdin empty.
+
+        ``env`` is the whole environment (default: :meth:`env`)."""
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        return subprocess.run(self.head_cmd(argv), capture_output=True, text=True,
+                              timeout=timeout, env=self.env() if env is None else env,
+                              **kwargs)
+
+    def log_tail(self, chars: int = 1500) -> str:
+        """The end of every daemon's messages file and output, for errors and skips."""
+        parts = []
+        logs = [*self.spool.glob("qmaster/messages"), *self.spool.glob("execd/*/messages"),
+                *self.root.glob("*.out")]
+        for log in sorted(logs):
+            text = log.read_text(errors="replace")[-chars:].strip()
+            parts.append(f"--- {log.relative_to(self.root)}:\n{text or '(empty)'}")
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------ internals
+    def _daemon_env(self) -> dict[str, str]:
+        env = {"PATH": _SYSTEM_PATH, "LANG": "C.UTF-8", "SGE_ND": "1",  # no daemonizing
+               **self.env({})}
+        if self.mark:
+            env["SCOOP_TEST_DAEMON"] = self.mark
+        return env
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        with open(self.root / f"{name}.out", "ab") as out:
+            self.procs[name] = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True, env=self._daemon_env())
+
+    def _make_cell(self) -> None:
+        os.chmod(self.root, 0o755)
+        self.common.mkdir(parents=True)
+        for d in ("qmaster", "qmaster/job_scripts", "execd"):
+            (self.spool / d).mkdir(parents=True)
+        for d in ("bin", "lib", "util", "utilbin"):
+            (self.root / d).symlink_to(f"/var/lib/gridengine/{d}")
+        self.port = _free_port()
+        qspool = self.spool / "qmaster"
+        (self.common / "bootstrap").write_text(_table({
+            "admin_user": "none", "default_domain": "none", "ignore_fqdn": "true",
+            "spooling_method": "classic", "spooling_lib": "libspoolc",
+            "spooling_params": f"{self.common};{qspool}", "binary_path": "/usr/sbin",
+            "qmaster_spool_dir": str(qspool), "security_mode": "none",
+            "listener_threads": "2", "worker_threads": "2", "scheduler_threads": "1",
+        }, head="# Version: 8.1.9\n"))
+        (self.common / "act_qmaster").write_text("head\n")
+        conf = (Path(SHARE) / "default-configuration").read_text()
+        # login_shells none: a job's shell is no login shell, so no profile resets the
+        # PATH that qsub -V exported (the test hosts' ssh comes first on it)
+        conf = _set(conf, execd_spool_dir=str(self.spool / "execd"), min_uid="0",
+                    login_shells="none",
+                    min_gid="0", load_report_time="00:00:02", max_unheard="00:01:00",
+                    mailer="/bin/true", reporting_params="accounting=false "
+                    "reporting=false flush_time=00:00:15 joblog=false sharelog=00:00:00")
+        (self.root / "global.conf").write_text(conf)
+        env = dict(self._daemon_env(), SGE_ND="")
+        for argv in ([SPOOLINIT, "classic", "libspoolc", f"{self.common};{qspool}", "init"],
+                     [SPOOLDEFAULTS, "configuration", str(self.root / "global.conf")],
+                     [SPOOLDEFAULTS, "complexes", f"{SHARE}/util/resources/centry"],
+                     [SPOOLDEFAULTS, "usersets", f"{SHARE}/util/resources/usersets"],
+                     [SPOOLDEFAULTS, "managers", "root"],
+                     [SPOOLDEFAULTS, "adminhosts", "head"]):
+            _check(subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                                  env=env), " ".join(argv[:2]))
+
+    def _start_qmaster(self) -> None:
+        s = self.hosts.state
+        self._start("qmaster", [_unshare(), "--uts", "--mount", "sh", "-c", _NAMED, "sh",
+                                "head", str(s / "head-hosts"), str(s / "head-resolv.conf"),
+                                QMASTER])
+
+        def answers() -> bool:
+            return self.run(["qconf", "-sh"], timeout=20).returncode == 0
+        self._wait_for(answers, "qmaster", 30)
+
+    def _configure(self) -> None:
+        names = self.hosts.names
+        files = self.root / "objects"
+        files.mkdir()
+        steps = [["qconf", "-as", "head"], ["qconf", "-ah", ",".join(names)]]
+        for name in names:
+            (files / name).write_text(_table({
+                "hostname": name, "load_scaling": "NONE", "complex_values": "NONE",
+                "user_lists": "NONE", "xuser_lists": "NONE", "projects": "NONE",
+                "xprojects": "NONE", "usage_scaling": "NONE", "report_variables": "NONE"}))
+            steps.append(["qconf", "-Ae", str(files / name)])
+        (files / "pe").write_text(_table({
+            "pe_name": "scoop", "slots": "999", "user_lists": "NONE", "xuser_lists": "NONE",
+            "start_proc_args": "NONE", "stop_proc_args": "NONE", "allocation_rule": "2",
+            "control_slaves": "FALSE", "job_is_first_task": "TRUE",
+            "urgency_slots": "min", "accounting_summary": "FALSE", "qsort_args": "NONE"}))
+        steps.append(["qconf", "-Ap", str(files / "pe")])
+        (files / "queue").write_text(_queue(names, self.slots))
+        steps.append(["qconf", "-Aq", str(files / "queue")])
+        for argv in steps:
+            _check(self.run(argv, timeout=30), " ".join(argv), self)
+
+    def _start_execd(self, name: str) -> None:
+        etc = Path("/etc/netns") / name
+        self._start(f"execd-{name}", [
+            shutil.which("nsenter", path=_SYSTEM_PATH) or "nsenter", f"--net=/run/netns/{name}",
+            _unshare(), "--uts", "--mount", "sh", "-c", _NAMED, "sh", name,
+            str(etc / "hosts"), str(etc / "resolv.conf"), EXECD])
+
+    def _wait_for(self, ready, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                break
+            if ready():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not start (exit status {self.procs[name].poll()}):\n"
+                           f"{self.log_tail()}")
+
+    def _wait_hosts(self, timeout: float) -> None:
+        """Until qstat shows every host's queue instance without a state (alive)."""
+        deadline = time.monotonic() + timeout
+        out = None
+        while time.monotonic() < deadline:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited with status {p.returncode}:\n"
+                                       f"{self.log_tail()}")
+            out = self.run(["qstat", "-f", "-q", "scoop.q"], timeout=20)
+            ok = set()
+            for line in out.stdout.splitlines():
+                fields = line.split()
+                if fields and fields[0].startswith("scoop.q@") and len(fields) == 5:
+                    ok.add(fields[0].split("@", 1)[1])  # no sixth field: no state flags
+            if out.returncode == 0 and ok >= set(self.hosts.names):
+                return
+            time.sleep(0.2)
+        said = out and (out.stdout + out.stderr).strip()
+        raise RuntimeError(f"the exec hosts never came up (qstat -f: {said}):\n"
+                           f"{self.log_tail()}")
+
+
+def _kill(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.kill(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _unshare() -> str:
+    return shutil.which("unshare", path=_SYSTEM_PATH) or "unshare"
+
+
+def _table(fields: dict[str, str], head: str = "") -> str:
+    return head + "".join(f"{k:<24}{v}\n" for k, v in fields.items())
+
+
+def _set(conf: str, **values: str) -> str:
+    """A Grid Engine config with some lines' values replaced."""
+    lines = []
+    for line in conf.splitlines():
+        key = line.split(None, 1)[0] if line.strip() and not line.startswith("#") else ""
+        lines.append(f"{key:<23}{values[key]}" if key in values else line)
+    return "\n".join(lines) + "\n"
+
+
+def _queue(names: list[str], slots: int) -> str:
+    fields = {
+        "qname": "scoop.q", "hostlist": " ".join(names), "seq_no": "0",
+        "load_thresholds": "NONE", "suspend_thresholds": "NONE", "nsuspend": "1",
+        "suspend_interval": "00:05:00", "priority": "0", "min_cpu_interval": "00:05:00",
+        "processors": "UNDEFINED", "qtype": "BATCH INTERACTIVE", "ckpt_list": "NONE",
+        "pe_list": "scoop", "rerun": "FALSE", "slots": str(slots), "tmpdir": "/tmp",
+        "shell": "/bin/sh", "prolog": "NONE", "epilog": "NONE",
+        "shell_start_mode": "posix_compliant", "starter_method": "NONE",
+        "suspend_method": "NONE", "resume_method": "NONE", "terminate_method": "NONE",
+        "notify": "00:00:60", "owner_list": "NONE", "user_lists": "NONE",
+        "xuser_lists": "NONE", "subordinate_list": "NONE", "complex_values": "NONE",
+        "projects": "NONE", "xprojects": "NONE", "calendar": "NONE",
+        "initial_state": "default", "s_rt": "INFINITY", "h_rt": "INFINITY",
+        "s_cpu": "INFINITY", "h_cpu": "INFINITY", "s_fsize": "INFINITY",
+        "h_fsize": "INFINITY", "s_data": "INFINITY", "h_data": "INFINITY",
+        "s_stack": "INFINITY", "h_stack": "INFINITY", "s_core": "INFINITY",
+        "h_core": "INFINITY", "s_rss": "INFINITY", "h_rss": "INFINITY",
+        "s_vmem": "INFINITY", "h_vmem": "INFINITY",
+    }
+    return _table(fields)
+
+
+def _check(result: subprocess.CompletedProcess, what: str, cell: SGECell | None = None) -> None:
+    if result.returncode != 0:
+        logs = f"\n{cell.log_tail()}" if cell else ""
+        raise RuntimeError(f"{what} failed ({result.returncode}): "
+                           f"{(result.stderr or result.stdout).strip()}{logs}")
