@@ -298,6 +298,14 @@ class SGECell:
         steps.append(["qconf", "-Aq", str(files / "queue")])
         for argv in steps:
             _check(self.run(argv, timeout=30), " ".join(argv), self)
+        # The scheduler runs every 15 s by default: every second, and at once on a
+        # submit or a job's end, here.
+        shown = self.run(["qconf", "-ssconf"], timeout=30)
+        _check(shown, "qconf -ssconf", self)
+        (files / "sconf").write_text(_set(shown.stdout, schedule_interval="0:0:1",
+                                          flush_submit_sec="1", flush_finish_sec="1"))
+        _check(self.run(["qconf", "-Msconf", str(files / "sconf")], timeout=30),
+               "qconf -Msconf", self)
 
     def _start_execd(self, name: str) -> None:
         etc = Path("/etc/netns") / name
