@@ -9,6 +9,8 @@ session's end checks that none is left either.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import subprocess
 import sys
@@ -24,12 +26,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _pool_pids: set[int] = set()  # the session pool's workers: alive until the session ends
 
 
-def marked_processes(exclude: set[int] = frozenset(),
-                     variable: str = "SCOOP_TEST_RUN") -> dict[int, str]:
+def marked_processes(exclude: set[int] = frozenset(), variable: str = "SCOOP_TEST_RUN",
+                     value: str = RUN_MARK) -> dict[int, str]:
     """pid -> command line of every live process started by this test run (with
-    ``variable="SCOOP_TEST_DAEMON"``: every scheduler daemon it started)."""
+    ``variable="SCOOP_TEST_DAEMON"``: every scheduler daemon it started), or of those
+    whose environment holds another ``variable=value``."""
     found = {}
-    needle = f"{variable}={RUN_MARK}".encode()
+    needle = f"{variable}={value}".encode()
     for name in os.listdir("/proc"):
         if (not name.isdigit() or int(name) == os.getpid() or int(name) in exclude
                 or int(name) in _pool_pids):
@@ -102,15 +105,16 @@ def run_scoop(*args: str, timeout: float = 60, cwd=None, env=None, **kw):
                           text=True, timeout=timeout, cwd=cwd, env=env, **kw)
 
 
-@pytest.fixture(scope="session")
-def scheduler_hosts():
-    """Three test hosts for the real schedulers' nodes, kept for the whole session."""
+@contextlib.contextmanager
+def up_test_hosts(n: int = 3):
+    """``n`` test hosts (tests/testhosts.py) on a slot of their own (other sessions may
+    run at once), removed at the end; skips the test where they cannot be made."""
     testhosts = pytest.importorskip("testhosts")
     reason = testhosts.supported()
     if reason:
         pytest.skip(f"no test hosts here: {reason}")
     th = testhosts.claim()
-    th.up(3)
+    th.up(n)
     try:
         yield th
     finally:
@@ -118,44 +122,40 @@ def scheduler_hosts():
 
 
 @pytest.fixture(scope="session")
+def scheduler_hosts():
+    """Three test hosts for the real schedulers' nodes, kept for the whole session."""
+    with up_test_hosts(3) as th:
+        yield th
+
+
+def _scheduler(module: str, cls: str, name: str, hosts):
+    """The daemons of a real scheduler (a tests/daemons.py set), up; skips with the
+    reason (a daemon's log tail) where they cannot run."""
+    module = importlib.import_module(module)
+    reason = module.supported()
+    if reason:
+        pytest.skip(f"no {name} here: {reason}")
+    daemons = getattr(module, cls)(hosts, mark=RUN_MARK)
+    try:
+        return daemons.up()
+    except RuntimeError as exc:
+        pytest.skip(f"{name} daemons did not start in the test hosts: {exc}")
+
+
+@pytest.fixture(scope="session")
 def slurm(scheduler_hosts):
     """A real SLURM cluster (tests/slurmcluster.py): slurmctld on the head, a slurmd on
-    each test host. Skipped, with the reason (a daemon's log tail), where it cannot run."""
-    import slurmcluster
-
-    reason = slurmcluster.supported()
-    if reason:
-        pytest.skip(f"no SLURM here: {reason}")
-    cluster = slurmcluster.SlurmCluster(scheduler_hosts, mark=RUN_MARK)
-    try:
-        cluster.up()
-    except RuntimeError as exc:
-        pytest.skip(f"SLURM daemons did not start in the test hosts: {exc}")
-    try:
+    each test host."""
+    with _scheduler("slurmcluster", "SlurmCluster", "SLURM", scheduler_hosts) as cluster:
         yield cluster
-    finally:
-        cluster.down()
 
 
 @pytest.fixture(scope="session")
 def sge(scheduler_hosts):
     """A real Grid Engine cell (tests/sgecell.py): sge_qmaster on the head, an sge_execd
-    on each test host. Skipped, with the reason (the daemons' log tails), where it cannot
-    run."""
-    import sgecell
-
-    reason = sgecell.supported()
-    if reason:
-        pytest.skip(f"no Grid Engine here: {reason}")
-    cell = sgecell.SGECell(scheduler_hosts, mark=RUN_MARK)
-    try:
-        cell.up()
-    except RuntimeError as exc:
-        pytest.skip(f"Grid Engine daemons did not start in the test hosts: {exc}")
-    try:
+    on each test host."""
+    with _scheduler("sgecell", "SGECell", "Grid Engine", scheduler_hosts) as cell:
         yield cell
-    finally:
-        cell.down()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -9,6 +9,7 @@ Grid Engine); a cell of its own in a throwaway SGE_ROOT, never Debian's ``defaul
         head's view of the test names)              ...   each with its host's /etc/hosts
       clients: qconf, qsub, qstat ... through :meth:`SGECell.head_cmd` (hostname "head"
                too: the qmaster knows hosts by the names their addresses resolve to)
+    (each daemon in its host's namespaces, as tests/daemons.py starts them)
 
 *Cell.* SGE_ROOT is a temp dir, SGE_CELL ``scoop``: ``common/bootstrap`` with classic
 (flat file) spooling, no admin user (the daemons stay root), ``act_qmaster`` = ``head``.
@@ -25,22 +26,20 @@ leaves. ``ignore_fqdn``, ``default_domain none``.
 *Ports.* The qmaster listens on every address of the root namespace: its port is picked
 free at :meth:`up`; an execd listens in its host's namespace (port 6445).
 
-*Leftovers.* Every daemon gets ``SCOOP_TEST_DAEMON`` (the session's mark, see
-conftest.py); :meth:`down` stops them and raises if one is left.
+*Leftovers.* :meth:`down` stops the daemons and raises if one of them or a child (a
+shepherd) is left; the session's end checks once more (tests/daemons.py). The qmaster
+is not waited for: it can take 10 s or more over SIGTERM (and over ``qconf -km``), and
+its state is thrown away, so it gets SIGKILL once the execds have ended.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
+from daemons import Daemons, check, free_port, missing
 from testhosts import TestHosts
 
 SGE_LIB = "/usr/lib/gridengine"  # Debian: the real binaries (the /usr/bin ones wrap them)
@@ -52,36 +51,15 @@ SHARE = "/usr/share/gridengine"
 CLIENTS = ("qconf", "qsub", "qstat", "qdel")
 CELL = "scoop"
 EXECD_PORT = 6445
-_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Own hostname, /etc/hosts and resolv.conf (new UTS and mount namespaces), then exec.
-_NAMED = ('echo "$1" > /proc/sys/kernel/hostname && mount --bind "$2" /etc/hosts'
-          ' && mount --bind "$3" /etc/resolv.conf || exit 125; shift 3; exec "$@"')
 
 
 def supported() -> str | None:
     """None if a Grid Engine cell can run here, else why not (for pytest.skip)."""
-    import testhosts
-
-    reason = testhosts.supported()
-    if reason:
-        return f"no test hosts here: {reason}"
-    for path, package in ((QMASTER, "gridengine-master"), (EXECD, "gridengine-exec"),
-                          (SPOOLINIT, "gridengine-master")):
-        if not os.access(path, os.X_OK):
-            return f"{path} not found (apt-get install {package})"
-    for tool in CLIENTS:
-        if shutil.which(tool, path=_SYSTEM_PATH) is None:
-            return f"{tool} not found (apt-get install gridengine-client)"
-    return None
+    return missing(((QMASTER, "gridengine-master"), (EXECD, "gridengine-exec"),
+                    (SPOOLINIT, "gridengine-master")), CLIENTS, "gridengine-client")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
-
-
-class SGECell:
+class SGECell(Daemons):
     """sge_qmaster on the head and one sge_execd per test host of ``hosts`` (up already).
 
     A context manager: leaving it calls :meth:`down`.
@@ -92,29 +70,19 @@ class SGECell:
         slots: the queue's slots on each host.
     """
 
-    __test__ = False
+    daemon_vars = {"SGE_ND": "1"}  # stay in the foreground: the Popen is the daemon
 
     def __init__(self, hosts: TestHosts, mark: str = "", slots: int = 2) -> None:
-        self.hosts = hosts
-        self.mark = mark
+        super().__init__(hosts, mark, "scoop-sge-")
         self.slots = slots
-        self.root = Path(tempfile.mkdtemp(prefix="scoop-sge-"))
+        self.root = self.state  # SGE_ROOT
         self.common = self.root / CELL / "common"
         self.spool = self.root / "spool"
         self.port = 0
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.timings: dict[str, float] = {}
-
-    # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> SGECell:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.down()
 
     def up(self, timeout: float = 60) -> SGECell:
         """Make the cell, start the qmaster, configure it, start the execds; return once
-        every exec host reports a load (its execd is registered).
+        every exec host's queue instance is up (its execd registered).
 
         Raises:
             RuntimeError: a step failed; the message ends with the daemons' logs' tails.
@@ -122,10 +90,12 @@ class SGECell:
         t0 = time.monotonic()
         try:
             self._make_cell()
-            self._start_qmaster()
+            self.start_on_head("qmaster", [QMASTER])
+            self.wait_for("qmaster", lambda: self.run(["qconf", "-sh"], timeout=20)
+                          .returncode == 0, 30)
             self._configure()
             for name in self.hosts.names:
-                self._start_execd(name)
+                self.start_in_host(f"execd-{name}", name, [EXECD])
             self._wait_hosts(timeout)
         except BaseException:
             self.down()
@@ -134,54 +104,13 @@ class SGECell:
         return self
 
     def down(self) -> None:
-        """Stop every daemon (TERM, then KILL) and remove the cell.
+        """Stop every daemon and remove the cell (see *Leftovers* above).
 
         Raises:
-            RuntimeError: a daemon survived SIGKILL.
+            RuntimeError: a daemon or a child of one is left.
         """
-        t0 = time.monotonic()
-        # SIGTERM to all; an execd ends within ~1 s, the qmaster can take 10 s or more
-        # (with qconf -km too): its state is thrown away, so it is not waited for.
-        alive = [p for p in self.procs.values() if p.poll() is None]
-        for p in alive:
-            _kill(p, signal.SIGTERM)
-        execds = [p for n, p in self.procs.items() if n.startswith("execd")]
-        deadline = time.monotonic() + 5
-        while any(p.poll() is None for p in execds) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for p in alive:
-            if p.poll() is None:
-                _kill(p, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        left = [f"{n} (pid {p.pid})" for n, p in self.procs.items() if p.poll() is None]
-        self.procs.clear()
-        left += [f"process {pid}: {cmd}" for pid, cmd in self.leftovers().items()]
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.timings["down"] = time.monotonic() - t0
-        if left:
-            raise RuntimeError(f"grid engine daemons left running: {left}")
+        super().down(patient=lambda name: name.startswith("execd"))
 
-    def leftovers(self) -> dict[int, str]:
-        """pid -> command line of the live processes whose environment names this cell."""
-        needle = f"SGE_ROOT={self.root}".encode()
-        found = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if needle not in f.read().split(b"\0"):
-                        continue
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    found[int(entry)] = f.read().replace(b"\0", b" ").decode(
-                        errors="replace")
-            except OSError:
-                continue
-        return found
-
-    # ------------------------------------------------------------------ using it
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """The environment of a client of this cell (no variable of another job)."""
         env = {k: v for k, v in (os.environ if base is None else base).items()
@@ -190,46 +119,9 @@ class SGECell:
                    SGE_QMASTER_PORT=str(self.port), SGE_EXECD_PORT=str(EXECD_PORT))
         return env
 
-    def head_cmd(self, argv: Sequence[str]) -> list[str]:
-        """argv that runs a client on the head as host ``head``, the test names
-        resolvable and no DNS query possible."""
-        s = self.hosts.state
-        return [_unshare(), "--uts", "--mount", "sh", "-c", _NAMED, "sh", "head",
-                str(s / "head-hosts"), str(s / "head-resolv.conf"), *argv]
-
-    def run(self, argv: Sequence[str], timeout: float = 60, env: dict | None = None,
-            **kwargs) -> subprocess.CompletedProcess:
-        """Run a client command on the head; text output captured, stdin empty.
-
-        ``env`` is the whole environment (default: :meth:`env`)."""
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
-        return subprocess.run(self.head_cmd(argv), capture_output=True, text=True,
-                              timeout=timeout, env=self.env() if env is None else env,
-                              **kwargs)
-
-    def log_tail(self, chars: int = 1500) -> str:
-        """The end of every daemon's messages file and output, for errors and skips."""
-        parts = []
-        logs = [*self.spool.glob("qmaster/messages"), *self.spool.glob("execd/*/messages"),
-                *self.root.glob("*.out")]
-        for log in sorted(logs):
-            text = log.read_text(errors="replace")[-chars:].strip()
-            parts.append(f"--- {log.relative_to(self.root)}:\n{text or '(empty)'}")
-        return "\n".join(parts)
-
-    # ------------------------------------------------------------------ internals
-    def _daemon_env(self) -> dict[str, str]:
-        env = {"PATH": _SYSTEM_PATH, "LANG": "C.UTF-8", "SGE_ND": "1",  # no daemonizing
-               **self.env({})}
-        if self.mark:
-            env["SCOOP_TEST_DAEMON"] = self.mark
-        return env
-
-    def _start(self, name: str, argv: list[str]) -> None:
-        with open(self.root / f"{name}.out", "ab") as out:
-            self.procs[name] = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True, env=self._daemon_env())
+    def logs(self) -> list[Path]:
+        return [*self.spool.glob("qmaster/messages"), *sorted(self.spool.glob(
+            "execd/*/messages")), *super().logs()]
 
     def _make_cell(self) -> None:
         os.chmod(self.root, 0o755)
@@ -238,7 +130,7 @@ class SGECell:
             (self.spool / d).mkdir(parents=True)
         for d in ("bin", "lib", "util", "utilbin"):
             (self.root / d).symlink_to(f"/var/lib/gridengine/{d}")
-        self.port = _free_port()
+        self.port = free_port()
         qspool = self.spool / "qmaster"
         (self.common / "bootstrap").write_text(_table({
             "admin_user": "none", "default_domain": "none", "ignore_fqdn": "true",
@@ -252,30 +144,20 @@ class SGECell:
         # login_shells none: a job's shell is no login shell, so no profile resets the
         # PATH that qsub -V exported (the test hosts' ssh comes first on it)
         conf = _set(conf, execd_spool_dir=str(self.spool / "execd"), min_uid="0",
-                    login_shells="none",
-                    min_gid="0", load_report_time="00:00:02", max_unheard="00:01:00",
+                    min_gid="0", login_shells="none", load_report_time="00:00:02",
+                    max_unheard="00:01:00",
                     mailer="/bin/true", reporting_params="accounting=false "
                     "reporting=false flush_time=00:00:15 joblog=false sharelog=00:00:00")
         (self.root / "global.conf").write_text(conf)
-        env = dict(self._daemon_env(), SGE_ND="")
+        env = self.env({})
         for argv in ([SPOOLINIT, "classic", "libspoolc", f"{self.common};{qspool}", "init"],
                      [SPOOLDEFAULTS, "configuration", str(self.root / "global.conf")],
                      [SPOOLDEFAULTS, "complexes", f"{SHARE}/util/resources/centry"],
                      [SPOOLDEFAULTS, "usersets", f"{SHARE}/util/resources/usersets"],
                      [SPOOLDEFAULTS, "managers", "root"],
                      [SPOOLDEFAULTS, "adminhosts", "head"]):
-            _check(subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                                  env=env), " ".join(argv[:2]))
-
-    def _start_qmaster(self) -> None:
-        s = self.hosts.state
-        self._start("qmaster", [_unshare(), "--uts", "--mount", "sh", "-c", _NAMED, "sh",
-                                "head", str(s / "head-hosts"), str(s / "head-resolv.conf"),
-                                QMASTER])
-
-        def answers() -> bool:
-            return self.run(["qconf", "-sh"], timeout=20).returncode == 0
-        self._wait_for(answers, "qmaster", 30)
+            check(subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                                 env=env), " ".join(argv[:2]))
 
     def _configure(self) -> None:
         names = self.hosts.names
@@ -297,43 +179,22 @@ class SGECell:
         (files / "queue").write_text(_queue(names, self.slots))
         steps.append(["qconf", "-Aq", str(files / "queue")])
         for argv in steps:
-            _check(self.run(argv, timeout=30), " ".join(argv), self)
+            check(self.run(argv, timeout=30), " ".join(argv), self.log_tail())
         # The scheduler runs every 15 s by default: every second, and at once on a
         # submit or a job's end, here.
         shown = self.run(["qconf", "-ssconf"], timeout=30)
-        _check(shown, "qconf -ssconf", self)
+        check(shown, "qconf -ssconf", self.log_tail())
         (files / "sconf").write_text(_set(shown.stdout, schedule_interval="0:0:1",
                                           flush_submit_sec="1", flush_finish_sec="1"))
-        _check(self.run(["qconf", "-Msconf", str(files / "sconf")], timeout=30),
-               "qconf -Msconf", self)
-
-    def _start_execd(self, name: str) -> None:
-        etc = Path("/etc/netns") / name
-        self._start(f"execd-{name}", [
-            shutil.which("nsenter", path=_SYSTEM_PATH) or "nsenter", f"--net=/run/netns/{name}",
-            _unshare(), "--uts", "--mount", "sh", "-c", _NAMED, "sh", name,
-            str(etc / "hosts"), str(etc / "resolv.conf"), EXECD])
-
-    def _wait_for(self, ready, name: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                break
-            if ready():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"{name} did not start (exit status {self.procs[name].poll()}):\n"
-                           f"{self.log_tail()}")
+        check(self.run(["qconf", "-Msconf", str(files / "sconf")], timeout=30),
+              "qconf -Msconf", self.log_tail())
 
     def _wait_hosts(self, timeout: float) -> None:
         """Until qstat shows every host's queue instance without a state (alive)."""
         deadline = time.monotonic() + timeout
         out = None
         while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited with status {p.returncode}:\n"
-                                       f"{self.log_tail()}")
+            self.check_alive()
             out = self.run(["qstat", "-f", "-q", "scoop.q"], timeout=20)
             ok = set()
             for line in out.stdout.splitlines():
@@ -346,17 +207,6 @@ class SGECell:
         said = out and (out.stdout + out.stderr).strip()
         raise RuntimeError(f"the exec hosts never came up (qstat -f: {said}):\n"
                            f"{self.log_tail()}")
-
-
-def _kill(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.kill(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _unshare() -> str:
-    return shutil.which("unshare", path=_SYSTEM_PATH) or "unshare"
 
 
 def _table(fields: dict[str, str], head: str = "") -> str:
@@ -394,9 +244,3 @@ def _queue(names: list[str], slots: int) -> str:
     }
     return _table(fields)
 
-
-def _check(result: subprocess.CompletedProcess, what: str, cell: SGECell | None = None) -> None:
-    if result.returncode != 0:
-        logs = f"\n{cell.log_tail()}" if cell else ""
-        raise RuntimeError(f"{what} failed ({result.returncode}): "
-                           f"{(result.stderr or result.stdout).strip()}{logs}")

@@ -43,6 +43,17 @@ def _seen(text: str) -> set:
     return set(eval(lines[0]))  # noqa: S307 - our own program's output
 
 
+def _assert_on(hosts, said: str, first: str, second: str, cwd) -> None:
+    """The WHERE program ran 4 workers on test hosts ``first`` (the root's, where the
+    job script ran) and ``second``, all in directory ``cwd``."""
+    seen = _seen(said)
+    by_worker = {wid: ns for ns, wid, _ in seen}
+    assert sorted(by_worker) == [0, 1, 2, 3], said
+    assert by_worker[0] == _ns(hosts, first), said
+    assert set(by_worker.values()) == {_ns(hosts, first), _ns(hosts, second)}, said
+    assert {d for _, _, d in seen} == {str(cwd)}
+
+
 # ----------------------------------------------------------------------------- SLURM
 # A job's end: its state then is one of these (squeue's long names).
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -90,12 +101,7 @@ def test_sbatch_job_runs_workers_on_two_nodes(slurm, tmp_path):
     command = shlex.join([sys.executable, "-m", "scoop", "-v", prog, "80"])
     said = _sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=2", f"--wrap={command}")
     first, second = hosts.names[:2]
-    seen = _seen(said)
-    by_worker = {wid: ns for ns, wid, _ in seen}
-    assert sorted(by_worker) == [0, 1, 2, 3], said
-    assert by_worker[0] == _ns(hosts, first), said  # the root runs with the batch script
-    assert set(by_worker.values()) == {_ns(hosts, first), _ns(hosts, second)}, said
-    assert {cwd for _, _, cwd in seen} == {str(tmp_path)}
+    _assert_on(hosts, said, first, second, tmp_path)
     assert f"hosts from the SLURM allocation: {first}:2 {second}:2" in said
 
 
@@ -252,12 +258,7 @@ def test_qsub_pe_job_runs_workers_on_two_hosts(sge, tmp_path):
     allocated = _allocation(said, "SGE")
     assert [c for _, c in allocated] == [2, 2] and len({h for h, _ in allocated}) == 2
     first, second = (h for h, _ in allocated)
-    seen = _seen(said)
-    by_worker = {wid: ns for ns, wid, _ in seen}
-    assert sorted(by_worker) == [0, 1, 2, 3], said
-    assert by_worker[0] == _ns(hosts, first), said  # the root runs with the job script
-    assert set(by_worker.values()) == {_ns(hosts, first), _ns(hosts, second)}, said
-    assert {cwd for _, _, cwd in seen} == {str(tmp_path)}
+    _assert_on(hosts, said, first, second, tmp_path)
 
 
 def test_the_example_sge_script_runs(sge, tmp_path):
