@@ -30,6 +30,9 @@ free at :meth:`up`; an execd listens in its host's namespace (port 6445).
 shepherd) is left; the session's end checks once more (tests/daemons.py). The qmaster
 is not waited for: it can take 10 s or more over SIGTERM (and over ``qconf -km``), and
 its state is thrown away, so it gets SIGKILL once the execds have ended.
+
+Timings on the development VM (2 vCPU, loaded): :meth:`up` 2-3 s (cell made, qmaster
+configured, 3 execds registered), :meth:`down` ~1 s; a ``qsub -sync y`` job 1-3 s.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ its host's namespace, where 6818 is always free.
 *Leftovers.* :meth:`down` stops the daemons (TERM, then KILL) and raises if one of them
 or a child (a slurmstepd) is left; the session's end checks once more (tests/daemons.py).
 
-Timings on the development VM (2 vCPU, loaded): :meth:`up` ~2-4 s (munged, slurmctld,
-3 slurmd registered and idle), :meth:`down` ~0.5 s.
+Timings on the development VM (2 vCPU, loaded): :meth:`up` 0.5-2 s (munged, slurmctld,
+3 slurmd registered and idle), :meth:`down` 1-3 s.
 """
 
 from __future__ import annotations

@@ -3,9 +3,14 @@
 SLURM (tests/slurmcluster.py) and Grid Engine (tests/sgecell.py) run for real: their
 daemons start once per session, their nodes are the test hosts' network namespaces, and
 the jobs go through ``sbatch``, ``salloc``/``srun`` and ``qsub -pe`` as a user's would.
-Each test proves where the workers ran by the network namespace they report. PBS and
-LSF cannot be installed here: tests/test_remote.py imitates their allocations with the
-variables they set.
+A job's workers report their network namespace: that proves on which host each ran.
+The example job scripts of examples/submit_files/ run as they are. PBS and LSF cannot
+be installed here: tests/test_remote.py imitates their allocations with the variables
+they set.
+
+``--signal=B:USR1@N`` and ``--requeue`` (a job told its time is nearly up, and run
+again) have their scheduler side here: :func:`submit_with_signal`, :func:`signal_batch`,
+:func:`job_state`; draining the map on that signal is the runtime's part.
 
 Skipped, with the reason, where the schedulers cannot run (not root, packages missing,
 a daemon that fails: its log's tail is in the reason).
