@@ -179,7 +179,7 @@ class Daemons:
                               timeout=timeout, env=self.env() if env is None else env,
                               **kwargs)
 
-    def log_tail(self, chars: int = 1500) -> str:
+    def log_tail(self, chars: int = 1000) -> str:
         """The end of every log, for an error or a skip reason."""
         parts = []
         for log in self.logs():

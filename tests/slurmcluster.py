@@ -106,7 +106,11 @@ class SlurmCluster(Daemons):
         return env
 
     def logs(self) -> list[Path]:
-        return sorted(self.state.glob("*.log")) + super().logs()
+        """Each daemon's log file; its stdout and stderr where it has no log (yet)."""
+        logs = sorted(self.state.glob("*.log"))
+        return logs + [out for out in super().logs()
+                       if not any(log.stem == out.stem and log.stat().st_size
+                                  for log in logs)]
 
     def _write_files(self) -> None:
         s, th = self.state, self.hosts
