@@ -84,9 +84,10 @@ def check(result: subprocess.CompletedProcess, what: str, logs: str = "") -> Non
 class Daemons:
     """The daemons of one scheduler over ``hosts``, their state in a temp dir.
 
-    Subclasses start their daemons with :meth:`start_on_head` / :meth:`start_in_host`,
-    say which files are logs (:meth:`logs`) and what environment a client needs
-    (:meth:`env`). A context manager: leaving it calls :meth:`down`.
+    Subclasses start their daemons in :meth:`start`, with :meth:`start_on_head` and
+    :meth:`start_in_host`, and say which files are logs (:meth:`logs`) and what
+    environment a client needs (:meth:`env`). :meth:`up` starts, :meth:`down` stops;
+    a context manager: leaving it calls :meth:`down`.
 
     Args:
         hosts: the test hosts (up already).
@@ -111,6 +112,10 @@ class Daemons:
         self.down()
 
     # ------------------------------------------------------------------ to override
+    def start(self, timeout: float) -> None:
+        """Start the daemons; return once they serve (within ``timeout`` s)."""
+        raise NotImplementedError
+
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """The environment of a client of these daemons (default: ``base``)."""
         return dict(os.environ if base is None else base)
@@ -120,6 +125,21 @@ class Daemons:
         return sorted(self.state.glob("*.out"))
 
     # ------------------------------------------------------------------ starting
+    def up(self, timeout: float = 60):
+        """:meth:`start` the daemons; on failure stop them all again. Returns self.
+
+        Raises:
+            RuntimeError: a daemon did not start; the message ends with the logs' tails.
+        """
+        t0 = time.monotonic()
+        try:
+            self.start(timeout)
+        except BaseException:
+            self.down()
+            raise
+        self.timings["up"] = time.monotonic() - t0
+        return self
+
     def start_on_head(self, name: str, argv: Sequence[str]) -> None:
         """Start daemon ``name`` on the head, as host ``head``."""
         self._start(name, self.head_cmd(argv))

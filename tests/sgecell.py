@@ -83,28 +83,17 @@ class SGECell(Daemons):
         self.spool = self.root / "spool"
         self.port = 0
 
-    def up(self, timeout: float = 60) -> SGECell:
+    def start(self, timeout: float) -> None:
         """Make the cell, start the qmaster, configure it, start the execds; return once
-        every exec host's queue instance is up (its execd registered).
-
-        Raises:
-            RuntimeError: a step failed; the message ends with the daemons' logs' tails.
-        """
-        t0 = time.monotonic()
-        try:
-            self._make_cell()
-            self.start_on_head("qmaster", [QMASTER])
-            self.wait_for("qmaster", lambda: self.run(["qconf", "-sh"], timeout=20)
-                          .returncode == 0, 30)
-            self._configure()
-            for name in self.hosts.names:
-                self.start_in_host(f"execd-{name}", name, [EXECD])
-            self._wait_hosts(timeout)
-        except BaseException:
-            self.down()
-            raise
-        self.timings["up"] = time.monotonic() - t0
-        return self
+        every exec host's queue instance is up (its execd registered)."""
+        self._make_cell()
+        self.start_on_head("qmaster", [QMASTER])
+        self.wait_for("qmaster", lambda: self.run(["qconf", "-sh"], timeout=20)
+                      .returncode == 0, 30)
+        self._configure()
+        for name in self.hosts.names:
+            self.start_in_host(f"execd-{name}", name, [EXECD])
+        self._wait_hosts(timeout)
 
     def down(self) -> None:
         """Stop every daemon and remove the cell (see *Leftovers* above).

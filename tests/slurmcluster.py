@@ -75,28 +75,17 @@ class SlurmCluster(Daemons):
         self.conf = self.state / "slurm.conf"
         self.port = 0
 
-    def up(self, timeout: float = 60) -> SlurmCluster:
-        """Start munged, slurmctld and the slurmds; return once every node is idle.
-
-        Raises:
-            RuntimeError: a daemon did not start; the message ends with its log's tail.
-        """
-        t0 = time.monotonic()
-        try:
-            self._write_files()
-            self._start_munged()
-            self.start_on_head("slurmctld", [SLURMCTLD, "-D", "-i", "-f", str(self.conf)])
-            self.wait_for("slurmctld", self._controller_answers, 20)
-            for name in self.hosts.names:
-                (self.state / "spool" / name).mkdir()
-                self.start_in_host(f"slurmd-{name}", name,
-                                   [SLURMD, "-D", "-N", name, "-f", str(self.conf)])
-            self._wait_idle(timeout)
-        except BaseException:
-            self.down()
-            raise
-        self.timings["up"] = time.monotonic() - t0
-        return self
+    def start(self, timeout: float) -> None:
+        """Start munged, slurmctld and the slurmds; return once every node is idle."""
+        self._write_files()
+        self._start_munged()
+        self.start_on_head("slurmctld", [SLURMCTLD, "-D", "-i", "-f", str(self.conf)])
+        self.wait_for("slurmctld", self._controller_answers, 20)
+        for name in self.hosts.names:
+            (self.state / "spool" / name).mkdir()
+            self.start_in_host(f"slurmd-{name}", name,
+                               [SLURMD, "-D", "-N", name, "-f", str(self.conf)])
+        self._wait_idle(timeout)
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """The environment of a client: SLURM_CONF set, no variable of another job."""
