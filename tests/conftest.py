@@ -2,10 +2,15 @@
 
 Every process a test starts inherits ``SCOOP_TEST_RUN`` (set below), so a process left
 behind is found by scanning /proc for that mark, even after it was re-parented to init.
+The daemons of the real schedulers (tests/slurmcluster.py, tests/sgecell.py) live for the
+session, outside that mark: they carry ``SCOOP_TEST_DAEMON`` with the same value, and the
+session's end checks that none is left either.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import subprocess
 import sys
@@ -21,10 +26,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _pool_pids: set[int] = set()  # the session pool's workers: alive until the session ends
 
 
-def marked_processes(exclude: set[int] = frozenset()) -> dict[int, str]:
-    """pid -> command line of every live process started by this test run."""
+def marked_processes(exclude: set[int] = frozenset(), variable: str = "SCOOP_TEST_RUN",
+                     value: str = RUN_MARK) -> dict[int, str]:
+    """pid -> command line of every live process started by this test run (with
+    ``variable="SCOOP_TEST_DAEMON"``: every scheduler daemon it started), or of those
+    whose environment holds another ``variable=value``."""
     found = {}
-    needle = f"SCOOP_TEST_RUN={RUN_MARK}".encode()
+    needle = f"{variable}={value}".encode()
     for name in os.listdir("/proc"):
         if (not name.isdigit() or int(name) == os.getpid() or int(name) in exclude
                 or int(name) in _pool_pids):
@@ -97,8 +105,66 @@ def run_scoop(*args: str, timeout: float = 60, cwd=None, env=None, **kw):
                           text=True, timeout=timeout, cwd=cwd, env=env, **kw)
 
 
+@contextlib.contextmanager
+def up_test_hosts(n: int = 3):
+    """``n`` test hosts (tests/testhosts.py) on a slot of their own (other sessions may
+    run at once), removed at the end; skips the test where they cannot be made."""
+    testhosts = pytest.importorskip("testhosts")
+    reason = testhosts.supported()
+    if reason:
+        pytest.skip(f"no test hosts here: {reason}")
+    th = testhosts.claim()
+    th.up(n)
+    try:
+        yield th
+    finally:
+        th.down()
+
+
+@pytest.fixture(scope="session")
+def scheduler_hosts():
+    """Three test hosts for the real schedulers' nodes, kept for the whole session."""
+    with up_test_hosts(3) as th:
+        yield th
+
+
+def _scheduler(module: str, cls: str, name: str, hosts):
+    """The daemons of a real scheduler (a tests/daemons.py set), up; skips with the
+    reason (a daemon's log tail) where they cannot run."""
+    module = importlib.import_module(module)
+    reason = module.supported()
+    if reason:
+        pytest.skip(f"no {name} here: {reason}")
+    daemons = getattr(module, cls)(hosts, mark=RUN_MARK)
+    try:
+        return daemons.up()
+    except RuntimeError as exc:
+        pytest.skip(f"{name} daemons did not start in the test hosts: {exc}")
+
+
+@pytest.fixture(scope="session")
+def slurm(scheduler_hosts):
+    """A real SLURM cluster (tests/slurmcluster.py): slurmctld on the head, a slurmd on
+    each test host."""
+    with _scheduler("slurmcluster", "SlurmCluster", "SLURM", scheduler_hosts) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def sge(scheduler_hosts):
+    """A real Grid Engine cell (tests/sgecell.py): sge_qmaster on the head, an sge_execd
+    on each test host."""
+    with _scheduler("sgecell", "SGECell", "Grid Engine", scheduler_hosts) as cell:
+        yield cell
+
+
 def pytest_sessionfinish(session, exitstatus):
     left = wait_no_processes(timeout=5)
+    daemons = marked_processes(variable="SCOOP_TEST_DAEMON")
+    if daemons:
+        print(f"\nERROR: scheduler daemons left behind by the tests: {daemons}",
+              file=sys.stderr)
+        left.update(daemons)
     if left:
         print(f"\nERROR: processes left behind by the tests: {left}", file=sys.stderr)
         for pid in left:

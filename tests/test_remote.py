@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import run_scoop, wait_no_processes, write_program
+from conftest import run_scoop, up_test_hosts, wait_no_processes, write_program
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftovers")]
 
@@ -32,16 +32,8 @@ WHERE = """
 
 @pytest.fixture(scope="module")
 def hosts():
-    testhosts = pytest.importorskip("testhosts")
-    reason = testhosts.supported()
-    if reason:
-        pytest.skip(f"no test hosts here: {reason}")
-    th = testhosts.claim()  # a slot of its own: other sessions may run this at once
-    th.up(3)
-    try:
+    with up_test_hosts(3) as th:
         yield th
-    finally:
-        th.down()
 
 
 CHECKED_MAP = """
