@@ -15,7 +15,7 @@ shipped before the caller iterates. ::
     next(results)         <------  the next chunk done (in order, or
                                    as completed): its results       <--- chunk results
     ... the consumer comes back -> its items leave the window: fill
-    stops, or drops it    ------>  cancel the chunks not shipped yet
+    stops, or drops it    ------>  read no more; cancel what has not left
 
 *The window* (``buffersize``): by default :data:`CHUNKS_AHEAD` chunks per worker, so
 every worker has work queued while the consumer catches up, and each chunk holds at
@@ -29,6 +29,11 @@ items not read yet (big first, small last, for balance at the end). Without a le
 they adapt: the first ones hold one item each, and each next one aims at
 :data:`TARGET_CHUNK_S` of work on one worker, at the time an item was seen to take
 lately, growing by :data:`GROWTH` at most. An explicit ``chunksize`` is used as given.
+
+*Stopping early* (the consumer closes or drops the iterator): the input is read no
+further and the chunks still in this worker's outbox are cancelled. The runtime cannot
+call back a chunk already shipped: those run to their end and their results are
+dropped; the window bounds that work.
 
 *The results iterator* is an ``itertools.chain`` over the chunks' result lists, so that
 yielding an item costs no Python call; it reports the input's length (``len()``, for
@@ -244,7 +249,7 @@ class Feed:
         self.fill()
 
     def cancel(self) -> None:
-        """Cancel the chunks still queued here (those shipped run to their end)."""
+        """Read no more; cancel the chunks not shipped (those shipped run to their end)."""
         self.items = None
         entries = list(self.futs if self.waiter is None else self.futs.values())
         self.futs.clear()
@@ -305,7 +310,7 @@ class MapResults(itertools.chain):
     """The results of ``futures.map`` and ``map_as_completed``: a lazy iterator.
 
     Iterating it reads the input on (see :mod:`scoop._mapping`); closing it, or dropping
-    it, cancels what has not started yet. ``len()`` is the number of results in all
+    it, stops the map. ``len()`` is the number of results in all
     where the input has a length (for ``tqdm``'s total); ``operator.length_hint`` gives
     it where the input has length hints.
     """
@@ -325,14 +330,12 @@ class MapResults(itertools.chain):
         return NotImplemented if length is None else length
 
     def close(self) -> None:
-        """Stop: cancel the chunks not started, drop the results not yielded yet."""
+        """Stop: read no more input, cancel what has not left, drop the results not
+        yielded yet (as closing a generator does)."""
         self._lists.close()
         self._feed.cancel()
         if self._feed.current is not None:
             self._feed.current.clear()  # the chain's iterator over it ends there
-
-    def __repr__(self) -> str:
-        return f"<scoop map results: {self._feed.finished} of {self._feed.length} yielded>"
 
 
 class SizedMapResults(MapResults):

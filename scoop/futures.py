@@ -130,8 +130,9 @@ def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
     iterable works, generators and endless ones included. The input is read as the
     results are consumed, with at most ``buffersize`` items *in flight* (read and not yet
     yielded), so memory stays bounded; the work starts at the call, before the caller
-    iterates. Closing the iterator (or dropping it, or stopping early, as
-    ``itertools.islice`` does) cancels the chunks not sent to a worker yet.
+    iterates. Closing the iterator (or dropping it, as ``itertools.islice`` does when
+    it stops early) stops the map: the input is read no further and the chunks not
+    sent to a worker yet are cancelled (those sent run to their end, unseen).
 
     A call's exception is raised when iteration reaches it (the results before it are
     yielded first) and the rest is cancelled; so is an exception raised by the input.

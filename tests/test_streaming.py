@@ -165,6 +165,9 @@ def reductions():
         == list(itertools.accumulate(x * x for x in range(3000))),
         chunked=list(futures.map(square, range(1000), chunksize=7, buffersize=3))
         == [x * x for x in range(1000)],
+        # a map reading another one as it goes: a pipeline
+        pipeline=list(futures.map(square, futures.map(square, (x for x in range(5000)))))
+        == [x ** 4 for x in range(5000)],
     )
 
 if __name__ == "__main__":
@@ -238,8 +241,9 @@ def test_exceptions_mid_stream(tmp_path):
     assert out["timeout"] and out["timeout_done"]
 
 
-def test_map_reduce_scan_and_small_windows(tmp_path):
-    assert _run(tmp_path, "reductions") == dict(reduce=True, scan=True, chunked=True)
+def test_map_reduce_scan_small_windows_and_pipelines(tmp_path):
+    assert _run(tmp_path, "reductions") == dict(reduce=True, scan=True, chunked=True,
+                                                pipeline=True)
 
 
 @pytest.mark.parametrize("kwargs, error", [
