@@ -257,7 +257,9 @@ def mapReduce(mapFunc: Callable, reductionFunc: Callable, *iterables: Iterable, 
 
     ``reductionFunc`` must be associative: values are combined in item order, but
     grouped differently from a left fold. Each chunk reduces its own items where it runs;
-    the chunks' partial results are then combined pairwise, in parallel.
+    the chunks' partial results are then combined pairwise, in parallel. The input is
+    read as the chunks come back, as in :func:`map`: an input of any size costs the
+    memory of a few chunks and of one partial result per chunk.
 
     Returns:
         The reduction of ``mapFunc(*items)`` over all items; one item gives its mapped
@@ -267,7 +269,6 @@ def mapReduce(mapFunc: Callable, reductionFunc: Callable, *iterables: Iterable, 
         TypeError: if the iterables are empty (as ``functools.reduce`` does).
     """
     _warn_unknown("mapReduce", kwargs)
-    # The input is read as the chunks come back; only their reduced values are kept.
     feed = _mapping.Feed(_map_reduce_chunk, (mapFunc, reductionFunc), iterables)
     level = list(feed.ordered())
     if not level:
@@ -294,7 +295,8 @@ def mapScan(mapFunc: Callable, reductionFunc: Callable, *iterables: Iterable,  #
     """Map in parallel and return the running reduction (a parallel prefix scan).
 
     The result equals ``list(itertools.accumulate(map(mapFunc, *iterables),
-    reductionFunc))``; ``reductionFunc`` must be associative.
+    reductionFunc))``; ``reductionFunc`` must be associative. The input is read as the
+    chunks come back, as in :func:`map`.
     """
     _warn_unknown("mapScan", kwargs)
     scans = list(_mapping.Feed(_scan_chunk, (mapFunc, reductionFunc), iterables).ordered())
