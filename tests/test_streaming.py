@@ -7,15 +7,21 @@ prints one JSON line of facts; the tests check them."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 import subprocess
 import sys
 
+import cloudpickle
 import pytest
 
 from scoop import _mapping, futures
 
 from conftest import run_scoop, write_program
+
+# The pool's worker cannot import test modules: this module's functions travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftovers")]
 
@@ -254,3 +260,40 @@ def test_bad_sizes_raise_at_the_call(kwargs, error):
     for call in (futures.map, futures.map_as_completed):
         with pytest.raises(error):
             call(abs, [1, 2], **kwargs)
+
+
+def _inputs(kind: str, n: int):
+    if kind == "list":
+        return (list(range(n)),)
+    if kind == "generator":
+        return ((x for x in range(n)),)
+    if kind == "iterator":
+        return (iter(list(range(n))),)
+    return (range(n), (x for x in range(n + 3)))  # zipped: the shortest wins
+
+
+def _pair(*args):
+    return args
+
+
+@pytest.mark.usefixtures("pool")
+@pytest.mark.parametrize("kind", ["list", "generator", "iterator", "zip"])
+@pytest.mark.parametrize("n, chunksize, buffersize", [
+    (0, None, None), (1, None, None), (37, None, None), (5000, None, None),
+    (300, 1, None), (300, 7, 5), (300, None, 1), (300, None, 64), (2000, 3, 1000),
+])
+def test_map_gives_the_builtin_results(kind, n, chunksize, buffersize):
+    """In the in-process job (this process is the root, one more worker): every window
+    and chunk size gives the builtin map's results, in order or all of them."""
+    expect = list(map(_pair, *_inputs(kind, n)))
+    got = futures.map(_pair, *_inputs(kind, n), chunksize=chunksize, buffersize=buffersize)
+    if kind in ("list", "iterator"):
+        assert operator.length_hint(got, -1) == n
+    assert list(got) == expect
+    done = futures.map_as_completed(_pair, *_inputs(kind, n), chunksize=chunksize,
+                                    buffersize=buffersize)
+    assert sorted(done) == expect
+    stopped = futures.map(_pair, *_inputs(kind, n), buffersize=buffersize)
+    assert list(itertools.islice(stopped, 10)) == expect[:10]
+    stopped.close()
+    assert list(stopped) == []
