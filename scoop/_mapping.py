@@ -18,10 +18,10 @@ shipped before the caller iterates. ::
     stops, or drops it    ------>  read no more; cancel what has not left
 
 *The window* (``buffersize``): by default :data:`CHUNKS_AHEAD` chunks per worker, so
-every worker has work queued while the consumer catches up, and each chunk holds at
-most :data:`MAX_CHUNK` items, so memory stays bounded. With ``buffersize=N``, at most N
-items are in flight (Python 3.14's ``Executor.map(..., buffersize=)``, counted in items
-here, not in chunks).
+every worker has work queued while the consumer catches up, of at most
+:data:`MAX_CHUNK` items each and :data:`MAX_IN_FLIGHT` in all, so memory stays bounded.
+With ``buffersize=N``, at most N items are in flight (Python 3.14's
+``Executor.map(..., buffersize=)``, counted in items here, not in chunks).
 
 *Chunk sizes.* When the input has a length (``len()`` of every iterable, or their length
 hints), the chunks keep the guided shape of an eager map: each takes a share of the
@@ -56,9 +56,12 @@ from ._errors import TimeoutError
 # the consumer takes a chunk in (or the root runs one itself); more costs memory and
 # work that runs for nothing when the consumer stops early.
 CHUNKS_AHEAD = 4
-# The most items an automatic chunk holds: bounds a map's memory (about CHUNKS_AHEAD x
-# workers x MAX_CHUNK items in flight); smaller pays more messages per item.
+# The most items an automatic chunk holds: smaller pays more messages per item, bigger
+# holds more memory (CHUNKS_AHEAD x workers x MAX_CHUNK items in flight at most) ...
 MAX_CHUNK = 32_768
+# ... and a map holds at most this many items in flight by default (a few MB of small
+# items): a job with more workers cuts smaller chunks, rather than reading further ahead.
+MAX_IN_FLIGHT = 2 * CHUNKS_AHEAD * MAX_CHUNK
 # Guided chunking (input with a length): a chunk takes 1/(CHUNK_SPLIT * workers) of the
 # items not read yet, so the first chunks are big (little overhead) and the last ones
 # small (good balance).
@@ -147,10 +150,8 @@ class Feed:
             self.fixed = min(chunksize, buffersize or chunksize)
         else:
             self.fixed = None
-        if buffersize is None:
-            self.cap = MAX_CHUNK
-        else:  # room for CHUNKS_AHEAD chunks per worker where the window allows it
-            self.cap = max(1, min(MAX_CHUNK, buffersize // self.ahead))
+        # room for CHUNKS_AHEAD chunks per worker in the window
+        self.cap = max(1, min(MAX_CHUNK, (buffersize or MAX_IN_FLIGHT) // self.ahead))
         self.read = 0  # items read so far: the map index of the next one
         self.in_flight = 0  # items read and not yet handed to the consumer
         self.finished = 0  # items handed to the consumer

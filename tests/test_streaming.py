@@ -197,7 +197,7 @@ def _run(tmp_path, scenario: str, *args: str, serial: bool = False) -> dict:
 def test_endless_input_islice_returns_and_the_job_ends(tmp_path, serial):
     out = _run(tmp_path, "endless", serial=serial)
     assert out["ok"] and out["ok_done"]
-    bound = 1000 + _mapping.CHUNKS_AHEAD * 2 * _mapping.MAX_CHUNK
+    bound = 1000 + _mapping.MAX_IN_FLIGHT
     assert out["read_map"] < bound and out["read_done"] < bound
     assert out["after_close"] == []
 
@@ -210,7 +210,7 @@ def test_reading_is_bounded_by_buffersize_while_the_consumer_is_slow(tmp_path, s
         assert out[name]["ahead"] <= 20, out  # buffersize
         assert out[name]["read"] == 300, out
     # 100 results of an endless input: the first chunks hold one item, then grow
-    assert out["default_read"] < 100 + _mapping.CHUNKS_AHEAD * 2 * _mapping.MAX_CHUNK
+    assert out["default_read"] < 100 + _mapping.MAX_IN_FLIGHT
 
 
 def test_lengths_are_reported_where_the_input_has_them(tmp_path):
