@@ -121,15 +121,17 @@ class Feed:
     the input is kept and raised after the values of the items read before it.
 
     Args:
-        runner: the chunk task; ``resumable`` if it is ``futures._run_chunk`` (its
-            chunks survive a worker's death item by item, see :mod:`scoop._chunks`).
+        runner: the chunk task, called as ``runner(*prefix, chunk, star)``.
         prefix: the runner's first arguments.
         iterables: the map's input, zipped when there are several.
         chunksize: items per chunk (None: automatic).
-        buffersize: the most items in flight (None: CHUNKS_AHEAD chunks per worker).
+        buffersize: the most items in flight (None: CHUNKS_AHEAD chunks per worker,
+            MAX_IN_FLIGHT items at most).
         timeout: seconds from now after which a value not yet available raises
             TimeoutError (None: no limit).
         ordered: whether the values are taken in order (else as completed).
+        resumable: the runner is ``futures._run_chunk``, whose chunks survive a
+            worker's death item by item (see :mod:`scoop._chunks`).
     """
 
     def __init__(self, runner: Callable, prefix: tuple, iterables: tuple, *,
