@@ -174,7 +174,10 @@ class Feed:
         """Read and submit chunks while the window has room; ship them."""
         submitted = False
         while self.items is not None:
-            if self.buffersize is None and len(self.futs) >= self.ahead:
+            # Automatic chunks are CHUNKS_AHEAD per worker at most, whatever the window:
+            # before they grow, a window of items would be one chunk (message) each.
+            if ((self.buffersize is None or self.fixed is None)
+                    and len(self.futs) >= self.ahead):
                 break
             step = self._step()
             if self.buffersize is not None and self.in_flight + step > self.buffersize:

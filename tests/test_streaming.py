@@ -7,7 +7,6 @@ prints one JSON line of facts; the tests check them."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import operator
 import subprocess
@@ -284,7 +283,9 @@ def _pair(*args):
 ])
 def test_map_gives_the_builtin_results(kind, n, chunksize, buffersize):
     """In the in-process job (this process is the root, one more worker): every window
-    and chunk size gives the builtin map's results, in order or all of them."""
+    and chunk size gives the builtin map's results, in order or all of them. (No map is
+    stopped early here: its chunks already shipped would still run, and the pool's root
+    would run the next tests' futures itself while they count as away.)"""
     expect = list(map(_pair, *_inputs(kind, n)))
     got = futures.map(_pair, *_inputs(kind, n), chunksize=chunksize, buffersize=buffersize)
     if kind in ("list", "iterator"):
@@ -293,7 +294,3 @@ def test_map_gives_the_builtin_results(kind, n, chunksize, buffersize):
     done = futures.map_as_completed(_pair, *_inputs(kind, n), chunksize=chunksize,
                                     buffersize=buffersize)
     assert sorted(done) == expect
-    stopped = futures.map(_pair, *_inputs(kind, n), buffersize=buffersize)
-    assert list(itertools.islice(stopped, 10)) == expect[:10]
-    stopped.close()
-    assert list(stopped) == []
