@@ -1,5 +1,6 @@
 """Maps that stream (issue 11): the input is read as the results are consumed, at most
-``buffersize`` items in flight; stopping early cancels the rest; lengths are reported.
+``buffersize`` items in flight; a map stopped early reads no more and the job ends
+cleanly; lengths are reported where the input has them.
 
 Each scenario is a real job (``python -m scoop -n 2 prog.py SCENARIO``), and the
 laziness ones also run with plain ``python`` (the in-process fallback). The program
