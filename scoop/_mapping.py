@@ -62,6 +62,13 @@ MAX_CHUNK = 32_768
 # ... and a map holds at most this many items in flight by default (a few MB of small
 # items): a job with more workers cuts smaller chunks, rather than reading further ahead.
 MAX_IN_FLIGHT = 2 * CHUNKS_AHEAD * MAX_CHUNK
+# Chunks of an explicit (small) chunksize in flight by default, at most: enough that the
+# consumer seldom finds the next one unfinished (each wait costs this worker a few
+# messages), few enough that their futures cost little memory.
+MAX_SMALL_CHUNKS = 1024
+# The window is filled again once this share of it is free: the chunks leave in one
+# batch of messages instead of one message each.
+REFILL_SHARE = 4
 # Guided chunking (input with a length): a chunk takes 1/(CHUNK_SPLIT * workers) of the
 # items not read yet, so the first chunks are big (little overhead) and the last ones
 # small (good balance).
@@ -147,13 +154,14 @@ class Feed:
         self.error: Exception | None = None  # raised by the input, raised in turn later
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.buffersize = buffersize
-        self.ahead = CHUNKS_AHEAD * rt.size
-        if chunksize is not None:
-            self.fixed = min(chunksize, buffersize or chunksize)
-        else:
-            self.fixed = None
+        self.ahead = CHUNKS_AHEAD * rt.size  # the most chunks in flight
         # room for CHUNKS_AHEAD chunks per worker in the window
         self.cap = max(1, min(MAX_CHUNK, (buffersize or MAX_IN_FLIGHT) // self.ahead))
+        self.fixed = None if chunksize is None else min(chunksize, buffersize or chunksize)
+        if chunksize is not None and buffersize is None:
+            self.ahead = max(self.ahead, min(MAX_SMALL_CHUNKS, MAX_IN_FLIGHT // chunksize))
+        self.refill_at = max(1, (self.ahead if buffersize is None else buffersize)
+                             // REFILL_SHARE)
         self.read = 0  # items read so far: the map index of the next one
         self.in_flight = 0  # items read and not yet handed to the consumer
         self.finished = 0  # items handed to the consumer
@@ -252,7 +260,10 @@ class Feed:
         """The consumer is done with a chunk: make room, read on."""
         self.in_flight -= entry[1]
         self.finished += entry[1]
-        self.fill()
+        room = (self.ahead - len(self.futs) if self.buffersize is None
+                else self.buffersize - self.in_flight)
+        if room >= self.refill_at:
+            self.fill()
 
     def cancel(self) -> None:
         """Read no more; cancel the chunks not shipped (those shipped run to their end)."""

@@ -151,8 +151,9 @@ def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
             growing with the speed seen so far when it has none.
         buffersize: the most items in flight (as Python 3.14's ``Executor.map``, but
             counted in items, not tasks; an explicit ``chunksize`` above it is cut down
-            to it). None (the default): 4 chunks per worker of the job, of 32,768 items
-            at most, and 262,144 items in all; set it lower for big items.
+            to it). None (the default): 4 chunks per worker of the job, and 262,144
+            items at most (automatic chunks hold 32,768 at most; of an explicit
+            ``chunksize``, up to 1,024 chunks); set it lower for big items.
         **kwargs: accepted for programs written for old SCOOP versions; ignored with a
             warning.
 
