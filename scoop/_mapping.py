@@ -19,9 +19,11 @@ shipped before the caller iterates. ::
 
 *The window* (``buffersize``): by default :data:`CHUNKS_AHEAD` chunks per worker, so
 every worker has work queued while the consumer catches up, of at most
-:data:`MAX_CHUNK` items each and :data:`MAX_IN_FLIGHT` in all, so memory stays bounded.
-With ``buffersize=N``, at most N items are in flight (Python 3.14's
-``Executor.map(..., buffersize=)``, counted in items here, not in chunks).
+:data:`MAX_CHUNK` items each and :data:`MAX_IN_FLIGHT` in all, so memory stays bounded
+(chunks of an explicit ``chunksize``: up to :data:`MAX_SMALL_CHUNKS` of them). With
+``buffersize=N``, at most N items are in flight (Python 3.14's
+``Executor.map(..., buffersize=)``, counted in items here, not in chunks). The window is
+filled again once a quarter of it is free, so that refills leave in batches.
 
 *Chunk sizes.* When the input has a length (``len()`` of every iterable, or their length
 hints), the chunks keep the guided shape of an eager map: each takes a share of the
