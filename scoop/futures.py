@@ -7,8 +7,10 @@ warning), so the same program works both ways.
 Deliberate differences from the original SCOOP, each a fix:
 
 * ``map`` batches small items into chunks by itself (results still come in order, as a
-  generator) and accepts the ``timeout`` and ``chunksize`` of concurrent.futures.
-  Unknown keyword arguments are ignored with a warning instead of being passed on.
+  lazy iterator), reads its input as the results are consumed, with a bounded amount in
+  flight (see :mod:`scoop._mapping`), and accepts the ``timeout``, ``chunksize`` and
+  ``buffersize`` of concurrent.futures. Unknown keyword arguments are ignored with a
+  warning instead of being passed on.
 * A task's exception keeps its type and carries the worker-side traceback as its
   ``__cause__``; ``wait`` and ``as_completed`` return failed futures instead of raising.
 * ``mapReduce`` of one element gives that element's mapped value and of none raises
@@ -29,7 +31,7 @@ from concurrent.futures import (
 )
 from typing import Any, NamedTuple
 
-from . import _chunks, _progress, _serialize, _worker
+from . import _chunks, _mapping, _progress, _serialize, _worker
 from ._errors import (
     BrokenJobError,
     CancelledError,
@@ -49,9 +51,6 @@ __all__ = [
 ]
 
 _builtin_map = map
-# Guided chunking: a chunk takes 1/(CHUNK_SPLIT * workers) of the items still unassigned,
-# so the first chunks are big (little overhead) and the last ones small (good balance).
-CHUNK_SPLIT = 2
 
 
 class DoneAndNotDoneFutures(NamedTuple):
@@ -80,20 +79,6 @@ def submit(func: Callable, *args: Any, **kwargs: Any) -> Future:
         _progress.active.add_total(1)
         fut.add_done_callback(_progress.count_done)
     return fut
-
-
-# The smallest automatic chunk is 1/(MIN_CHUNK_SPLIT * workers) of the items: the tail of
-# a big map is not cut into a long run of tiny tasks, each paying a round trip.
-MIN_CHUNK_SPLIT = 64
-
-
-def _cut(items: list, chunksize: int | None, size: int) -> Iterator[list]:
-    n, i = len(items), 0
-    smallest = max(1, n // (MIN_CHUNK_SPLIT * size))
-    while i < n:
-        step = chunksize or max(smallest, -(-(n - i) // (CHUNK_SPLIT * size)))
-        yield items[i:i + step]
-        i += step
 
 
 def _calls(func: Callable, chunk: list, star: bool) -> Iterator:
@@ -126,38 +111,10 @@ def _run_chunk(func: Callable, chunk: list, star: bool, fine: bool = False) -> t
 _serialize.register_runner(_run_chunk, _serialize.Runner(results="chunk"))
 
 
-def _unwrap(wire) -> BaseException:
-    """The exception of a failed chunk (already rebuilt if it was unpickled)."""
-    if isinstance(wire, BaseException):
-        return wire
-    return _serialize.rebuild_exception(wire.exc, wire.tb)
-
-
 def _warn_unknown(name: str, kwargs: dict) -> None:
     if kwargs:
         warnings.warn(f"futures.{name}() ignores unknown keyword arguments: "
                       f"{', '.join(sorted(kwargs))}", RuntimeWarning, stacklevel=3)
-
-
-def _submit_chunks(runner: Callable, prefix: tuple, iterables, chunksize) -> list[Future]:
-    """Submit ``runner(*prefix, chunk)`` for chunks of the zipped iterables; ship them.
-
-    Chunks of ``_run_chunk`` (map) survive a worker's death item by item (``_chunks``).
-    """
-    if chunksize is not None and chunksize < 1:
-        raise ValueError("chunksize must be >= 1")
-    rt = _worker.current()
-    star = len(iterables) != 1
-    items = list(zip(*iterables)) if star else list(iterables[0])
-    resumable = runner is _run_chunk
-    futs = []
-    base = 0
-    for chunk in _cut(items, chunksize, rt.size):
-        state = _chunks.Chunk(base) if resumable else None
-        futs.append(rt.submit(runner, (*prefix, chunk, star), {}, len(chunk), state))
-        base += len(chunk)
-    rt.ship(keep_first=True)  # work starts now, before the caller iterates
-    return futs
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -169,64 +126,71 @@ def _left(deadline: float | None) -> float | None:
 
 
 def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
-        chunksize: int | None = None, **kwargs: Any) -> Iterator:
-    """Apply ``func`` to every item in parallel; a generator of the results, in order.
+        chunksize: int | None = None, buffersize: int | None = None,
+        **kwargs: Any) -> Iterator:
+    """Apply ``func`` to every item in parallel; a lazy iterator of the results, in order.
 
     Like the built-in ``map``: several iterables are zipped (the shortest wins) and any
-    iterable works, generators included. All items are read and the work starts at the
-    call, before the caller iterates. A call's exception is raised when iteration reaches
-    it (the results before it are yielded first).
+    iterable works, generators and endless ones included. The input is read as the
+    results are consumed, with at most ``buffersize`` items *in flight* (read and not yet
+    yielded), so memory stays bounded; the work starts at the call, before the caller
+    iterates. Closing the iterator (or dropping it, as ``itertools.islice`` does when
+    it stops early) stops the map: the input is read no further and the chunks not
+    sent to a worker yet are cancelled (those sent run to their end, unseen).
+
+    A call's exception is raised when iteration reaches it (the results before it are
+    yielded first) and the rest is cancelled; so is an exception raised by the input.
+
+    The iterator has a ``len()``, the number of results, when every iterable has one
+    (``tqdm(futures.map(f, data))`` shows a total), and a length hint when every one has
+    a ``len()`` or a length hint.
 
     Args:
         func: the function to apply.
         *iterables: the argument iterables.
         timeout: seconds from this call after which a result not yet available raises
             TimeoutError (None: wait forever).
-        chunksize: items per task; by default chosen for balance and low overhead.
+        chunksize: items per task; by default chosen for balance and low overhead:
+            guided (big first chunks, small last ones) when the input has a length,
+            growing with the speed seen so far when it has none.
+        buffersize: the most items in flight (as Python 3.14's ``Executor.map``, but
+            counted in items, not tasks; an explicit ``chunksize`` above it is cut down
+            to it). None (the default): 4 chunks per worker of the job, and 262,144
+            items at most (automatic chunks hold 32,768 at most; of an explicit
+            ``chunksize``, up to 1,024 chunks); set it lower for big items.
         **kwargs: accepted for programs written for old SCOOP versions; ignored with a
             warning.
 
     Returns:
-        A generator of ``func(*items)``, in the order of the items.
+        An iterator of ``func(*items)``, in the order of the items.
+
+    Raises:
+        ValueError: ``chunksize`` or ``buffersize`` below 1.
+        TypeError: ``buffersize`` is not an integer.
     """
     _warn_unknown("map", kwargs)
-    deadline = _deadline(timeout)
-    futs = _submit_chunks(_run_chunk, (func,), iterables, chunksize)
-    return _ordered_results(futs, deadline)
-
-
-def _ordered_results(futs: list[Future], deadline: float | None) -> Iterator:
-    futs.reverse()
-    try:
-        while futs:
-            results, wire = futs[-1].result(_left(deadline))
-            futs.pop()
-            yield from results
-            if wire is not None:
-                raise _unwrap(wire)
-    finally:
-        for f in futs:
-            f.cancel()
+    return _map(func, iterables, timeout, chunksize, buffersize, ordered=True)
 
 
 def map_as_completed(func: Callable, *iterables: Iterable, timeout: float | None = None,
-                     chunksize: int | None = None, **kwargs: Any) -> Iterator:
+                     chunksize: int | None = None, buffersize: int | None = None,
+                     **kwargs: Any) -> Iterator:
     """Like :func:`map`, but yield each result as soon as it is available.
 
-    Results come in completion order (within a chunk, in item order). A call's exception
+    Results come in completion order (within a chunk, in item order); the input is read
+    as they are consumed, as in :func:`map`, with the same arguments. A call's exception
     is raised when its result would have been yielded.
     """
     _warn_unknown("map_as_completed", kwargs)
-    futs = _submit_chunks(_run_chunk, (func,), iterables, chunksize)
-    return _completed_results(futs, timeout)
+    return _map(func, iterables, timeout, chunksize, buffersize, ordered=False)
 
 
-def _completed_results(futs: list[Future], timeout: float | None) -> Iterator:
-    for fut in as_completed(futs, timeout):
-        results, wire = fut.result()
-        yield from results
-        if wire is not None:
-            raise _unwrap(wire)
+def _map(func: Callable, iterables: tuple, timeout: float | None, chunksize: int | None,
+         buffersize: int | None, ordered: bool) -> Iterator:
+    feed = _mapping.Feed(_run_chunk, (func,), iterables, chunksize=chunksize,
+                         buffersize=buffersize, timeout=timeout, ordered=ordered,
+                         resumable=True)
+    return _mapping.MapResults.of(feed, ordered)
 
 
 def as_completed(fs: Iterable[Future], timeout: float | None = None) -> Iterator[Future]:
@@ -298,7 +262,9 @@ def mapReduce(mapFunc: Callable, reductionFunc: Callable, *iterables: Iterable, 
 
     ``reductionFunc`` must be associative: values are combined in item order, but
     grouped differently from a left fold. Each chunk reduces its own items where it runs;
-    the chunks' partial results are then combined pairwise, in parallel.
+    the chunks' partial results are then combined pairwise, in parallel. The input is
+    read as the chunks come back, as in :func:`map`: an input of any size costs the
+    memory of a few chunks and of one partial result per chunk.
 
     Returns:
         The reduction of ``mapFunc(*items)`` over all items; one item gives its mapped
@@ -308,14 +274,14 @@ def mapReduce(mapFunc: Callable, reductionFunc: Callable, *iterables: Iterable, 
         TypeError: if the iterables are empty (as ``functools.reduce`` does).
     """
     _warn_unknown("mapReduce", kwargs)
-    futs = _submit_chunks(_map_reduce_chunk, (mapFunc, reductionFunc), iterables, None)
-    if not futs:
+    feed = _mapping.Feed(_map_reduce_chunk, (mapFunc, reductionFunc), iterables)
+    level = list(feed.ordered())
+    if not level:
         raise TypeError("mapReduce() of empty iterable with no initial value")
-    while len(futs) > 1:
-        pairs = itertools.zip_longest(futs[0::2], futs[1::2])
-        futs = [submit(reductionFunc, a.result(), b.result()) if b is not None else a
-                for a, b in pairs]
-    return futs[0].result()
+    while len(level) > 1:
+        pairs = [submit(reductionFunc, a, b) for a, b in zip(level[0::2], level[1::2])]
+        level = [f.result() for f in pairs] + level[2 * len(pairs):]  # (an odd one last)
+    return level[0]
 
 
 def _scan_chunk(map_func: Callable, reduce_func: Callable, chunk: list, star: bool) -> list:
@@ -334,11 +300,11 @@ def mapScan(mapFunc: Callable, reductionFunc: Callable, *iterables: Iterable,  #
     """Map in parallel and return the running reduction (a parallel prefix scan).
 
     The result equals ``list(itertools.accumulate(map(mapFunc, *iterables),
-    reductionFunc))``; ``reductionFunc`` must be associative.
+    reductionFunc))``; ``reductionFunc`` must be associative. The input is read as the
+    chunks come back, as in :func:`map`.
     """
     _warn_unknown("mapScan", kwargs)
-    futs = _submit_chunks(_scan_chunk, (mapFunc, reductionFunc), iterables, None)
-    scans = [f.result() for f in futs]
+    scans = list(_mapping.Feed(_scan_chunk, (mapFunc, reductionFunc), iterables).ordered())
     out = list(scans[0]) if scans else []
     fixes = []
     offset = out[-1] if out else None

@@ -248,7 +248,8 @@ POISON = """
         else:
             results = []
             try:
-                for r in futures.map(poison, range(400), chunksize=1):
+                # the whole map in flight, as the root sleeps in item 0
+                for r in futures.map(poison, range(400), chunksize=1, buffersize=400):
                     results.append(r)
             except futures.WorkerLostError as exc:
                 print("map stopped at", len(results), "|", str(exc).split(";")[-1].strip())

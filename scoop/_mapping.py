@@ -1,0 +1,377 @@
+"""Maps that stream (issue 11): the input is read as the results are consumed.
+
+A map (``futures.map``, ``map_as_completed``, ``mapReduce``, ``mapScan``) reads its input
+a chunk at a time and keeps a bounded amount of it *in flight*: read, and not yet handed
+to the consumer (submitted, running, or finished and waiting its turn). An endless
+generator, or ``range(10**7)``, then costs the root a few chunks of memory, not the
+whole input. The work still starts at the call: the first chunks are submitted and
+shipped before the caller iterates. ::
+
+    program (consumer)             Feed (one map)                        runtime (_worker)
+    ------------------             --------------                        -----------------
+    futures.map(f, data)  ------>  fill: read a chunk, submit it   ----> outbox -> ship
+                                   (until the window is full)            (at the call, the
+                                                                          first group stays)
+    next(results)         <------  the next chunk done (in order, or
+                                   as completed): its results       <--- chunk results
+    ... the consumer comes back -> its items leave the window: fill
+    stops, or drops it    ------>  read no more; cancel what has not left
+
+*The window* (``buffersize``): by default :data:`CHUNKS_AHEAD` chunks per worker, so
+every worker has work queued while the consumer catches up, of at most
+:data:`MAX_CHUNK` items each and :data:`MAX_IN_FLIGHT` in all, so memory stays bounded
+(chunks of an explicit ``chunksize``: up to :data:`MAX_SMALL_CHUNKS` of them). With
+``buffersize=N``, at most N items are in flight (Python 3.14's
+``Executor.map(..., buffersize=)``, counted in items here, not in chunks). The window is
+filled again once a quarter of it is free, so that refills leave in batches.
+
+*Chunk sizes.* When the input has a length (``len()`` of every iterable, or their length
+hints), the chunks keep the guided shape of an eager map: each takes a share of the
+items not read yet (big first, small last, for balance at the end). Without a length,
+they adapt: the first ones hold one item each, and each next one aims at
+:data:`TARGET_CHUNK_S` of work on one worker, at the time an item was seen to take
+lately, growing by :data:`GROWTH` at most. An explicit ``chunksize`` is used as given.
+
+*Stopping early* (the consumer closes or drops the iterator): the input is read no
+further and the chunks still in this worker's outbox are cancelled. The runtime cannot
+call back a chunk already shipped: those run to their end and their results are
+dropped; the window bounds that work.
+
+*The results iterator* is an ``itertools.chain`` over the chunks' result lists, so that
+yielding an item costs no Python call; it reports the input's length (``len()``, for
+``tqdm``'s total) where the input has one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import _chunks, _serialize, _worker
+from ._errors import TimeoutError
+
+# Chunks in flight per worker by default: enough that each worker has work queued while
+# the consumer takes a chunk in (or the root runs one itself); more costs memory and
+# work that runs for nothing when the consumer stops early.
+CHUNKS_AHEAD = 4
+# The most items an automatic chunk holds: smaller pays more messages per item, bigger
+# holds more memory (CHUNKS_AHEAD x workers x MAX_CHUNK items in flight at most) ...
+MAX_CHUNK = 32_768
+# ... and a map holds at most this many items in flight by default (a few MB of small
+# items): a job with more workers cuts smaller chunks, rather than reading further ahead.
+MAX_IN_FLIGHT = 2 * CHUNKS_AHEAD * MAX_CHUNK
+# Chunks of an explicit (small) chunksize in flight by default, at most: enough that the
+# consumer seldom finds the next one unfinished (each wait costs this worker a few
+# messages), few enough that their futures cost little memory.
+MAX_SMALL_CHUNKS = 1024
+# The window is filled again once this share of it is free: the chunks leave in one
+# batch of messages instead of one message each.
+REFILL_SHARE = 4
+# Guided chunking (input with a length): a chunk takes 1/(CHUNK_SPLIT * workers) of the
+# items not read yet, so the first chunks are big (little overhead) and the last ones
+# small (good balance).
+CHUNK_SPLIT = 2
+# The smallest guided chunk is 1/(MIN_CHUNK_SPLIT * workers) of the items: the tail of a
+# big map is not cut into a long run of tiny tasks, each paying a round trip.
+MIN_CHUNK_SPLIT = 64
+# Input without a length: a chunk aims at this much work (s) on one worker. Longer ones
+# cost less per item, but the last ones to finish leave the other workers idle longer.
+TARGET_CHUNK_S = 0.05
+# ... and is at most GROWTH times the one before: chunks of items of unknown cost start at
+# one item and grow as results come back, so that a slow function is timed before it is
+# sent in big chunks; a larger factor reaches big chunks of fast items sooner.
+GROWTH = 4
+# The rate a map goes at is measured over the last RATE_WINDOW_S to 2 x RATE_WINDOW_S
+# seconds: long enough to smooth chunked arrivals, short enough to follow a change.
+RATE_WINDOW_S = 1.0
+
+
+def check_sizes(chunksize: int | None, buffersize: int | None) -> None:
+    """Raise as ``concurrent.futures`` does for a bad ``chunksize`` or ``buffersize``."""
+    if chunksize is not None and chunksize < 1:
+        raise ValueError("chunksize must be >= 1")
+    if buffersize is not None:
+        if not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+
+
+def input_length(iterables: tuple) -> tuple[int | None, bool]:
+    """``(length, exact)`` of the zipped iterables (the shortest wins): exact if each has a
+    ``len()``, an estimate if each has a length hint, else ``(None, False)``."""
+    lengths, exact = [], True
+    for it in iterables:
+        try:
+            lengths.append(len(it))
+            continue
+        except Exception:  # noqa: BLE001 - a length is optional (range(10**20) overflows)
+            exact = False
+        try:
+            hint = operator.length_hint(it, -1)
+        except Exception:  # noqa: BLE001
+            hint = -1
+        if hint < 0:
+            return None, False
+        lengths.append(hint)
+    return min(lengths, default=0), exact
+
+
+class Feed:
+    """One map: reads the input as it goes, submits ``runner(*prefix, chunk, star)`` for
+    each chunk, keeps the window (see the module docstring) and hands out the chunks'
+    values in order (:meth:`ordered`) or as they complete (:meth:`completed`).
+
+    The first chunks are submitted and shipped here, at the call. An exception raised by
+    the input is kept and raised after the values of the items read before it.
+
+    Args:
+        runner: the chunk task, called as ``runner(*prefix, chunk, star)``.
+        prefix: the runner's first arguments.
+        iterables: the map's input, zipped when there are several.
+        chunksize: items per chunk (None: automatic).
+        buffersize: the most items in flight (None: CHUNKS_AHEAD chunks per worker,
+            MAX_IN_FLIGHT items at most).
+        timeout: seconds from now after which a value not yet available raises
+            TimeoutError (None: no limit).
+        ordered: whether the values are taken in order (else as completed).
+        resumable: the runner is ``futures._run_chunk``, whose chunks survive a
+            worker's death item by item (see :mod:`scoop._chunks`).
+    """
+
+    def __init__(self, runner: Callable, prefix: tuple, iterables: tuple, *,
+                 chunksize: int | None = None, buffersize: int | None = None,
+                 timeout: float | None = None, ordered: bool = True,
+                 resumable: bool = False) -> None:
+        check_sizes(chunksize, buffersize)
+        self.rt = rt = _worker.current()
+        self.runner, self.prefix, self.resumable = runner, prefix, resumable
+        self.star = len(iterables) != 1
+        self.length, self.exact = input_length(iterables)
+        self.items: Iterator | None = zip(*iterables) if self.star else iter(iterables[0])
+        self.error: Exception | None = None  # raised by the input, raised in turn later
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.buffersize = buffersize
+        self.ahead = CHUNKS_AHEAD * rt.size  # the most chunks in flight
+        # room for CHUNKS_AHEAD chunks per worker in the window
+        self.cap = max(1, min(MAX_CHUNK, (buffersize or MAX_IN_FLIGHT) // self.ahead))
+        self.fixed = None if chunksize is None else min(chunksize, buffersize or chunksize)
+        if chunksize is not None and buffersize is None:
+            self.ahead = max(self.ahead, min(MAX_SMALL_CHUNKS, MAX_IN_FLIGHT // chunksize))
+        self.refill_at = max(1, (self.ahead if buffersize is None else buffersize)
+                             // REFILL_SHARE)
+        self.read = 0  # items read so far: the map index of the next one
+        self.in_flight = 0  # items read and not yet handed to the consumer
+        self.finished = 0  # items handed to the consumer
+        self.last_step = 0  # the size of the last chunk submitted
+        now = time.monotonic()
+        self.marks = [(now, 0), (now, 0)]  # the rate window's start, and the next one
+        # Seconds per item from submission to result, of the last chunks handed out.
+        self.turnarounds: deque[float] = deque(maxlen=self.ahead)
+        # The chunks in flight, (future, items, submitted at): in input order (ordered),
+        # or by future, with a waiter that collects them as they complete.
+        self.futs: deque[tuple] | dict[Any, tuple] = deque() if ordered else {}
+        self.waiter = None if ordered else rt.watch(())
+        self.current: list | None = None  # the result list being yielded
+        self.fill(keep_first=True)  # the work starts now, before the caller iterates
+
+    # -- reading and submitting -------------------------------------------------------
+    def fill(self, keep_first: bool = False) -> None:
+        """Read and submit chunks while the window has room; ship them."""
+        submitted = False
+        while self.items is not None:
+            # Automatic chunks are CHUNKS_AHEAD per worker at most, whatever the window:
+            # before they grow, a window of items would be one chunk (message) each.
+            if ((self.buffersize is None or self.fixed is None)
+                    and len(self.futs) >= self.ahead):
+                break
+            step = self._step()
+            if self.buffersize is not None and self.in_flight + step > self.buffersize:
+                break
+            chunk: list = []
+            try:
+                # extend() keeps the items read before a failure of the input
+                chunk.extend(itertools.islice(self.items, step))
+            except Exception as exc:  # noqa: BLE001 - the input's own, raised in its turn
+                self.error = exc
+            if len(chunk) < step:
+                self.items = None  # exhausted (or failed): let the input go
+            if chunk:
+                self._submit(chunk)
+                self.last_step = step
+                submitted = True
+        if submitted:
+            # At the call the first group stays on this worker (no round trip); later
+            # chunks all leave, as this worker runs none while the consumer is busy.
+            self.rt.ship(keep_first=keep_first)
+
+    def _submit(self, chunk: list) -> None:
+        n = len(chunk)
+        state = _chunks.Chunk(self.read) if self.resumable else None
+        fut = self.rt.submit(self.runner, (*self.prefix, chunk, self.star), {}, n, state)
+        entry = (fut, n, time.monotonic())
+        if self.waiter is None:
+            self.futs.append(entry)
+        else:
+            self.futs[fut] = entry
+            fut.add_done_callback(self._arrived)
+        self.read += n
+        self.in_flight += n
+
+    def _step(self) -> int:
+        """The size of the next chunk."""
+        if self.fixed is not None:
+            return self.fixed
+        size = self.rt.size
+        if self.length is not None and self.length > self.read:
+            unread = self.length - self.read
+            smallest = self.length // (MIN_CHUNK_SPLIT * size)
+            step = max(1, smallest, -(-unread // (CHUNK_SPLIT * size)))
+        else:
+            step = self._adaptive_step()
+        return max(1, min(self.cap, step))
+
+    def _adaptive_step(self) -> int:
+        if not self.turnarounds:
+            return 1  # nothing measured yet
+        # Two bounds on the time an item takes on one worker, both high: the quickest
+        # recent chunk's turnaround per item (high by the time it was queued, and at
+        # first by the round trip), and the workers' share of the rate the map went at
+        # lately (high while the map warms up, or when the consumer is slower).
+        per_item = min(self.turnarounds)
+        done, now = self.finished, time.monotonic()
+        if now - self.marks[1][0] >= RATE_WINDOW_S:
+            self.marks = [self.marks[1], (now, done)]
+        since, done_then = self.marks[0]
+        if done > done_then:
+            per_item = min(per_item, self.rt.size * (now - since) / (done - done_then))
+        return min(GROWTH * self.last_step, int(TARGET_CHUNK_S / max(per_item, 1e-9)))
+
+    def _left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def _came_back(self, entry: tuple) -> None:
+        _, n, submitted = entry
+        self.turnarounds.append((time.monotonic() - submitted) / n)
+
+    def _consumed(self, entry: tuple) -> None:
+        """The consumer is done with a chunk: make room, read on."""
+        self.in_flight -= entry[1]
+        self.finished += entry[1]
+        room = (self.ahead - len(self.futs) if self.buffersize is None
+                else self.buffersize - self.in_flight)
+        if room >= self.refill_at:
+            self.fill()
+
+    def cancel(self) -> None:
+        """Read no more; cancel the chunks not shipped (those shipped run to their end)."""
+        self.items = None
+        entries = list(self.futs if self.waiter is None else self.futs.values())
+        self.futs.clear()
+        for fut, _, _ in entries:
+            fut.cancel()
+
+    # -- handing out the values ---------------------------------------------------------
+    def ordered(self) -> Iterator:
+        """The chunks' values (``future.result()``), in input order."""
+        futs = self.futs
+        try:
+            while futs:
+                value = futs[0][0].result(self._left())
+                entry = futs.popleft()
+                self._came_back(entry)
+                yield value
+                self._consumed(entry)
+            if self.error is not None:
+                raise self.error
+        finally:
+            self.cancel()
+
+    def completed(self) -> Iterator:
+        """The chunks' values, in the order the chunks complete."""
+        futs, waiter = self.futs, self.waiter
+        arrived = waiter.arrived
+        try:
+            while futs:
+                while not arrived:
+                    # one waiter for every chunk, as in futures.as_completed
+                    waiter.remaining = 1
+                    self.rt.park(waiter, self.deadline)
+                    if not arrived and self._left() == 0.0:
+                        raise TimeoutError(f"{len(futs)} chunks of the map unfinished")
+                entry = futs.pop(arrived.popleft(), None)
+                if entry is not None:  # (else cancelled by this map)
+                    self._came_back(entry)
+                    yield entry[0].result()
+                    self._consumed(entry)
+            if self.error is not None:
+                raise self.error
+        finally:
+            self.cancel()
+
+    def _arrived(self, fut) -> None:
+        self.waiter.notify(self.rt, fut)
+
+
+# -- map's results ----------------------------------------------------------------------
+def unwrap(wire) -> BaseException:
+    """The exception of a failed map chunk (already rebuilt if it was unpickled)."""
+    if isinstance(wire, BaseException):
+        return wire
+    return _serialize.rebuild_exception(wire.exc, wire.tb)
+
+
+class MapResults(itertools.chain):
+    """The results of ``futures.map`` and ``map_as_completed``: a lazy iterator.
+
+    Iterating it reads the input on (see :mod:`scoop._mapping`); closing it, or dropping
+    it, stops the map. ``len()`` is the number of results in all
+    where the input has a length (for ``tqdm``'s total); ``operator.length_hint`` gives
+    it where the input has length hints.
+    """
+
+    __slots__ = ("_feed", "_lists")
+
+    @classmethod
+    def of(cls, feed: Feed, ordered: bool) -> MapResults:
+        """The results of ``feed`` (of ``futures._run_chunk``), in order or as completed."""
+        lists = _results_lists(feed, ordered)
+        self = (SizedMapResults if feed.exact else cls).from_iterable(lists)
+        self._feed, self._lists = feed, lists
+        return self
+
+    def __length_hint__(self) -> int:
+        length = self._feed.length
+        return NotImplemented if length is None else length
+
+    def close(self) -> None:
+        """Stop: read no more input, cancel what has not left, drop the results not
+        yielded yet (as closing a generator does)."""
+        self._lists.close()
+        self._feed.cancel()
+        if self._feed.current is not None:
+            self._feed.current.clear()  # the chain's iterator over it ends there
+
+
+class SizedMapResults(MapResults):
+    """:class:`MapResults` of an input with a ``len()``."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return self._feed.length
+
+
+def _results_lists(feed: Feed, ordered: bool) -> Iterator[list]:
+    """The chunks' result lists, for the chain to flatten; a chunk's failure is raised
+    after the results before it."""
+    for results, wire in feed.ordered() if ordered else feed.completed():
+        if results:
+            feed.current = results
+            yield results
+        if wire is not None:
+            raise unwrap(wire)
