@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _chunks, _serialize, _worker
+from . import _chunks, _progress, _serialize, _worker
 from ._errors import TimeoutError
 
 # Chunks in flight per worker by default: enough that each worker has work queued while
@@ -177,6 +177,7 @@ class Feed:
         self.futs: deque[tuple] | dict[Any, tuple] = deque() if ordered else {}
         self.waiter = None if ordered else rt.watch(())
         self.current: list | None = None  # the result list being yielded
+        self.count = _progress.MapCount.start(self.length if self.exact else None)
         self.fill(keep_first=True)  # the work starts now, before the caller iterates
 
     # -- reading and submitting -------------------------------------------------------
@@ -198,12 +199,14 @@ class Feed:
                 chunk.extend(itertools.islice(self.items, step))
             except Exception as exc:  # noqa: BLE001 - the input's own, raised in its turn
                 self.error = exc
-            if len(chunk) < step:
-                self.items = None  # exhausted (or failed): let the input go
             if chunk:
                 self._submit(chunk)
                 self.last_step = step
                 submitted = True
+            if len(chunk) < step:
+                self.items = None  # exhausted (or failed): let the input go
+                if self.count is not None:
+                    self.count.stopped_reading()
         if submitted:
             # At the call the first group stays on this worker (no round trip); later
             # chunks all leave, as this worker runs none while the consumer is busy.
@@ -221,6 +224,8 @@ class Feed:
             fut.add_done_callback(self._arrived)
         self.read += n
         self.in_flight += n
+        if self.count is not None:
+            self.count.submitted(fut, n)
 
     def _step(self) -> int:
         """The size of the next chunk."""
@@ -270,6 +275,8 @@ class Feed:
     def cancel(self) -> None:
         """Read no more; cancel the chunks not shipped (those shipped run to their end)."""
         self.items = None
+        if self.count is not None:
+            self.count.stopped_reading()
         entries = list(self.futs if self.waiter is None else self.futs.values())
         self.futs.clear()
         for fut, _, _ in entries:

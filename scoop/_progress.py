@@ -26,6 +26,7 @@ tqdm's notebook bar where tqdm is installed.
 from __future__ import annotations
 
 import collections
+import functools
 import sys
 import threading
 import time
@@ -293,6 +294,49 @@ def stop() -> None:
 
 
 def count_done(fut) -> None:
-    """A future's done-callback: its one submitted call ended."""
+    """A future's done-callback: its one submitted call ended (or was cancelled)."""
     if active is not None:
-        active.add_done(1)
+        active.add_total(-1) if fut.cancelled() else active.add_done(1)
+
+
+class MapCount:
+    """What one map adds to the counts: its input's length up front where it has one,
+    else the items as they are read; each chunk's items when it ends."""
+
+    def __init__(self, progress: Progress, length: int | None) -> None:
+        self.progress = progress
+        self.length = length
+        self.read = 0
+        self.reading = True
+        if length is None:
+            progress.reading(+1)
+        else:
+            progress.add_total(length)
+
+    @classmethod
+    def start(cls, length: int | None) -> MapCount | None:
+        """The count of a map starting now; None when progress is not shown."""
+        return None if active is None else cls(active, length)
+
+    def submitted(self, fut, n: int) -> None:
+        """A chunk of ``n`` items was submitted as ``fut``."""
+        self.read += n
+        if self.length is None:
+            self.progress.add_total(n)
+        fut.add_done_callback(functools.partial(self._ended, n))
+
+    def _ended(self, n: int, fut) -> None:
+        if fut.cancelled():
+            self.progress.add_total(-n)
+        else:
+            self.progress.add_done(n)
+
+    def stopped_reading(self) -> None:
+        """The input is exhausted, or the map was stopped: what was not read is not to
+        be done (idempotent)."""
+        if self.reading:
+            self.reading = False
+            if self.length is None:
+                self.progress.reading(-1)
+            elif self.read < self.length:
+                self.progress.add_total(self.read - self.length)

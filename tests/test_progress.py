@@ -209,3 +209,30 @@ def test_on_a_terminal_the_line_is_live_and_the_programs_lines_stay_whole(tmp_pa
         assert expected in screen, text  # a whole line, with nothing of the bar on it
     assert [line for line in screen if line.startswith("scoop: ")][-1].startswith(
         "scoop: 60/60 items  100%"), text
+
+
+MAPS = """
+    import sys
+    from scoop import futures
+
+    def sq(x):
+        return x * x
+
+    def items(n):
+        yield from range(n)
+
+    if __name__ == "__main__":
+        print(sum(futures.map(sq, range(3000))))
+        print(sum(futures.map_as_completed(sq, items(500))))  # no length: counted as read
+        print(futures.submit(sq, 3).result())
+"""
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_maps_count_their_items_not_chunks_with_or_without_a_length(tmp_path):
+    proc = run_scoop("-n", "2", "--progress", write_program(tmp_path, MAPS))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(sum(x * x for x in range(3000))),
+                                   str(sum(x * x for x in range(500))), "9"]
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("scoop: 3,501/3,501 items  100%  "), proc.stderr
