@@ -1,8 +1,9 @@
 """Resume after a kill: the store behind ``futures.map(f, items, checkpoint="run.db")``.
 
-New in scoop (the original SCOOP has no checkpoints; issue 13). Status: the store is
-ready; the ``checkpoint=`` argument of ``map``, ``map_as_completed`` and ``Executor.map``
-lands with the streaming map, which calls the functions below.
+New in scoop (the original SCOOP has no checkpoints; issue 13). The ``checkpoint=``
+argument of ``futures.map`` and ``map_as_completed`` opens one here and hands it to its
+``scoop._mapping.Feed``, which calls :meth:`Checkpoint.lookup`, :meth:`~Checkpoint.to_run`,
+:meth:`~Checkpoint.record_chunk` and :meth:`~Checkpoint.merge` per chunk.
 
 The flow this module owns::
 
@@ -792,6 +793,32 @@ class Checkpoint:
                 store.due = time.monotonic() + store.batch_seconds
                 store.cond.notify()
         return len(rows)
+
+    @staticmethod
+    def to_run(layout: list[Stored | Pending]) -> list:
+        """The items of a looked-up chunk that are still to run, in order."""
+        return [e.item for e in layout if type(e) is Pending]
+
+    def record_chunk(self, layout: list[Stored | Pending], results: list) -> None:
+        """Record the ``results`` of :meth:`to_run`'s items (fewer if one failed)."""
+        pending = [e for e in layout if type(e) is Pending]
+        self.record_many(pending[:len(results)], results)
+
+    @staticmethod
+    def merge(layout: list[Stored | Pending], results: list) -> list:
+        """A chunk's results in input order: the stored ones in their places, the new
+        ``results`` (of :meth:`to_run`'s items; fewer if one failed) in theirs, up to
+        the first item without a result."""
+        merged, new = [], iter(results)
+        for e in layout:
+            if type(e) is Stored:
+                merged.append(e.value)
+                continue
+            try:
+                merged.append(next(new))
+            except StopIteration:  # the item that failed: its error follows
+                break
+        return merged
 
     def flush(self) -> None:
         """Write the rows recorded so far now (the map needs not call it)."""

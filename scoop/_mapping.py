@@ -44,15 +44,19 @@ yielding an item costs no Python call; it reports the input's length (``len()``,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _chunks, _progress, _serialize, _worker
 from ._errors import TimeoutError
+
+if TYPE_CHECKING:  # sqlite3 and the checkpoint's keys load only for a map that has one
+    from ._checkpoint import Checkpoint
 
 # Chunks in flight per worker by default: enough that each worker has work queued while
 # the consumer takes a chunk in (or the root runs one itself); more costs memory and
@@ -146,8 +150,10 @@ class Feed:
     def __init__(self, runner: Callable, prefix: tuple, iterables: tuple, *,
                  chunksize: int | None = None, buffersize: int | None = None,
                  timeout: float | None = None, ordered: bool = True,
-                 resumable: bool = False) -> None:
+                 resumable: bool = False, checkpoint: Checkpoint | None = None) -> None:
         check_sizes(chunksize, buffersize)
+        self.checkpoint = checkpoint
+        self.ready: deque[tuple] = deque()  # as completed: chunks that were all stored
         self.rt = rt = _worker.current()
         self.runner, self.prefix, self.resumable = runner, prefix, resumable
         self.star = len(iterables) != 1
@@ -214,11 +220,24 @@ class Feed:
 
     def _submit(self, chunk: list) -> None:
         n = len(chunk)
-        state = _chunks.Chunk(self.read) if self.resumable else None
-        fut = self.rt.submit(self.runner, (*self.prefix, chunk, self.star), {}, n, state)
-        entry = (fut, n, time.monotonic())
+        layout = None  # with a checkpoint: the chunk's items, Stored or Pending
+        if self.checkpoint is not None:
+            layout = self.checkpoint.lookup(list(enumerate(chunk, self.read)))
+            chunk = self.checkpoint.to_run(layout)
+        fut = None  # None: every item of the chunk was stored by an earlier run
+        if chunk:
+            state = _chunks.Chunk(self.read) if self.resumable else None
+            fut = self.rt.submit(self.runner, (*self.prefix, chunk, self.star), {},
+                                 len(chunk), state)
+        entry = (fut, n, time.monotonic(), layout)
+        if layout is not None and fut is not None:
+            # as it arrives, not when the consumer takes it: in order, a slow first chunk
+            # would hold back the recording of every chunk after it
+            fut.add_done_callback(functools.partial(self._record, layout))
         if self.waiter is None:
             self.futs.append(entry)
+        elif fut is None:
+            self.ready.append(entry)
         else:
             self.futs[fut] = entry
             fut.add_done_callback(self._arrived)
@@ -260,8 +279,22 @@ class Feed:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def _came_back(self, entry: tuple) -> None:
-        _, n, submitted = entry
-        self.turnarounds.append((time.monotonic() - submitted) / n)
+        fut, n, submitted, _ = entry
+        if fut is not None:
+            self.turnarounds.append((time.monotonic() - submitted) / n)
+
+    def _record(self, layout: list, fut) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.checkpoint.record_chunk(layout, fut.result()[0])
+
+    def _value(self, entry: tuple, value: tuple) -> tuple:
+        """A chunk's ``(results, error)``, its stored results put back in their places and
+        its new ones recorded (see :mod:`scoop._checkpoint`)."""
+        layout = entry[3]
+        if layout is None:
+            return value
+        results, wire = value
+        return self.checkpoint.merge(layout, results), wire
 
     def _consumed(self, entry: tuple) -> None:
         """The consumer is done with a chunk: make room, read on."""
@@ -277,10 +310,14 @@ class Feed:
         self.items = None
         if self.count is not None:
             self.count.stopped_reading()
+        if self.checkpoint is not None:
+            self.checkpoint.close()  # writes the results recorded so far
         entries = list(self.futs if self.waiter is None else self.futs.values())
         self.futs.clear()
-        for fut, _, _ in entries:
-            fut.cancel()
+        self.ready.clear()
+        for fut, *_ in entries:
+            if fut is not None:
+                fut.cancel()
 
     # -- handing out the values ---------------------------------------------------------
     def ordered(self) -> Iterator:
@@ -288,10 +325,11 @@ class Feed:
         futs = self.futs
         try:
             while futs:
-                value = futs[0][0].result(self._left())
+                fut = futs[0][0]
+                value = ([], None) if fut is None else fut.result(self._left())
                 entry = futs.popleft()
                 self._came_back(entry)
-                yield value
+                yield self._value(entry, value)
                 self._consumed(entry)
             if self.error is not None:
                 raise self.error
@@ -303,7 +341,12 @@ class Feed:
         futs, waiter = self.futs, self.waiter
         arrived = waiter.arrived
         try:
-            while futs:
+            while futs or self.ready:
+                if self.ready:  # stored by an earlier run: complete already
+                    entry = self.ready.popleft()
+                    yield self._value(entry, ([], None))
+                    self._consumed(entry)
+                    continue
                 while not arrived:
                     # one waiter for every chunk, as in futures.as_completed
                     waiter.remaining = 1
@@ -313,7 +356,7 @@ class Feed:
                 entry = futs.pop(arrived.popleft(), None)
                 if entry is not None:  # (else cancelled by this map)
                     self._came_back(entry)
-                    yield entry[0].result()
+                    yield self._value(entry, entry[0].result())
                     self._consumed(entry)
             if self.error is not None:
                 raise self.error

@@ -323,7 +323,10 @@ class MapCount:
         self.read += n
         if self.length is None:
             self.progress.add_total(n)
-        fut.add_done_callback(functools.partial(self._ended, n))
+        if fut is None:  # nothing to run: stored by an earlier run (checkpoint)
+            self.progress.add_done(n)
+        else:
+            fut.add_done_callback(functools.partial(self._ended, n))
 
     def _ended(self, n: int, fut) -> None:
         if fut.cancelled():

@@ -21,6 +21,7 @@ Deliberate differences from the original SCOOP, each a fix:
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -127,6 +128,7 @@ def _left(deadline: float | None) -> float | None:
 
 def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
         chunksize: int | None = None, buffersize: int | None = None,
+        checkpoint: str | os.PathLike | None = None,
         **kwargs: Any) -> Iterator:
     """Apply ``func`` to every item in parallel; a lazy iterator of the results, in order.
 
@@ -158,6 +160,14 @@ def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
             to it). None (the default): 4 chunks per worker of the job, and 262,144
             items at most (automatic chunks hold 32,768 at most; of an explicit
             ``chunksize``, up to 1,024 chunks); set it lower for big items.
+        checkpoint: a file (sqlite) where every result is recorded as it arrives; run
+            the program again and the items finished before (a kill, the wall-time
+            limit) come back from it in their places, only the rest runs. A result is
+            used again only for the same function (its code, defaults and closure), the
+            same call (the n-th map of it in the program) and the same item at the same
+            place; exceptions and results that cannot be pickled are not recorded. A
+            kill loses at most the last half second of results. See
+            :mod:`scoop._checkpoint` and docs/guarantees.md.
         **kwargs: accepted for programs written for old SCOOP versions; ignored with a
             warning.
 
@@ -169,27 +179,37 @@ def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
         TypeError: ``buffersize`` is not an integer.
     """
     _warn_unknown("map", kwargs)
-    return _map(func, iterables, timeout, chunksize, buffersize, ordered=True)
+    return _map(func, iterables, timeout, chunksize, buffersize, ordered=True,
+                checkpoint=checkpoint)
 
 
 def map_as_completed(func: Callable, *iterables: Iterable, timeout: float | None = None,
                      chunksize: int | None = None, buffersize: int | None = None,
+                     checkpoint: str | os.PathLike | None = None,
                      **kwargs: Any) -> Iterator:
     """Like :func:`map`, but yield each result as soon as it is available.
 
     Results come in completion order (within a chunk, in item order); the input is read
-    as they are consumed, as in :func:`map`, with the same arguments. A call's exception
+    as they are consumed, as in :func:`map`, with the same arguments (results stored by
+    a ``checkpoint`` come first). A call's exception
     is raised when its result would have been yielded.
     """
     _warn_unknown("map_as_completed", kwargs)
-    return _map(func, iterables, timeout, chunksize, buffersize, ordered=False)
+    return _map(func, iterables, timeout, chunksize, buffersize, ordered=False,
+                checkpoint=checkpoint)
 
 
 def _map(func: Callable, iterables: tuple, timeout: float | None, chunksize: int | None,
-         buffersize: int | None, ordered: bool) -> Iterator:
+         buffersize: int | None, ordered: bool, checkpoint=None) -> Iterator:
+    ckpt = None
+    if checkpoint is not None:
+        # here, not at the top: sqlite3 and the keys cost ~20 ms at every import
+        from ._checkpoint import Checkpoint
+
+        ckpt = Checkpoint.open(checkpoint, func)
     feed = _mapping.Feed(_run_chunk, (func,), iterables, chunksize=chunksize,
                          buffersize=buffersize, timeout=timeout, ordered=ordered,
-                         resumable=True)
+                         resumable=True, checkpoint=ckpt)
     return _mapping.MapResults.of(feed, ordered)
 
 
