@@ -1,0 +1,39 @@
+"""The broker of a simulation: the real ``scoop._broker.Broker`` in a process of its own.
+
+As the launcher does (``scoop._launch.launcher``), minus the workers: it binds loopback,
+runs the loop, and is stopped by its owner. Its own process, so that the driver can read
+the broker's CPU time and memory in /proc without counting anyone else's. It reports its
+address on stdout; ``lost WID`` on stdin reports a worker gone, as the launcher does when
+a worker process exits; the end of stdin stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from scoop import _broker, _schedule
+from scoop._transport import Credentials
+
+from . import child
+
+
+def main() -> None:
+    cfg = child.read_config()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="[%(asctime)s] %(levelname)-7s %(name)s %(message)s")
+    if cfg.get("silence_s"):  # how long a worker may stay silent before it counts as lost
+        _schedule.WORKER_SILENCE_S = float(cfg["silence_s"])
+    # A thread of this process, as in the launcher: stop() then reaches it as a command.
+    broker = _broker.Broker(Credentials.from_config(cfg), size=int(cfg["size"])).start()
+    commands = child.commands()
+    child.report("listening", address=broker.address)
+    while (cmd := commands.get()) is not None:
+        if cmd.startswith("lost "):
+            broker.worker_lost(int(cmd.split()[1]), "reported lost by the simulation")
+    broker.stop()
+    child.report("stopped", finished=broker.finished.is_set())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
