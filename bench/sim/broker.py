@@ -9,8 +9,10 @@ a worker process exits; the end of stdin stops it.
 
 from __future__ import annotations
 
+import cProfile
 import logging
 import sys
+import threading
 
 from scoop import _broker, _schedule
 from scoop._transport import Credentials
@@ -24,8 +26,14 @@ def main() -> None:
                         format="[%(asctime)s] %(levelname)-7s %(name)s %(message)s")
     if cfg.get("silence_s"):  # how long a worker may stay silent before it counts as lost
         _schedule.WORKER_SILENCE_S = float(cfg["silence_s"])
+    broker = _broker.Broker(Credentials.from_config(cfg), size=int(cfg["size"]))
     # A thread of this process, as in the launcher: stop() then reaches it as a command.
-    broker = _broker.Broker(Credentials.from_config(cfg), size=int(cfg["size"])).start()
+    if cfg.get("profile"):  # where to write the loop's cProfile stats
+        broker._thread = threading.Thread(target=_profiled, args=(broker, cfg["profile"]),
+                                          name="scoop-broker", daemon=True)
+        broker._thread.start()
+    else:
+        broker.start()
     commands = child.commands()
     child.report("listening", address=broker.address)
     while (cmd := commands.get()) is not None:
@@ -33,6 +41,14 @@ def main() -> None:
             broker.worker_lost(int(cmd.split()[1]), "reported lost by the simulation")
     broker.stop()
     child.report("stopped", finished=broker.finished.is_set())
+
+
+def _profiled(broker: _broker.Broker, path: str) -> None:
+    profile = cProfile.Profile()
+    try:
+        profile.runcall(broker.run)
+    finally:
+        profile.dump_stats(path)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class Config:
     sample_s: float = 1.0  # how often the broker's CPU and RSS are read
     timeout_s: float = 60.0  # for each phase that waits on the others
     progress: bool = False  # a line on stderr per sample
+    profile: str = ""  # write the broker loop's cProfile stats there
 
 
 @dataclass
@@ -194,7 +195,7 @@ def run(cfg: Config) -> Result:
     log_file = tempfile.TemporaryFile("w+")
     try:
         broker = _Child("sim.broker", {**creds.for_worker(), "size": cfg.workers + 1,
-                                       "silence_s": cfg.silence_s},
+                                       "silence_s": cfg.silence_s, "profile": cfg.profile},
                         events.q, "broker", log_file)
         children.append(broker)
         address = events.wait("listening", ["broker"], cfg.timeout_s)["broker"]["address"]
