@@ -217,6 +217,43 @@ def test_big_frames_travel_split_and_are_joined():
     assert [bytes(f) for f in got.frames] == [small, big, big[:100]]
 
 
+def test_a_live_broker_forwards_every_frame_of_a_message():
+    """The broker reads and writes frames one by one (not with pyzmq's multipart
+    helpers): empty frames, pieces of split ones and many frames per message cross it
+    intact, in order, to the right peer."""
+    from scoop._broker import Broker
+    from scoop._transport import Credentials
+
+    creds = Credentials.new()
+    broker = Broker(creds, size=3).start()
+    ctx = zmq.Context()
+    try:
+        peers = {}
+        for wid in (1, 2):
+            codec = P.Codec(creds.key, wid, max_frame=64)
+            sock = creds.connect(ctx, P.routing_id(b"w", wid), broker.address)
+            sock.send_multipart(codec.encode(P.HELLO, body={"version": P.VERSION,
+                                                            "wid": wid}))
+            assert sock.poll(5000), "no WELCOME"
+            assert codec.decode(sock.recv_multipart(), peer="b").kind == P.WELCOME
+            peers[wid] = (codec, sock)
+        (c1, s1), (c2, s2) = peers[1], peers[2]
+        payload = [b"", os.urandom(64 * 5 + 3), b"x", b""]  # the big one goes in 6 pieces
+        s1.send_multipart(c1.encode(P.CONST, parcels=[c1.parcel(payload)]))
+        s1.send_multipart(c1.encode(P.RESULTS, parcels=[c1.parcel(payload[::-1], peer=2)]))
+        for kind, want in ((P.CONST, payload), (P.RESULTS, payload[::-1])):
+            assert s2.poll(5000), f"no {kind!r}"
+            msg = c2.decode(s2.recv_multipart(), peer="b")
+            assert msg.kind == kind
+            (parcel,) = msg.parcels
+            c2.check(parcel)
+            assert [bytes(f) for f in parcel.frames] == want
+    finally:
+        ctx.destroy(linger=0)
+        broker.stop()
+    assert broker.finished.is_set()
+
+
 def test_a_bad_split_record_is_rejected():
     codec = P.Codec(KEY, 1, max_frame=10)
     frames = codec.encode(P.TASKS, parcels=[codec.parcel([os.urandom(35)], tag=1)])
