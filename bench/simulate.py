@@ -6,6 +6,7 @@ Run from the repository root (see bench/README.md, "Simulated workers")::
     python bench/simulate.py sweep --workers 1000 --seconds 30
     python bench/simulate.py lose --workers 4,1000    # a worker holding groups vanishes
     python bench/simulate.py long --workers 1000 --minutes 10   # the broker's memory
+    python bench/simulate.py dispatch                 # the Schedule alone, per message
     python bench/simulate.py plot sweep.json long.json --out bench/simulation.png
 
 The broker is scoop's own (``scoop._broker``, ``scoop._schedule``) in a process of its
@@ -18,6 +19,7 @@ left running.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -108,6 +110,39 @@ def long(args) -> list[harness.Result]:
     return [r]
 
 
+def dispatch_cost(args) -> None:
+    """The Schedule alone, no socket: what one finished group costs the broker's
+    decisions (results, READY, dispatch of the next queued group) when every worker is
+    busy and work is queued, one message per turn of its loop."""
+    from scoop import _protocol as P
+    from scoop._schedule import Schedule
+
+    fids = itertools.count(1)
+
+    def group():
+        fid = next(fids)
+        return P.Parcel(fid, 0, [P.task_ids_frame([fid]), b""], b"m" * 32)
+
+    print(f"{'workers':>7} {'us per message':>15}")
+    for n in args.workers:
+        s = Schedule(size=n + 1)
+        for wid in range(n + 1):
+            s.hello(b"w%d.0" % wid, wid, {"version": P.VERSION, "wid": wid})
+        root, peers = s.roster.by_wid[0], [s.roster.by_wid[w] for w in range(1, n + 1)]
+        s.tasks(root, [group() for _ in range(2 * n)])
+        for peer in peers:
+            s.ready(peer, 1)
+        s.dispatch(0.0)  # every worker holds a group; n are queued
+        rounds = max(args.rounds, 2 * n)
+        t0 = time.perf_counter()
+        for i in range(rounds):
+            peer = peers[i % n]
+            s.results(peer, (), [next(iter(peer.held))], 1)
+            s.tasks(root, [group()])
+            s.dispatch(0.0)
+        print(f"{n:>7} {(time.perf_counter() - t0) / rounds * 1e6:>15.1f}", flush=True)
+
+
 def plot(args) -> None:
     import matplotlib
 
@@ -170,13 +205,17 @@ def main(argv=None) -> int:
         m.add_argument("--json", help="also write every number to this file")
         if mode == "long":
             m.add_argument("--minutes", type=float, default=10.0)
+    dc = sub.add_parser("dispatch")
+    dc.add_argument("--workers", default="10,100,1000,2000,10000",
+                    type=lambda s: [int(x) for x in s.split(",")])
+    dc.add_argument("--rounds", type=int, default=20000)
     pl = sub.add_parser("plot")
     pl.add_argument("files", nargs="+", help="JSON files of a sweep (and a long run)")
     pl.add_argument("--out", default=os.path.join(HERE, "simulation.png"))
     pl.add_argument("--title", default="scoop broker, simulated workers (bench/simulate.py)")
     args = p.parse_args(argv)
-    if args.mode == "plot":
-        plot(args)
+    if args.mode in ("plot", "dispatch"):
+        {"plot": plot, "dispatch": dispatch_cost}[args.mode](args)
         return 0
     started = time.time()
     try:
