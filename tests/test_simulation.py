@@ -23,12 +23,15 @@ WORKERS = 50
 
 @pytest.mark.timeout(60)
 @pytest.mark.usefixtures("no_leftovers")
-def test_simulated_job_with_a_lost_worker():
+@pytest.mark.parametrize("resumable", [False, True], ids=["futures", "map-chunks"])
+def test_simulated_job_with_a_lost_worker(resumable: bool):
+    """futures: the broker queues the lost worker's groups again; map chunks: it tells
+    their owner (LOST), which hands back what is unanswered."""
     cfg = harness.Config(
         workers=WORKERS, per_process=25, seconds=3.0, warmup_s=0.5, group=16, credit=2,
         task_s=0.002,  # every worker holds groups when one is lost
         lose=True, silence_s=3.0,  # the broker notices the silence sooner than in a job
-        timeout_s=20.0)
+        resumable=resumable, timeout_s=20.0)
     r = harness.run(cfg)
     detail = (f"error={r.error} lost={r.lost} stats={r.worker_stats}\n"
               f"broker log:\n{r.broker_log}")
@@ -46,6 +49,10 @@ def test_simulated_job_with_a_lost_worker():
     assert lost["answered"] == lost["tids"] and lost["answered_twice"] == 0, detail
     assert lost["noticed_s"] is not None, detail  # the broker's log names it gone
     assert f"worker {lost['wid']} " in r.broker_log, detail
+    if resumable:
+        assert r.lost_groups == lost["groups"] and r.returned == lost["tids"], detail
+    else:
+        assert r.lost_groups == 0 and r.returned == 0, detail
 
     # Every other worker was stopped by the broker at the end; none was refused.
     stats = r.worker_stats

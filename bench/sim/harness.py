@@ -50,6 +50,7 @@ class Config:
     task_s: float = 0.0  # simulated length of one task
     window: int = 0  # groups the owner keeps in flight (0: 2 x workers x credit)
     lose: bool = False  # drop one worker holding groups halfway through the load
+    resumable: bool = False  # groups are map chunks: their owner resumes them (LOST)
     silence_s: float = 0.0  # the broker's WORKER_SILENCE_S (0: scoop's own)
     sample_s: float = 1.0  # how often the broker's CPU and RSS are read
     timeout_s: float = 60.0  # for each phase that waits on the others
@@ -62,6 +63,7 @@ class Result:
     config: dict
     processes: int = 0
     registration_s: float | None = None
+    registration_cpu_s: float | None = None  # the broker's CPU time meanwhile
     tasks: int = 0  # answered in the measured window
     window_s: float = 0.0
     tasks_per_s: float = 0.0
@@ -75,6 +77,8 @@ class Result:
     wrong: int = 0
     failed: int = 0
     rejected: int = 0
+    lost_groups: int = 0  # named to the owner in LOST messages (resumable groups)
+    returned: int = 0  # tasks the owner handed back after a LOST
     samples: list = field(default_factory=list)  # [t, tasks answered, broker cpu s, rss kB]
     lost: dict | None = None
     worker_stats: list = field(default_factory=list)
@@ -208,16 +212,17 @@ def run(cfg: Config) -> Result:
                 "task_s": cfg.task_s, "credit": cfg.credit}, events.q, names[-1], log_file))
         res.processes = len(names)
         events.wait("ready", names, cfg.timeout_s)
-        owner = Owner(creds, address, cfg.group)
+        owner = Owner(creds, address, cfg.group, cfg.resumable)
         counts = owner.counts
         owner.join(cfg.timeout_s)
         by_name = {c.name: c for c in children}
-        t0 = time.monotonic()
+        cpu0, t0 = proc_cpu_s(broker.proc.pid), time.monotonic()
         for name in names:
             by_name[name].send("go")
         got = events.wait("registered", names, cfg.timeout_s,
                           poll=lambda: owner.poll(10))
         res.registration_s = max(ev["t"] for ev in got.values()) - t0
+        res.registration_cpu_s = proc_cpu_s(broker.proc.pid) - cpu0
         _load(cfg, res, owner, broker, by_name[names[0]], events)
         _drain(cfg, res, owner)
         _count(res, owner)
@@ -325,6 +330,7 @@ def _count(res: Result, owner: Owner) -> None:
     res.submitted, res.answered = owner.submitted, owner.answered
     res.duplicates, res.wrong, res.failed = owner.duplicates, owner.wrong, owner.failed
     res.rejected, res.missing = owner.rejected, owner.missing()
+    res.lost_groups, res.returned = owner.lost_groups, owner.returned
 
 
 _LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\].*worker (\d+) .*is gone",

@@ -4,6 +4,11 @@ It joins as a real root does (HELLO, WELCOME; a watchdog connection that pings) 
 takes no work: it sends no READY, so the broker never gives it a group. Task ids are
 handed out in order, ``group`` per group, so that a count per task id tells whether
 each task was answered exactly once and with its own id as value.
+
+With ``resumable``, its groups are map chunks (tag bit RESUMABLE), as ``futures.map``
+ships them: when a worker holding some is lost, the broker does not queue them again
+but tells their owner (LOST), and the owner hands back what is unanswered (RETURN,
+marked SUSPECT), as ``scoop._worker.Worker.handle_lost`` does.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ def _noop(x):
 class Owner:
     """Worker 0 of a simulation, driven by :mod:`.harness` from its own thread."""
 
-    def __init__(self, creds: Credentials, address: str, group: int = 32) -> None:
+    def __init__(self, creds: Credentials, address: str, group: int = 32,
+                 resumable: bool = False) -> None:
         self.codec = P.Codec(creds.key, 0)
         self.watch_codec = P.Codec(creds.key, 0)
         self.group = group
@@ -42,6 +48,9 @@ class Owner:
         # The calls of every group: the simulated workers never unpickle them.
         self.payload = _serialize.dumps([(_noop, (0,), {})] * group)
         self.fids = itertools.count(1)
+        self.flags = P.RESUMABLE if resumable else 0
+        self.lost_groups = 0  # groups named in LOST messages
+        self.returned = 0  # tasks handed back after a LOST
         self.counts = bytearray()  # task id -> answers (saturates at 255)
         self.submitted = 0  # tasks
         self.answered = 0  # tasks answered at least once
@@ -78,7 +87,8 @@ class Owner:
             first = self.submitted
             self.submitted += self.group
             tids = P.task_ids_frame(range(first, self.submitted))
-            batch.append(self.codec.parcel([tids, *self.payload], tag=next(self.fids)))
+            batch.append(self.codec.parcel([tids, *self.payload],
+                                           tag=next(self.fids) | self.flags))
             if len(batch) == SHIP_BATCH:
                 self.sock.send_multipart(self.codec.encode(P.TASKS, parcels=batch), copy=False)
                 batch = []
@@ -109,6 +119,8 @@ class Owner:
             if msg.kind == P.RESULTS:
                 for parcel in msg.parcels:
                     self._results(parcel)
+            elif msg.kind == P.LOST:
+                self._lost(msg.body or {})
 
     def _results(self, parcel: P.Parcel) -> None:
         try:
@@ -130,6 +142,22 @@ class Owner:
                 self.duplicates += 1
             if n < 255:
                 counts[tid] = n + 1
+
+    def _lost(self, body: dict) -> None:
+        """Hand back, in one group each, the unanswered tasks of the map chunks a dead
+        worker held: first in line, never for the root (SUSPECT)."""
+        parcels = []
+        for _running, tids in body.get("groups", ()):
+            self.lost_groups += 1
+            left = [t for t in tids if not self.counts[t]]
+            if left:
+                self.returned += len(left)
+                payload = _serialize.dumps([(_noop, (0,), {})] * len(left))
+                parcels.append(self.codec.parcel(
+                    [P.task_ids_frame(left), *payload], peer=0,
+                    tag=next(self.fids) | P.RESUMABLE | P.SUSPECT))
+        if parcels:
+            self.sock.send_multipart(self.codec.encode(P.RETURN, parcels=parcels), copy=False)
 
     def missing(self) -> int:
         """Tasks submitted and never answered."""
