@@ -63,6 +63,12 @@ log = logging.getLogger("scoop.broker")
 # elsewhere. Pings come every second, even while the worker runs a long task, so this
 # only has to ride out a stalled machine or a network hiccup.
 WORKER_SILENCE_S = 5.0
+# A gap this long between two ticks means the broker itself did not run (its process was
+# stopped or starved, or its thread kept from the GIL): the pings sent meanwhile wait
+# unread in its socket, so the gap does not count as the workers' silence. Shorter would
+# excuse a loop that is merely busy (it ticks every half second); longer would let a
+# pause of the broker pass for the silence of every worker at once.
+BROKER_PAUSE_S = 2.0
 # A task group whose worker dies running it is queued again this many times at most; then
 # its tasks fail with WorkerLostError, so a task that kills every worker cannot take the
 # job down. A group also fails once this many times as many workers died merely holding
@@ -228,6 +234,11 @@ class Roster:
             del self.last_ping[wid]
         return found
 
+    def excuse(self, seconds: float) -> None:
+        """The broker did not run for ``seconds``: that long is nobody's silence."""
+        for wid in self.last_ping:
+            self.last_ping[wid] += seconds
+
     @property
     def all_started(self) -> bool:
         """Whether every worker the job was started with has joined (or was lost)."""
@@ -253,6 +264,7 @@ class Schedule:
         self.stopping = False  # STOP sent; workers that join now are stopped at once
         self.exit_status: int | None = None
         self._all_standby_since: float | None = None
+        self._last_tick: float | None = None
 
     # -- workers joining and leaving -------------------------------------------------------
     def hello(self, ident: bytes, sender: int, body: dict | None) -> list[Out]:
@@ -372,7 +384,18 @@ class Schedule:
 
     def tick(self, now: float) -> list[Out]:
         """Every half second or so: count silent workers as lost, see to stranded groups,
-        then dispatch (once)."""
+        then dispatch (once).
+
+        A long gap since the last tick is the broker's own pause, not its workers'
+        silence (:data:`BROKER_PAUSE_S`; bench/simulate.py ``--pause-s 7``: 129 of 200
+        healthy workers were counted as lost, and told to stop when they spoke again).
+        """
+        if self._last_tick is not None and now - self._last_tick > BROKER_PAUSE_S:
+            log.warning("broker: it did not run for %.1f s (its process stopped or "
+                        "starved?); that time is not counted as the workers' silence",
+                        now - self._last_tick)
+            self.roster.excuse(now - self._last_tick)
+        self._last_tick = now
         out: list[Out] = []
         for wid, silence in self.roster.silent(now):
             out += self.lost(wid, f"no heartbeat for {silence:.0f} s", now)

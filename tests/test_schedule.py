@@ -21,6 +21,7 @@ import pytest
 
 from scoop import _protocol as P
 from scoop._schedule import (
+    BROKER_PAUSE_S,
     HELD_FACTOR,
     SANDBOX_JOIN_S,
     STANDBY_GRACE_S,
@@ -229,6 +230,16 @@ CASES = [
          [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("ping", 0), ("ping", 1),
           ("wait", WORKER_SILENCE_S + 1), ("tick",)],
          ["w1 TASKS a", "h0 PONG", "h1 PONG"], queue="a", held={0: "", 2: ""}),
+    Case("a pause of the broker itself (no tick for long) is not its workers' silence",
+         [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("ping", 1), ("tick",),
+          ("wait", WORKER_SILENCE_S + 1), ("tick",), ("wait", WORKER_SILENCE_S - 1),
+          ("tick",)],
+         ["w1 TASKS a", "h1 PONG"], held={1: "a"}),
+    Case("silence while the broker ticks on counts, however it is cut into ticks",
+         [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("ping", 1), ("tick",),
+          *[("wait", BROKER_PAUSE_S / 2), ("tick",)] * int(
+              2 * WORKER_SILENCE_S / BROKER_PAUSE_S + 1)],
+         ["w1 TASKS a", "h1 PONG"], queue="a", held={0: "", 2: ""}),
     Case("after STOP, a lost worker's groups stay lost (the job is over)",
          [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("stop",), ("lost", 1)],
          ["w1 TASKS a", "w0 STOP", "w1 STOP", "w2 STOP"]),
