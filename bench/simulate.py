@@ -37,7 +37,7 @@ def _config(args, workers: int, **kw) -> harness.Config:
     fields = dict(workers=workers, per_process=args.per_process, seconds=args.seconds,
                   group=args.group, credit=args.credit, task_s=args.task_ms / 1000,
                   progress=args.progress, profile=args.profile,
-                  resumable=args.resumable)
+                  resumable=args.resumable, pause_s=args.pause_s)
     fields.update(kw)
     return harness.Config(**fields)
 
@@ -99,7 +99,8 @@ def lose(args) -> list[harness.Result]:
         print(_row(r), end="", flush=True)
         lost = r.lost or {}
         print(f"  | {lost.get('groups', '-')} {lost.get('tids', '-')} "
-              f"{lost.get('noticed_s', '-')} {lost.get('rerun_s', '-')}", flush=True)
+              f"{lost.get('noticed_s', '-')} {lost.get('rerun_s', '-')}; "
+              f"{r.gone} gone in all", flush=True)
         if not _ok(r):
             _report(r)
     return results
@@ -214,6 +215,8 @@ def main(argv=None) -> int:
                        help="simulated workers per process (default 500)")
         m.add_argument("--resumable", action="store_true",
                        help="groups are map chunks: a lost worker's go back to their owner")
+        m.add_argument("--pause-s", type=float, default=0.0,
+                       help="stop the broker process this long halfway (SIGSTOP, SIGCONT)")
         m.add_argument("--progress", action="store_true", help="a line per sample on stderr")
         m.add_argument("--profile", default="", help="write the broker's cProfile stats here")
         m.add_argument("--json", help="also write every number to this file")

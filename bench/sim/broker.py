@@ -10,6 +10,7 @@ a worker process exits; the end of stdin stops it.
 from __future__ import annotations
 
 import cProfile
+import itertools
 import logging
 import sys
 import threading
@@ -35,12 +36,41 @@ def main() -> None:
     else:
         broker.start()
     commands = child.commands()
+    if cfg.get("trace_dir"):  # where to write tracemalloc snapshots, every trace_s
+        threading.Thread(target=_trace, args=(cfg["trace_dir"], cfg.get("trace_s", 60)),
+                         name="sim-trace", daemon=True).start()
     child.report("listening", address=broker.address)
     while (cmd := commands.get()) is not None:
         if cmd.startswith("lost "):
             broker.worker_lost(int(cmd.split()[1]), "reported lost by the simulation")
     broker.stop()
     child.report("stopped", finished=broker.finished.is_set())
+
+
+def _trace(folder: str, every: float) -> None:
+    """Python's own allocations (tracemalloc) and glibc's heap (mallinfo2), every
+    ``every`` seconds: whether a growing RSS is objects kept or memory not returned."""
+    import ctypes
+    import time
+    import tracemalloc
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    tracemalloc.start(8)
+    start = time.monotonic()
+    for i in itertools.count():
+        time.sleep(every)
+        info = libc.mallinfo2()
+        tracemalloc.take_snapshot().dump(f"{folder}/snap-{i:03d}.pickle")
+        traced, _ = tracemalloc.get_traced_memory()
+        child.report("trace", t=round(time.monotonic() - start), traced=traced,
+                     arena=info.arena, hblkhd=info.hblkhd, used=info.uordblks,
+                     free=info.fordblks)
 
 
 def _profiled(broker: _broker.Broker, path: str) -> None:

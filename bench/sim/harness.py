@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,11 +52,14 @@ class Config:
     window: int = 0  # groups the owner keeps in flight (0: 2 x workers x credit)
     lose: bool = False  # drop one worker holding groups halfway through the load
     resumable: bool = False  # groups are map chunks: their owner resumes them (LOST)
+    pause_s: float = 0.0  # stop the broker process (SIGSTOP) this long, halfway through
     silence_s: float = 0.0  # the broker's WORKER_SILENCE_S (0: scoop's own)
     sample_s: float = 1.0  # how often the broker's CPU and RSS are read
     timeout_s: float = 60.0  # for each phase that waits on the others
     progress: bool = False  # a line on stderr per sample
     profile: str = ""  # write the broker loop's cProfile stats there
+    trace_dir: str = ""  # write tracemalloc snapshots of the broker there
+    trace_s: float = 60.0  # that often
 
 
 @dataclass
@@ -81,9 +85,11 @@ class Result:
     returned: int = 0  # tasks the owner handed back after a LOST
     samples: list = field(default_factory=list)  # [t, tasks answered, broker cpu s, rss kB]
     lost: dict | None = None
+    gone: int = 0  # workers the broker's log says are gone (lost or silent)
     worker_stats: list = field(default_factory=list)
     broker_log: str = ""
     leftover: list = field(default_factory=list)  # pids still running at the end
+    traces: list = field(default_factory=list)  # the broker's heap figures (trace_dir)
     loadavg: tuple = ()
     error: str | None = None
 
@@ -199,7 +205,8 @@ def run(cfg: Config) -> Result:
     log_file = tempfile.TemporaryFile("w+")
     try:
         broker = _Child("sim.broker", {**creds.for_worker(), "size": cfg.workers + 1,
-                                       "silence_s": cfg.silence_s, "profile": cfg.profile},
+                                       "silence_s": cfg.silence_s, "profile": cfg.profile,
+                                       "trace_dir": cfg.trace_dir, "trace_s": cfg.trace_s},
                         events.q, "broker", log_file)
         children.append(broker)
         address = events.wait("listening", ["broker"], cfg.timeout_s)["broker"]["address"]
@@ -251,10 +258,13 @@ def run(cfg: Config) -> Result:
             except subprocess.TimeoutExpired:
                 c.kill()
         res.leftover = [c.proc.pid for c in children if c.proc.poll() is None]
+        events.drain()
+        res.traces = [ev for name, ev in events.seen if ev["event"] == "trace"]
         log_file.seek(0)
         res.broker_log = log_file.read()[-20000:]
         log_file.close()
         res.loadavg = os.getloadavg()
+    res.gone = len(_LOG_TIME.findall(res.broker_log))
     if res.lost is not None:
         watch = res.lost.pop("tids")
         res.lost["tids"] = len(watch)
@@ -273,6 +283,7 @@ def _load(cfg: Config, res: Result, owner: Owner, broker: _Child, victim: _Child
     measure_from = start + cfg.warmup_s
     end = measure_from + cfg.seconds
     lose_at = measure_from + cfg.seconds / 2 if cfg.lose else None
+    pause_at = measure_from + cfg.seconds / 2 if cfg.pause_s else None
     next_sample = start
     base = None  # (t, answered, cpu) when the window opened
     while (now := time.monotonic()) < end:
@@ -296,6 +307,13 @@ def _load(cfg: Config, res: Result, owner: Owner, broker: _Child, victim: _Child
             lost = events.wait("lost", [victim.name], cfg.timeout_s,
                                poll=lambda: owner.poll(10))
             res.lost = dict(lost[victim.name])
+        if pause_at is not None and now >= pause_at:
+            pause_at = None  # as a VM pause, a swap storm or a GIL held for long would
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(cfg.pause_s)
+            finally:
+                os.kill(pid, signal.SIGCONT)
         _check_rerun(res, owner)
     now = time.monotonic()
     if base is None:
