@@ -254,6 +254,44 @@ def test_a_live_broker_forwards_every_frame_of_a_message():
     assert broker.finished.is_set()
 
 
+def test_the_broker_never_blocks_on_a_peer_that_does_not_read():
+    """Results pile up for an owner that reads nothing (a root busy in its program):
+    the broker queues them and goes on serving the others (with ZeroMQ's default send
+    limit it blocked, and a root shipping work meanwhile deadlocked the job)."""
+    from scoop._broker import Broker
+    from scoop._transport import Credentials
+
+    creds = Credentials.new()
+    broker = Broker(creds, size=3).start()
+    ctx = zmq.Context()
+    try:
+        peers = {}
+        for wid in (1, 2):
+            codec = P.Codec(creds.key, wid)
+            sock = creds.connect(ctx, P.routing_id(b"w", wid), broker.address)
+            sock.setsockopt(zmq.RCVHWM, 1)
+            sock.send_multipart(codec.encode(P.HELLO, body={"version": P.VERSION,
+                                                            "wid": wid}))
+            assert sock.poll(5000), "no WELCOME"
+            assert codec.decode(sock.recv_multipart(), peer="b").kind == P.WELCOME
+            peers[wid] = (codec, sock)
+        (c1, s1), (c2, s2) = peers[1], peers[2]
+        n, blob = 3000, os.urandom(16 * 1024)  # far more than ZeroMQ's queue and TCP's
+        parcel = c2.parcel([blob], peer=1)
+        for _ in range(n):
+            s2.send_multipart(c2.encode(P.RESULTS, parcels=[parcel]))
+        watch = creds.connect(ctx, P.routing_id(b"h", 2), broker.address)
+        watch.send_multipart(c2.encode(P.PING))
+        assert watch.poll(20_000), "the broker stopped answering while worker 1 read nothing"
+        assert c2.decode(watch.recv_multipart()).kind == P.PONG
+        for i in range(n):  # and worker 1 gets every result once it reads
+            assert s1.poll(20_000), f"result {i} of {n} never came"
+            assert c1.decode(s1.recv_multipart(), peer="b").kind == P.RESULTS
+    finally:
+        ctx.destroy(linger=0)
+        broker.stop()
+
+
 def test_a_bad_split_record_is_rejected():
     codec = P.Codec(KEY, 1, max_frame=10)
     frames = codec.encode(P.TASKS, parcels=[codec.parcel([os.urandom(35)], tag=1)])
