@@ -37,7 +37,8 @@ def _config(args, workers: int, **kw) -> harness.Config:
     fields = dict(workers=workers, per_process=args.per_process, seconds=args.seconds,
                   group=args.group, credit=args.credit, task_s=args.task_ms / 1000,
                   progress=args.progress, profile=args.profile,
-                  resumable=args.resumable, pause_s=args.pause_s)
+                  resumable=args.resumable, pause_s=args.pause_s,
+                  owner_stall_s=args.owner_stall_s)
     fields.update(kw)
     return harness.Config(**fields)
 
@@ -217,6 +218,8 @@ def main(argv=None) -> int:
                        help="groups are map chunks: a lost worker's go back to their owner")
         m.add_argument("--pause-s", type=float, default=0.0,
                        help="stop the broker process this long halfway (SIGSTOP, SIGCONT)")
+        m.add_argument("--owner-stall-s", type=float, default=0.0,
+                       help="the owner reads nothing this long halfway (a busy root)")
         m.add_argument("--progress", action="store_true", help="a line per sample on stderr")
         m.add_argument("--profile", default="", help="write the broker's cProfile stats here")
         m.add_argument("--json", help="also write every number to this file")

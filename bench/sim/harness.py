@@ -53,6 +53,7 @@ class Config:
     lose: bool = False  # drop one worker holding groups halfway through the load
     resumable: bool = False  # groups are map chunks: their owner resumes them (LOST)
     pause_s: float = 0.0  # stop the broker process (SIGSTOP) this long, halfway through
+    owner_stall_s: float = 0.0  # the owner reads nothing this long, halfway through
     silence_s: float = 0.0  # the broker's WORKER_SILENCE_S (0: scoop's own)
     sample_s: float = 1.0  # how often the broker's CPU and RSS are read
     timeout_s: float = 60.0  # for each phase that waits on the others
@@ -284,6 +285,7 @@ def _load(cfg: Config, res: Result, owner: Owner, broker: _Child, victim: _Child
     end = measure_from + cfg.seconds
     lose_at = measure_from + cfg.seconds / 2 if cfg.lose else None
     pause_at = measure_from + cfg.seconds / 2 if cfg.pause_s else None
+    stall_at = measure_from + cfg.seconds / 2 if cfg.owner_stall_s else None
     next_sample = start
     base = None  # (t, answered, cpu) when the window opened
     while (now := time.monotonic()) < end:
@@ -314,6 +316,9 @@ def _load(cfg: Config, res: Result, owner: Owner, broker: _Child, victim: _Child
                 time.sleep(cfg.pause_s)
             finally:
                 os.kill(pid, signal.SIGCONT)
+        if stall_at is not None and now >= stall_at:
+            stall_at = None  # as a root whose program computes before it waits
+            time.sleep(cfg.owner_stall_s)
         _check_rerun(res, owner)
     now = time.monotonic()
     if base is None:

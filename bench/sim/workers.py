@@ -35,6 +35,7 @@ import zmq
 from scoop import _protocol as P
 from scoop import _serialize
 from scoop._transport import Credentials, raise_open_file_limit
+from scoop._watchdog import BROKER_TIMEOUT_S
 
 from . import child
 
@@ -49,7 +50,7 @@ class SimWorker:
     """One simulated worker: its two connections and the groups it holds."""
 
     __slots__ = ("wid", "codec", "watch_codec", "sock", "hsock", "busy_until", "held",
-                 "welcomed", "gone")
+                 "welcomed", "gone", "heard", "expired")
 
     def __init__(self, wid: int, key: bytes) -> None:
         self.wid = wid
@@ -63,6 +64,8 @@ class SimWorker:
         self.held: dict[tuple[int, int], list[int]] = {}  # (owner, fid) -> task ids
         self.welcomed = False
         self.gone = False  # stopped, refused or lost: it sends nothing more
+        self.heard = 0.0  # when its watchdog last had a PONG
+        self.expired = False  # a real worker's watchdog would have ended it by now
 
 
 class Workers:
@@ -88,7 +91,7 @@ class Workers:
         self.live = len(self.workers)
         self.welcomed = 0
         self.stats = {"groups": 0, "tasks": 0, "pings": 0, "pongs": 0, "stops": 0,
-                      "refused": 0, "rejected": 0, "lost": 0}
+                      "refused": 0, "rejected": 0, "lost": 0, "watchdog_expired": 0}
 
     # -- life cycle -------------------------------------------------------------------
     def run(self) -> None:
@@ -195,6 +198,7 @@ class Workers:
         if self.welcomed == len(self.workers):
             child.report("registered", t=time.monotonic())
         self._send(w, P.READY, arg=self.credit)
+        w.heard = time.monotonic()
         # The watchdog starts once the worker joined, as in scoop._bootstrap.
         w.hsock = self.creds.connect(self.ctx, P.routing_id(b"h", w.wid), self.address)
         self._ping(w)
@@ -237,8 +241,12 @@ class Workers:
             try:
                 if w.watch_codec.decode(frames, "broker").kind == P.PONG:
                     self.stats["pongs"] += 1
+                    w.heard = time.monotonic()
             except P.AuthError:
                 self.stats["rejected"] += 1
+        if not w.expired and time.monotonic() - w.heard > BROKER_TIMEOUT_S:
+            w.expired = True  # counted only: the simulation goes on
+            self.stats["watchdog_expired"] += 1
         sock.send_multipart(w.watch_codec.encode(P.PING))
         self.stats["pings"] += 1
 
