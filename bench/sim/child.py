@@ -1,5 +1,5 @@
-"""What every child process of a simulation shares: its config and commands on stdin,
-its reports on stdout (one JSON line each)."""
+"""What every process of a simulation shares: its config and commands on stdin, its
+reports on stdout (one JSON line each), and reading the broker's messages."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import os
 import queue
 import sys
 import threading
+
+import zmq
+
+from scoop import _protocol as P
 
 
 def read_config() -> dict:
@@ -39,3 +43,17 @@ def report(event: str, **fields) -> None:
     """One JSON line on stdout for the driver."""
     sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
+
+
+def messages(sock: zmq.Socket, codec: P.Codec, limit: int, rejected: list):
+    """The broker's messages waiting on ``sock`` (at most ``limit``), checked and
+    decoded; each one that fails the check adds 1 to ``rejected[0]``."""
+    for _ in range(limit):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        try:
+            yield codec.decode(frames, peer="broker")
+        except P.AuthError:
+            rejected[0] += 1

@@ -24,6 +24,8 @@ from scoop import _protocol as P
 from scoop import _serialize
 from scoop._transport import Credentials
 
+from . import child
+
 # Groups per TASKS message, as a real worker ships them (``scoop._worker.SHIP_BATCH``).
 SHIP_BATCH = 8
 PING_S = 1.0
@@ -106,21 +108,14 @@ class Owner:
             self.next_ping = now + PING_S
         if not self.sock.poll(timeout_ms):
             return
-        for _ in range(1024):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                msg = self.codec.decode(frames, peer="broker")
-            except P.AuthError:
-                self.rejected += 1
-                continue
+        rejected = [0]
+        for msg in child.messages(self.sock, self.codec, 1024, rejected):
             if msg.kind == P.RESULTS:
                 for parcel in msg.parcels:
                     self._results(parcel)
             elif msg.kind == P.LOST:
                 self._lost(msg.body or {})
+        self.rejected += rejected[0]
 
     def _results(self, parcel: P.Parcel) -> None:
         try:

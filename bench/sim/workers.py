@@ -167,18 +167,10 @@ class Workers:
         w.sock.send_multipart(w.codec.encode(kind, **kw), copy=False)
 
     def _read(self, w: SimWorker) -> None:
-        for _ in range(MAX_DRAIN):
-            if w.sock is None:
-                return
-            try:
-                frames = w.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                msg = w.codec.decode(frames, peer="broker")
-            except P.AuthError:
-                self.stats["rejected"] += 1
-                continue
+        if w.sock is None:
+            return
+        rejected = [0]
+        for msg in child.messages(w.sock, w.codec, MAX_DRAIN, rejected):
             if msg.kind == P.TASKS:
                 self._tasks(w, msg)
             elif msg.kind == P.WELCOME:
@@ -190,6 +182,9 @@ class Workers:
                 self.stats["refused"] += 1
                 child.report("refused", wid=w.wid, reason=(msg.body or {}).get("reason"))
                 self._close(w)
+            if w.sock is None:
+                break  # stopped or refused: its socket is closed
+        self.stats["rejected"] += rejected[0]
             # RESULTS, CONST, LOST: a simulated worker owns no futures and reads no data
 
     def _welcome(self, w: SimWorker) -> None:
