@@ -49,11 +49,12 @@ def messages(sock: zmq.Socket, codec: P.Codec, limit: int, rejected: list):
     """The broker's messages waiting on ``sock`` (at most ``limit``), checked and
     decoded; each one that fails the check adds 1 to ``rejected[0]``."""
     for _ in range(limit):
-        try:
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        if not sock.poll(0):
             return
+        frames = sock.recv_multipart(copy=False)
         try:
-            yield codec.decode(frames, peer="broker")
+            msg = codec.decode(frames, peer="broker")
         except P.AuthError:
             rejected[0] += 1
+            continue
+        yield msg
