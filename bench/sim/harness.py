@@ -9,7 +9,9 @@ Phases of a run, each timed::
     every worker welcomed                             registration = last "registered" - t0
     load: the owner keeps `window` groups in flight   warm-up, then `seconds` measured:
                                                       tasks answered, broker CPU and RSS
-        (lose: one worker holding groups is dropped; its tasks must be answered anyway)
+        halfway, as asked: lose (one worker holding groups is dropped; its tasks must
+        be answered anyway), pause_s (the broker process is stopped, SIGSTOP, then
+        continued), owner_stall_s (the owner reads nothing for a while)
     drain: every task answered; SHUTDOWN; every process gone
 
 Every process started is ended however the run ends (an exception, Ctrl-C): each child
