@@ -158,6 +158,13 @@ class Credentials:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # With ROUTER_MANDATORY a send to a peer whose queue is full blocks; the broker
+        # must never block (a root that ships thousands of groups without reading its
+        # results, while the broker waits to send it results, deadlocked a job of 1,000
+        # simulated workers: bench/simulate.py). A peer's unread messages queue here,
+        # in memory, until it reads them: only job members get any (each message answers
+        # one of theirs), and a peer that goes away takes its queue with it.
+        sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME_BYTES)
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
         sock.zap_domain = ZAP_DOMAIN

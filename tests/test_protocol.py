@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
@@ -215,6 +216,69 @@ def test_big_frames_travel_split_and_are_joined():
     (got,) = msg.parcels
     receiver.check(got)
     assert [bytes(f) for f in got.frames] == [small, big, big[:100]]
+
+
+def test_a_live_broker_forwards_every_frame_of_a_message():
+    """The broker reads and writes frames one by one (not with pyzmq's multipart
+    helpers): empty frames, pieces of split ones and many frames per message cross it
+    intact, in order, to the right peer."""
+    with _live_broker(max_frame=64) as (creds, broker, ctx, (c1, s1), (c2, s2)):
+        payload = [b"", os.urandom(64 * 5 + 3), b"x", b""]  # the big one goes in 6 pieces
+        s1.send_multipart(c1.encode(P.CONST, parcels=[c1.parcel(payload)]))
+        s1.send_multipart(c1.encode(P.RESULTS, parcels=[c1.parcel(payload[::-1], peer=2)]))
+        for kind, want in ((P.CONST, payload), (P.RESULTS, payload[::-1])):
+            assert s2.poll(5000), f"no {kind!r}"
+            msg = c2.decode(s2.recv_multipart(), peer="b")
+            assert msg.kind == kind
+            (parcel,) = msg.parcels
+            c2.check(parcel)
+            assert [bytes(f) for f in parcel.frames] == want
+    assert broker.finished.is_set()
+
+
+def test_the_broker_never_blocks_on_a_peer_that_does_not_read():
+    """Results pile up for an owner that reads nothing (a root busy in its program):
+    the broker queues them and goes on serving the others (with ZeroMQ's default send
+    limit it blocked, and a root shipping work meanwhile deadlocked the job)."""
+    with _live_broker(rcvhwm=1) as (creds, broker, ctx, (c1, s1), (c2, s2)):
+        n, blob = 3000, os.urandom(16 * 1024)  # far more than ZeroMQ's queue and TCP's
+        parcel = c2.parcel([blob], peer=1)
+        for _ in range(n):
+            s2.send_multipart(c2.encode(P.RESULTS, parcels=[parcel]))
+        watch = creds.connect(ctx, P.routing_id(b"h", 2), broker.address)
+        watch.send_multipart(c2.encode(P.PING))
+        assert watch.poll(20_000), "the broker stopped answering while worker 1 read nothing"
+        assert c2.decode(watch.recv_multipart()).kind == P.PONG
+        for i in range(n):  # and worker 1 gets every result once it reads
+            assert s1.poll(20_000), f"result {i} of {n} never came"
+            assert c1.decode(s1.recv_multipart(), peer="b").kind == P.RESULTS
+
+
+@contextlib.contextmanager
+def _live_broker(max_frame: int = P.MAX_FRAME_BYTES, rcvhwm: int = 1000):
+    """A broker in a thread and workers 1 and 2 joined to it: (creds, broker, context,
+    (codec, socket) of worker 1, of worker 2); all closed at the end."""
+    from scoop._broker import Broker
+    from scoop._transport import Credentials
+
+    creds = Credentials.new()
+    broker = Broker(creds, size=3).start()
+    ctx = zmq.Context()
+    try:
+        peers = []
+        for wid in (1, 2):
+            codec = P.Codec(creds.key, wid, max_frame=max_frame)
+            sock = creds.connect(ctx, P.routing_id(b"w", wid), broker.address)
+            sock.setsockopt(zmq.RCVHWM, rcvhwm)
+            sock.send_multipart(codec.encode(P.HELLO, body={"version": P.VERSION,
+                                                            "wid": wid}))
+            assert sock.poll(5000), "no WELCOME"
+            assert codec.decode(sock.recv_multipart(), peer="b").kind == P.WELCOME
+            peers.append((codec, sock))
+        yield (creds, broker, ctx, *peers)
+    finally:
+        ctx.destroy(linger=0)
+        broker.stop()
 
 
 def test_a_bad_split_record_is_rejected():

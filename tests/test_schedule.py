@@ -21,6 +21,7 @@ import pytest
 
 from scoop import _protocol as P
 from scoop._schedule import (
+    BROKER_PAUSE_S,
     HELD_FACTOR,
     SANDBOX_JOIN_S,
     STANDBY_GRACE_S,
@@ -155,6 +156,12 @@ CASES = [
     Case("credits: each worker gets what it asked for, workers taking turns",
          [("tasks", 0, "a b c d e"), ("ready", 1, 2), ("ready", 2, 1), ("dispatch",)],
          ["w1 TASKS a b", "w2 TASKS c"], queue="d e", held={1: "a b", 2: "c"}),
+    Case("workers with credit take turns, the one that has waited longest first",
+         [("tasks", 0, "a b c d"), ("ready", 2, 1), ("ready", 1, 2), ("ready", 2, 1),
+          ("dispatch",), ("ready", 1, 1), ("ready", 2, 1), ("tasks", 0, "e f"),
+          ("dispatch",)],
+         ["w2 TASKS a b", "w1 TASKS c d", "w1 TASKS e", "w2 TASKS f"],
+         held={1: "c d e", 2: "a b f"}),
     Case("a worker lost holding groups: they go back first in line, suspect; only the "
          "oldest (the one it ran) is charged",
          [("tasks", 0, "a b c d"), ("ready", 1, 2), ("dispatch",), ("lost", 1)],
@@ -223,6 +230,16 @@ CASES = [
          [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("ping", 0), ("ping", 1),
           ("wait", WORKER_SILENCE_S + 1), ("tick",)],
          ["w1 TASKS a", "h0 PONG", "h1 PONG"], queue="a", held={0: "", 2: ""}),
+    Case("a pause of the broker itself (no tick for long) is not its workers' silence",
+         [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("ping", 1), ("tick",),
+          ("wait", WORKER_SILENCE_S + 1), ("tick",), ("wait", WORKER_SILENCE_S - 1),
+          ("tick",)],
+         ["w1 TASKS a", "h1 PONG"], held={1: "a"}),
+    Case("silence while the broker ticks on counts, however it is cut into ticks",
+         [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("ping", 1), ("tick",),
+          *[("wait", BROKER_PAUSE_S / 2), ("tick",)] * int(
+              2 * WORKER_SILENCE_S / BROKER_PAUSE_S + 1)],
+         ["w1 TASKS a", "h1 PONG"], queue="a", held={0: "", 2: ""}),
     Case("after STOP, a lost worker's groups stay lost (the job is over)",
          [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("stop",), ("lost", 1)],
          ["w1 TASKS a", "w0 STOP", "w1 STOP", "w2 STOP"]),
@@ -286,6 +303,43 @@ def test_held_by_many_dead_workers_fails_after_held_factor_times_max_attempts() 
     assert lines[2:] == ["w0 FAIL b"]
     assert world.reasons[-1] == f"0 workers died running this task ({rounds} holding it) " \
         "(the last: killed)"
+
+
+class _CountedDict(dict):
+    """A dict that counts the walks over it."""
+
+    walks = 0
+
+    def __iter__(self):
+        _CountedDict.walks += 1
+        return super().__iter__()
+
+    def values(self):
+        _CountedDict.walks += 1
+        return super().values()
+
+    def items(self):
+        _CountedDict.walks += 1
+        return super().items()
+
+
+def test_dispatch_walks_no_roster_of_every_worker() -> None:
+    """With thousands of workers busy and work queued, each message used to make the
+    broker scan every worker for credit (bench/simulate.py); a dispatch now reads only the
+    workers with credit, and the standby check a count."""
+    world = World(workers=2000)
+    s = world.s
+    world.run([("tasks", 0, " ".join(f"g{i}" for i in range(3000)))]
+              + [("ready", wid, 1) for wid in range(1, 2000)] + [("dispatch",)])
+    assert not s.roster.ready and len(s.queue) == 1001
+    s.roster.peers = _CountedDict(s.roster.peers)
+    s.roster.by_wid = _CountedDict(s.roster.by_wid)
+    for wid in range(1, 200):  # one message per turn of the loop: results, then dispatch
+        finished = world.name(next(iter(world.peer(wid).held)))
+        assert world.run([("results", wid, finished, "r", 0), ("ready", wid, 1),
+                          ("dispatch",), ("ping", 7), ("dispatch",)])[1:] == [
+            f"w{wid} TASKS g{1998 + wid}", "h7 PONG"]
+    assert _CountedDict.walks == 0
 
 
 @pytest.mark.parametrize("seed", range(20))
