@@ -185,6 +185,13 @@ class Worker:
         # Called by submit while set: _bootstrap looks for a program that calls futures
         # outside its `if __name__ == "__main__":` guard.
         self.submit_hook: Callable[[], None] | None = None
+        # Hooks of scoop.Executor's client runtime (scoop._executor), which runs in a thread
+        # of the caller's process: ``runs_tasks`` False makes it submit and wait without
+        # ever running a task (no credit, nothing kept or run inline, never on standby);
+        # ``idle_wait(ms)`` replaces the broker socket's poll in the hub's idle wait, so that
+        # requests from other threads wake it too (it returns whether the socket is ready).
+        self.runs_tasks = True
+        self.idle_wait: Callable[[int], bool] | None = None
         self._ids = itertools.count(1)
         self._fids = itertools.count(1)
         self._returned = itertools.count(1)  # ids of partial groups handed back
@@ -235,7 +242,7 @@ class Worker:
         """Wait for one future: run it inline if it is still here, else park."""
         if (timeout is None and fut._state == PENDING and fut._id in self.outbox
                 and self._inline_depth < MAX_INLINE_DEPTH
-                and getcurrent() is not self.hub):
+                and getcurrent() is not self.hub and self.runs_tasks):
             del self.outbox[fut._id]
             if len(self.away) < IN_FLIGHT_PER_WORKER * self.size:
                 self.ship()  # the others leave now, so idle workers can take them
@@ -492,7 +499,8 @@ class Worker:
     def _stand_by(self) -> None:
         """Tell the broker this worker waits with a deadline (takes work only if no one
         else can); again after it was sent work anyway, which may be what waits now."""
-        if self.sock is not None and (not self._standby or self._forced_since):
+        if self.sock is not None and self.runs_tasks and (
+                not self._standby or self._forced_since):
             self.credit_out = 0
             self._standby = True
             self._forced_since = False
@@ -500,7 +508,7 @@ class Worker:
 
     def _may_run(self) -> bool:
         """Whether the hub may start tasks now (see :meth:`park` on deadlines)."""
-        return not self._timed_waits or self.size == 1
+        return self.runs_tasks and (not self._timed_waits or self.size == 1)
 
     def _runnable(self) -> bool:
         """Whether the hub should start the next queued task now."""
@@ -642,7 +650,7 @@ class Worker:
         import zmq
 
         sock = self.sock
-        if timeout_ms and not sock.poll(timeout_ms):
+        if timeout_ms and not (self.idle_wait or sock.poll)(timeout_ms):
             return
         for _ in range(MAX_DRAIN):
             try:
