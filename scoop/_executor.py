@@ -88,10 +88,16 @@ from ._launch.launcher import SANDBOXES_PER_ATTEMPT, WATCH_PERIOD_S
 
 log = logging.getLogger("scoop")
 
-# Tasks sent to the broker ahead of their results, per worker: more hides more round trips
-# for short tasks; fewer keeps more of a long backlog here, where cancel() (shutdown's
-# cancel_futures, an interrupted map) can still stop it. CPython keeps 1 extra per pool.
+# Tasks sent to the broker ahead of their results: at least IN_FLIGHT_PER_WORKER per
+# worker, more when tasks complete quickly, up to AHEAD_S seconds of work at the observed
+# completion rate (at most MAX_IN_FLIGHT). More hides round trips and lets tasks travel in
+# groups; less keeps more of a backlog here, where cancel() (shutdown's cancel_futures,
+# an interrupted map) still stops it. CPython's ProcessPoolExecutor keeps 1 extra.
 IN_FLIGHT_PER_WORKER = 4
+AHEAD_S = 0.05
+MAX_IN_FLIGHT = 4096
+# How often the completion rate is measured (s): shorter adapts sooner, noisier.
+RATE_WINDOW_S = 0.02
 # An automatic map chunk is at most 1/(MAP_SPLIT * workers) of a sized input: enough
 # chunks to balance the load and to leave most of a long map cancellable.
 MAP_SPLIT = 16
@@ -465,6 +471,8 @@ class _Runtime:
         os.set_blocking(self._wfd, False)
         self._poller = None
         self._next_watch = 0.0
+        self.limit = IN_FLIGHT_PER_WORKER * max(1, workers)  # see AHEAD_S
+        self._window = (time.monotonic(), 0)  # start, completions since
 
     # -- other threads ----------------------------------------------------------------
     def start(self) -> None:
@@ -591,9 +599,8 @@ class _Runtime:
 
     def _feed(self) -> None:
         """Move work from the backlog into the Worker, up to the in-flight limit."""
-        limit = IN_FLIGHT_PER_WORKER * max(1, self.workers)
         rt = self.rt
-        while self.backlog and len(self.in_flight) < limit and not rt.stopped:
+        while self.backlog and len(self.in_flight) < self.limit and not rt.stopped:
             item = self.backlog.popleft()
             if not item.future.set_running_or_notify_cancel():
                 continue  # cancelled while it waited here
@@ -614,7 +621,20 @@ class _Runtime:
         else:
             item.future.set_exception(_with_source(exc))
         item.future = item.fn = item.args = item.kwargs = None  # no stale references
+        self._measure()
         self._feed()
+
+    def _measure(self) -> None:
+        """Count a completion; every RATE_WINDOW_S, set the in-flight limit to AHEAD_S
+        seconds of work at the rate measured."""
+        start, done = self._window
+        now, done = time.monotonic(), done + 1
+        if now - start < RATE_WINDOW_S:
+            self._window = (start, done)
+            return
+        self._window = (now, 0)
+        base = IN_FLIGHT_PER_WORKER * max(1, self.workers)
+        self.limit = min(MAX_IN_FLIGHT, max(base, int(done / (now - start) * AHEAD_S)))
 
     def _wind_down(self) -> bool:
         """Once shutdown was asked and no work is left: leave the job (at the start of an
