@@ -217,6 +217,37 @@ def run_scoop(cfg: dict, workers: int, spin_n: int, big_args: list) -> dict:
     return r
 
 
+def run_executor(cfg: dict, workers: int) -> dict:
+    """scoop.Executor, measured as PPE is: ``workers`` processes, the caller only submits."""
+    r: dict = {}
+    reps = cfg["reps"]
+    with scoop.Executor(workers, pythonpath=HERE, encrypt=cfg["encrypt"]) as ex:
+        section("scoop.Executor: warm-up")
+        cf.wait([ex.submit(T.noop) for _ in range(200)])
+        list(ex.map(T.inc, range(2000)))
+
+        section("scoop.Executor: 8a no-op tasks")
+        def noop_burst():
+            fs = [ex.submit(T.noop) for _ in range(cfg["noop"])]
+            cf.wait(fs)
+            assert all(f.exception() is None for f in fs)
+        t, ts = best_of(reps, noop_burst)
+        r["noop"] = {"value": cfg["noop"] / t, "times_s": ts}
+
+        section("scoop.Executor: 8b map (automatic chunks)")
+        items = list(range(cfg["map"]))
+        def do_map():
+            out = list(ex.map(T.inc, items))
+            assert out[-1] == items[-1] + 1
+        t, ts = best_of(reps, do_map)
+        r["map"] = {"value": cfg["map"] / t, "times_s": ts}
+
+        section("scoop.Executor: 8c latency")
+        m, ms = latency(reps, cfg["lat"], lambda: ex.submit(T.noop).result())
+        r["lat"] = {"value": m * 1e6, "means_us": [x * 1e6 for x in ms]}
+    return r
+
+
 # =========================================================================================
 # ProcessPoolExecutor and multiprocessing.Pool
 # =========================================================================================
@@ -410,7 +441,7 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}x"
 
 
-def build_rows(cfg, workers, S, E, P, U, spin_t) -> list[dict]:
+def build_rows(cfg, workers, S, E, P, U, spin_t, X) -> list[dict]:
     mb = cfg["big"] * cfg["big_mb"]
 
     def eff(d):
@@ -457,6 +488,14 @@ def build_rows(cfg, workers, S, E, P, U, spin_t) -> list[dict]:
     row("startup", f"7 startup+shutdown, trivial job, -n {workers} (median)", "s",
         U["scoop"]["value"], U["ppe"]["value"], U["pool"]["value"], "<= 0.3 s",
         U["scoop"]["value"] <= 0.3)
+    # scoop.Executor (its caller runs no task, as PPE's) in the scoop column.
+    row("exe_noop", f"8a  scoop.Executor: {cfg['noop']:,} no-op submits, cf.wait", "tasks/s",
+        X["noop"]["value"], E["noop"]["value"], P["noop"]["value"], "(info)", None)
+    row("exe_map", f"8b  scoop.Executor.map over {cfg['map']:,} ints (PPE chunksize="
+        f"{E['map_chunked']['chunksize']})", "items/s", X["map"]["value"],
+        E["map_chunked"]["value"], P["map"]["value"], "(info)", None)
+    row("exe_lat", f"8c  scoop.Executor: {cfg['lat']} x submit+result", "us",
+        X["lat"]["value"], E["lat"]["value"], P["lat"]["value"], "(info)", None)
     return rows
 
 
@@ -533,13 +572,14 @@ def main(argv=None) -> int:
     big_args = make_big_args(cfg["big"], cfg["big_mb"])
 
     S = run_scoop(cfg, workers, spin_n, big_args)
+    X = run_executor(cfg, workers)
     E = run_ppe(cfg, workers, spin_n, big_args)
     P = run_pool(cfg, workers, spin_n, big_args)
     del big_args
     U = run_startup(cfg, workers)
     faulthandler.cancel_dump_traceback_later()
 
-    rows = build_rows(cfg, workers, S, E, P, U, spin_t)
+    rows = build_rows(cfg, workers, S, E, P, U, spin_t, X)
     print()
     print(f"scoop {scoop.__version__} vs ProcessPoolExecutor vs multiprocessing.Pool: "
           f"{workers} workers each, {os.cpu_count()} CPUs, Python "
@@ -564,7 +604,7 @@ def main(argv=None) -> int:
                        "python": platform.python_version(), "scoop": scoop.__version__,
                        "spin_iterations": spin_n, "spin_task_s": spin_t, "quick": ns.quick},
             "rows": rows,
-            "raw": {"scoop": S, "ppe": E, "pool": P, "startup": U},
+            "raw": {"scoop": S, "ppe": E, "pool": P, "startup": U, "executor": X},
             "leftover_children": kids,
             "load_average_at_start": load1,
             "elapsed_s": elapsed,
