@@ -244,3 +244,27 @@ def test_deap_onemax_through_futures_map_inside_with(tmp_path):
                          timeout=80)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True", "True"], out.stdout
+
+
+def set_mark(value: str) -> None:
+    os.environ["SCOOP_TEST_INIT"] = value  # the initializer's effect, in the worker
+
+
+def read_mark(_) -> str | None:
+    time.sleep(0.02)
+    return os.environ.get("SCOOP_TEST_INIT")
+
+
+def test_initializer_runs_in_each_worker_before_its_tasks():
+    with scoop.Executor(2, mp_context=None, initializer=set_mark, initargs=("set",)) as pool:
+        assert set(pool.map(read_mark, range(20), chunksize=1)) == {"set"}
+        assert pool.submit(read_mark, 0).result() == "set"
+    assert "SCOOP_TEST_INIT" not in os.environ
+
+
+def test_unpicklable_call_and_result_fail_their_future_only(ex):
+    with pytest.raises(futures.SerializationError, match="argument 0"):
+        ex.submit(id, threading.Lock()).result()
+    with pytest.raises(futures.SerializationError, match="cannot be pickled"):
+        ex.submit(threading.Lock).result()
+    assert ex.submit(abs, -2).result() == 2
