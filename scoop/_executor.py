@@ -34,7 +34,7 @@ notebook's interrupt button) ends it without touching the runtime.
 *Runtime thread.* A scoop :class:`~scoop._worker.Worker` with ``runs_tasks`` False, joined
 to the broker as worker 0, whose hub greenlet is the thread's loop. Its idle wait polls
 the broker's socket and the wake pipe, takes in requests, feeds the backlog into the
-Worker and, every :data:`WATCH_PERIOD_S`, has the launcher check its processes (dead
+Worker and, every :data:`WATCH_S`, has the launcher check its processes (dead
 workers reported to the broker, sandbox workers started). It completes the standard
 futures from the scoop futures' done-callbacks, so ``concurrent.futures.wait``,
 ``as_completed`` and asyncio's ``wrap_future``/``run_in_executor`` work unchanged.
@@ -84,7 +84,7 @@ from . import _bootstrap, _serialize, _worker
 from ._errors import BrokenJobError, RemoteTraceback
 from ._launch import Launcher
 from ._launch import cli as _cli
-from ._launch.launcher import SANDBOXES_PER_ATTEMPT, WATCH_PERIOD_S
+from ._launch.launcher import SANDBOXES_PER_ATTEMPT
 
 log = logging.getLogger("scoop")
 
@@ -101,12 +101,15 @@ RATE_WINDOW_S = 0.02
 # An automatic map chunk is at most 1/(MAP_SPLIT * workers) of a sized input: enough
 # chunks to balance the load and to leave most of a long map cancellable.
 MAP_SPLIT = 16
+# How often the runtime thread has the launcher look at its processes (s): sooner
+# reports a dead worker sooner (the broker's heartbeat would within seconds anyway).
+WATCH_S = 0.25
 # How long the runtime thread may take to join its broker.
 CONNECT_TIMEOUT_S = 30.0
 
 _live: set = set()  # the runtimes of the pools still running (see _at_exit)
 _exiting = False
-_active: list = []  # the relays of the `with` blocks entered, innermost last
+_active: list = []  # (relay, what it replaced) of the `with` blocks open, innermost last
 
 
 # ======================================================================================
@@ -270,32 +273,46 @@ class Executor(cf.Executor):
             self._runtime.join()
 
     def __enter__(self) -> Executor:
-        """Start routing the module-level ``futures``/``shared`` calls to this pool.
-
-        Inside a running scoop job (``python -m scoop``) they keep using the job."""
-        if _active or not scoop.IS_RUNNING:
-            _active.append(self._relay)
-            _route(self._relay)
+        """Route the module-level ``futures``/``shared`` calls of this process to this pool
+        until the block ends (not in a worker of another job, whose tasks share it)."""
+        if scoop.IS_ORIGIN:
+            _active.append((self._relay, _route(self._relay)))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._relay in _active:
-            _active.remove(self._relay)
-            _route(_active[-1] if _active else None)
+        for i, (relay, before) in enumerate(_active):
+            if relay is self._relay:
+                del _active[i]
+                # what the block replaced; a block still open inside keeps its own
+                _restore(before if i == len(_active) else None, i == len(_active))
+                break
         # An interrupted `with` stops what is still waiting to run; otherwise, as the
         # standard library: wait for everything submitted.
         self.shutdown(wait=True, cancel_futures=exc_type is KeyboardInterrupt)
         return False
 
 
-def _route(relay: _Relay | None) -> None:
-    """Make ``relay`` this process's runtime for the module-level API (None: none)."""
+_JOB_GLOBALS = ("IS_RUNNING", "IS_ORIGIN", "worker", "SIZE", "DEBUG", "HOSTS")
+
+
+def _route(relay: _Relay) -> tuple:
+    """Make ``relay`` this process's runtime for the module-level API; return what it
+    replaces: the runtime (None outside a job) and the ``scoop.*`` job globals."""
+    before = (_worker.current() if scoop.IS_RUNNING else None,
+              {name: getattr(scoop, name) for name in _JOB_GLOBALS})
+    launcher = relay._rt_owner.launcher
     _worker.install(relay)
-    if relay is None:
-        _bootstrap.set_job_globals(None)
-    else:
-        launcher = relay._rt_owner.launcher
-        _bootstrap.set_job_globals(relay, launcher.job.debug, launcher.job.hosts)
+    _bootstrap.set_job_globals(relay, launcher.job.debug, launcher.job.hosts)
+    return before
+
+
+def _restore(before: tuple | None, innermost: bool) -> None:
+    """Undo :func:`_route` (only for the innermost block: an outer one keeps routing)."""
+    if innermost and before is not None:
+        runtime, job_globals = before
+        _worker.install(runtime)
+        for name, value in job_globals.items():
+            setattr(scoop, name, value)
 
 
 def _pop_result(pending: collections.deque, timeout: float | None):
@@ -556,7 +573,7 @@ class _Runtime:
             return False
         now = time.monotonic()
         if now >= self._next_watch:
-            self._next_watch = now + WATCH_PERIOD_S * 5
+            self._next_watch = now + WATCH_S
             self._watch()
         ready = dict(self._poller.poll(timeout_ms))
         if self._rfd in ready:

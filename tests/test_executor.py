@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import cloudpickle
 import pytest
@@ -141,14 +142,21 @@ def test_nested_tasks_from_the_executor_and_the_module_api(within):
     assert sum(futures.map(tree, [3, 3])) == 16
 
 
-def test_module_level_api_outside_with_is_back_to_serial():
-    with scoop.Executor(1) as pool:
-        assert futures._worker.current() is pool._relay
-    assert not scoop.IS_RUNNING and scoop.SIZE == 1
-    with pytest.warns(RuntimeWarning):
+def test_with_blocks_nest_and_give_back_what_they_replaced():
+    job_globals = ("IS_RUNNING", "IS_ORIGIN", "worker", "SIZE", "HOSTS")
+    before = {name: getattr(scoop, name) for name in job_globals}
+    with scoop.Executor(1) as outer:
+        assert futures._worker.current() is outer._relay and scoop.IS_RUNNING
+        with scoop.Executor(1) as inner:
+            assert futures._worker.current() is inner._relay
+        assert futures._worker.current() is outer._relay
+    assert {name: getattr(scoop, name) for name in job_globals} == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # outside a job: serial
+        assert futures._worker.current() is not outer._relay
         assert list(futures.map(abs, [-1])) == [1]
     with pytest.raises(RuntimeError, match="after shutdown"):
-        pool.submit(abs, 1)
+        outer.submit(abs, 1)
 
 
 def test_max_workers_and_hosts_checked():
