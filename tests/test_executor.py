@@ -276,3 +276,14 @@ def test_unpicklable_call_and_result_fail_their_future_only(ex):
     with pytest.raises(futures.SerializationError, match="cannot be pickled"):
         ex.submit(threading.Lock).result()
     assert ex.submit(abs, -2).result() == 2
+
+
+def test_a_killed_worker_does_not_break_the_pool():
+    with scoop.Executor(2) as pool:
+        fs = [pool.submit(pid_after, 0.3) for _ in range(8)]
+        time.sleep(0.5)  # both workers hold tasks
+        victim = pool._launcher.procs[1]
+        victim.kill()
+        pids = {f.result(timeout=60) for f in fs}  # its tasks ran again on the other
+        assert pool._launcher.procs[2].pid in pids
+        assert pool.submit(abs, -4).result(timeout=30) == 4
