@@ -287,3 +287,12 @@ def test_a_killed_worker_does_not_break_the_pool():
         pids = {f.result(timeout=60) for f in fs}  # its tasks ran again on the other
         assert pool._launcher.procs[2].pid in pids
         assert pool.submit(abs, -4).result(timeout=30) == 4
+
+
+def test_interrupted_module_level_map_leaves_the_pool_working(within):
+    timer = threading.Timer(0.5, signal.pthread_kill, (threading.get_ident(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        list(futures.map(pid_after, [0.05] * 60, chunksize=1))
+    assert futures.submit(abs, -5).result() == 5
+    assert list(futures.map(abs, [-1, -2])) == [1, 2]
