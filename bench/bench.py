@@ -217,34 +217,44 @@ def run_scoop(cfg: dict, workers: int, spin_n: int, big_args: list) -> dict:
     return r
 
 
+def cf_noop(ex: cf.Executor, cfg: dict, reps: int) -> dict:
+    """Line 1 on a concurrent.futures executor: submit no-op calls, wait for all."""
+    def noop_burst():
+        fs = [ex.submit(T.noop) for _ in range(cfg["noop"])]
+        cf.wait(fs)
+        assert all(f.exception() is None for f in fs)
+    t, ts = best_of(reps, noop_burst)
+    return {"value": cfg["noop"] / t, "times_s": ts}
+
+
+def cf_map(ex: cf.Executor, items: list, chunksize: int | None, reps: int) -> dict:
+    """Line 2 on a concurrent.futures executor: ``ex.map`` with ``chunksize``."""
+    def do_map():
+        out = list(ex.map(T.inc, items, chunksize=chunksize))
+        assert out[-1] == items[-1] + 1
+    t, ts = best_of(reps, do_map)
+    return {"value": len(items) / t, "times_s": ts, "chunksize": chunksize}
+
+
+def cf_latency(ex: cf.Executor, cfg: dict, reps: int) -> dict:
+    """Line 3 on a concurrent.futures executor: sequential ``submit(f).result()``."""
+    m, ms = latency(reps, cfg["lat"], lambda: ex.submit(T.noop).result())
+    return {"value": m * 1e6, "means_us": [x * 1e6 for x in ms]}
+
+
 def run_executor(cfg: dict, workers: int) -> dict:
     """scoop.Executor, measured as PPE is: ``workers`` processes, the caller only submits."""
-    r: dict = {}
     reps = cfg["reps"]
     with scoop.Executor(workers, pythonpath=HERE, encrypt=cfg["encrypt"]) as ex:
         section("scoop.Executor: warm-up")
         cf.wait([ex.submit(T.noop) for _ in range(200)])
         list(ex.map(T.inc, range(2000)))
-
         section("scoop.Executor: 8a no-op tasks")
-        def noop_burst():
-            fs = [ex.submit(T.noop) for _ in range(cfg["noop"])]
-            cf.wait(fs)
-            assert all(f.exception() is None for f in fs)
-        t, ts = best_of(reps, noop_burst)
-        r["noop"] = {"value": cfg["noop"] / t, "times_s": ts}
-
+        r = {"noop": cf_noop(ex, cfg, reps)}
         section("scoop.Executor: 8b map (automatic chunks)")
-        items = list(range(cfg["map"]))
-        def do_map():
-            out = list(ex.map(T.inc, items))
-            assert out[-1] == items[-1] + 1
-        t, ts = best_of(reps, do_map)
-        r["map"] = {"value": cfg["map"] / t, "times_s": ts}
-
+        r["map"] = cf_map(ex, list(range(cfg["map"])), None, reps)
         section("scoop.Executor: 8c latency")
-        m, ms = latency(reps, cfg["lat"], lambda: ex.submit(T.noop).result())
-        r["lat"] = {"value": m * 1e6, "means_us": [x * 1e6 for x in ms]}
+        r["lat"] = cf_latency(ex, cfg, reps)
     return r
 
 
@@ -263,31 +273,17 @@ def run_ppe(cfg: dict, workers: int, spin_n: int, big_args: list) -> dict:
         ex.submit(T.nbytes, bytearray(200_000)).result()
 
         section("PPE: 1 no-op tasks")
-        def noop_burst():
-            fs = [ex.submit(T.noop) for _ in range(cfg["noop"])]
-            cf.wait(fs)
-            assert all(f.exception() is None for f in fs)
-        t, ts = best_of(reps, noop_burst)
-        r["noop"] = {"value": cfg["noop"] / t, "times_s": ts}
+        r["noop"] = cf_noop(ex, cfg, reps)
 
         items = list(range(cfg["map"]))
         section("PPE: 2 map, chunksize=1 (default)")
-        def do_map1():
-            out = list(ex.map(T.inc, items))
-            assert out[-1] == items[-1] + 1
-        t, ts = best_of(max(1, reps - 1), do_map1)
-        r["map"] = {"value": cfg["map"] / t, "times_s": ts, "chunksize": 1}
+        r["map"] = cf_map(ex, items, 1, max(1, reps - 1))
         chunk = max(1, math.ceil(len(items) / (4 * workers)))  # mp.Pool.map's heuristic
         section(f"PPE: 2b map, chunksize={chunk}")
-        def do_map_c():
-            out = list(ex.map(T.inc, items, chunksize=chunk))
-            assert out[-1] == items[-1] + 1
-        t, ts = best_of(reps, do_map_c)
-        r["map_chunked"] = {"value": cfg["map"] / t, "times_s": ts, "chunksize": chunk}
+        r["map_chunked"] = cf_map(ex, items, chunk, reps)
 
         section("PPE: 3 latency")
-        m, ms = latency(reps, cfg["lat"], lambda: ex.submit(T.noop).result())
-        r["lat"] = {"value": m * 1e6, "means_us": [x * 1e6 for x in ms]}
+        r["lat"] = cf_latency(ex, cfg, reps)
 
         section("PPE: 5 CPU-bound")
         def do_cpu():
