@@ -390,7 +390,6 @@ def _initialized_call(pool: str, init: Callable, initargs: tuple, fn: Callable,
     return fn(*args, **kwargs)
 
 
-_initialized_call.maps_first_argument = False
 
 
 def _worker_hosts(max_workers: int | None, hosts, hostfile: str | None, external: int,
@@ -477,6 +476,7 @@ class _Runtime:
         self.requests: collections.deque = collections.deque()
         self.backlog: collections.deque[_WorkItem] = collections.deque()
         self.in_flight: dict[int, tuple[_WorkItem, Any]] = {}  # id(scoop future) -> ...
+        self.calls: set[_Call] = set()  # relayed calls under way (parked, most of them)
         self.broken: BaseException | None = None
         self.finishing = False  # shutdown asked: stop once the work is done
         self._open = True  # requests are still taken
@@ -507,14 +507,14 @@ class _Runtime:
         Raises:
             BrokenJobError: the runtime has ended.
         """
-        with self._lock:
+        with self._lock:  # the pipe is not closed meanwhile (its number could be reused)
             if not self._open:
                 raise BrokenJobError(f"the pool is gone: {self.broken or 'shut down'}")
             self.requests.append(request)
-        try:
-            os.write(self._wfd, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the thread is being woken anyway
+            try:
+                os.write(self._wfd, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full: the thread is being woken anyway
 
     def call(self, fn: Callable, *args: Any, **kwargs: Any):
         """Run ``fn(*args, **kwargs)`` in a greenlet of the runtime thread; its outcome."""
@@ -547,9 +547,8 @@ class _Runtime:
             rt.connect(self.launcher.broker.address, self.launcher.creds, CONNECT_TIMEOUT_S)
         except BaseException as exc:  # noqa: BLE001 - the caller's start() raises it
             self._error = exc
-            self._open = False
-            self._ready.set()
             self.close_pipe()
+            self._ready.set()
             return
         import zmq
 
@@ -595,6 +594,7 @@ class _Runtime:
             if isinstance(request, _WorkItem):
                 self.backlog.append(request)
             elif isinstance(request, _Call):
+                self.calls.add(request)
                 greenlet(self._run_call, parent=self.rt.hub).switch(request)
             else:  # ("finish", cancel): what was submitted before may start first
                 self._feed()
@@ -605,14 +605,15 @@ class _Runtime:
                     self.backlog.clear()
         self._feed()
 
-    @staticmethod
-    def _run_call(request: _Call) -> None:
+    def _run_call(self, request: _Call) -> None:
         try:
             value = request.fn(*request.args, **request.kwargs)
         except BaseException as exc:  # noqa: BLE001 - raised in the calling thread
             request.settle(False, exc)
         else:
             request.settle(True, value)
+        finally:
+            self.calls.discard(request)
 
     def _feed(self) -> None:
         """Move work from the backlog into the Worker, up to the in-flight limit."""
@@ -684,7 +685,7 @@ class _Runtime:
         for item, _ in self.in_flight.values():
             if item.future is not None and not item.future.done():
                 item.future.set_exception(reason)
-        for item in [*self.backlog, *left]:
+        for item in [*self.backlog, *left, *self.calls]:
             if isinstance(item, _Call):
                 item.settle(False, reason)
             elif isinstance(item, _WorkItem) and item.future.set_running_or_notify_cancel():
@@ -700,11 +701,14 @@ class _Runtime:
             log.exception("scoop.Executor: stopping its processes failed")
 
     def close_pipe(self) -> None:
-        for fd in (self._rfd, self._wfd):
-            try:
+        """Take no more requests; close the wake pipe."""
+        with self._lock:
+            if self._rfd < 0:
+                return
+            self._open = False
+            for fd in (self._rfd, self._wfd):
                 os.close(fd)
-            except OSError:
-                pass
+            self._rfd = self._wfd = -1
 
 
 # ======================================================================================
