@@ -64,11 +64,15 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures as cf
+import functools
 import itertools
+import json
 import linecache
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -160,6 +164,9 @@ class Executor(cf.Executor):
         self._shutdown_called = False
         self._initializer = (initializer, tuple(initargs)) if initializer else None
         workers = _worker_hosts(max_workers, hosts, hostfile, external, ssh)
+        options["pythonpath"] = os.pathsep.join(
+            [*filter(None, [options.get("pythonpath")]),
+             *_caller_paths(options.get("python", sys.executable))]) or None
         ns = SimpleNamespace(hosts=hosts, hostfile=hostfile)
         self._launcher = _PoolLauncher(
             # the client takes the root's slot, here; it runs no task
@@ -390,6 +397,27 @@ def _initialized_call(pool: str, init: Callable, initargs: tuple, fn: Callable,
     return fn(*args, **kwargs)
 
 
+
+
+def _caller_paths(python: str) -> list[str]:
+    """The caller's ``sys.path`` folders that a fresh ``python`` lacks (a project's source
+    folder, a notebook's ``sys.path.append``): the workers get them, as multiprocessing's
+    spawn gives its children the parent's ``sys.path``; the others stay in the order the
+    workers' interpreter gives them."""
+    fresh = _fresh_path(python)
+    paths = [os.path.abspath(p or ".") for p in sys.path]
+    return list(dict.fromkeys(p for p in paths if p not in fresh and os.path.isdir(p)))
+
+
+@functools.cache
+def _fresh_path(python: str) -> frozenset[str]:
+    """``sys.path`` of ``python -c`` started here (empty if it cannot be asked)."""
+    try:
+        out = subprocess.run([python, "-c", "import sys, json; print(json.dumps(sys.path))"],
+                             capture_output=True, text=True, timeout=30, check=True)
+        return frozenset(os.path.abspath(p or ".") for p in json.loads(out.stdout))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return frozenset()
 
 
 def _worker_hosts(max_workers: int | None, hosts, hostfile: str | None, external: int,

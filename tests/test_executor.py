@@ -296,3 +296,15 @@ def test_interrupted_module_level_map_leaves_the_pool_working(within):
         list(futures.map(pid_after, [0.05] * 60, chunksize=1))
     assert futures.submit(abs, -5).result() == 5
     assert list(futures.map(abs, [-1, -2])) == [1, 2]
+
+
+def test_workers_see_the_callers_sys_path(tmp_path, monkeypatch):
+    (tmp_path / "helper_e11.py").write_text("import os\ndef where():\n    return os.getpid()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # as a notebook's sys.path.append does
+    import helper_e11  # travels by reference: the workers import it
+
+    try:
+        with scoop.Executor(1) as pool:
+            assert pool.submit(helper_e11.where).result() != os.getpid()
+    finally:
+        sys.modules.pop("helper_e11", None)
