@@ -125,8 +125,9 @@ class Executor(cf.Executor):
     ``Executor`` is a drop-in for ``ProcessPoolExecutor``: ``submit``, ``map``,
     ``shutdown`` and ``with`` behave the same, and its futures are
     ``concurrent.futures.Future`` objects. Functions, lambdas and classes defined in
-    ``__main__`` or a notebook travel by value. Inside ``with Executor(...):`` the
-    module-level :mod:`scoop.futures` and :mod:`scoop.shared` calls use this pool too.
+    ``__main__`` or a notebook travel by value; the others by reference, found on the
+    workers' ``sys.path``, which has the caller's folders. Inside ``with Executor(...):``
+    the module-level :mod:`scoop.futures` and :mod:`scoop.shared` calls use this pool too.
 
     Args:
         max_workers: worker processes to start (default: this machine's CPUs, or the
