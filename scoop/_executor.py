@@ -86,6 +86,7 @@ import scoop
 
 from . import _bootstrap, _serialize, _worker
 from ._errors import BrokenJobError, RemoteTraceback
+from ._future import Future
 from ._launch import Launcher
 from ._launch import cli as _cli
 from ._launch.launcher import SANDBOXES_PER_ATTEMPT
@@ -765,6 +766,7 @@ class _Relay:
     def submit(self, *args: Any, **kwargs: Any):
         fut = self._call("submit", *args, **kwargs)
         fut._runtime = self  # its result() and cancel() come back through here
+        fut.__class__ = _RelayedFuture
         return fut
 
     def park(self, waiter, deadline: float | None) -> None:
@@ -821,6 +823,18 @@ class _Relay:
     def _call_copy(self, name: str) -> dict:
         rt = self._rt
         return self._rt_owner.call(lambda: dict(getattr(rt, name)))
+
+
+class _RelayedFuture(Future):
+    """A scoop Future submitted through a :class:`_Relay`: callbacks are added in the
+    runtime thread, which completes it (no completion can slip between the check for
+    "done" and the append)."""
+
+    __slots__ = ()
+
+    def add_done_callback(self, fn: Callable[[Future], object]) -> None:
+        relay = self._runtime
+        relay._rt_owner.call(Future.add_done_callback, self, fn)
 
 
 # ======================================================================================

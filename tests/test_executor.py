@@ -122,6 +122,15 @@ def test_module_level_api_inside_with_uses_the_pool(within):
     assert len(futures.wait(fs).done) == 4
     assert len(list(futures.as_completed(fs))) == 4
     assert futures.mapReduce(abs, lambda a, b: a + b, range(-10, 0)) == 55
+    got = []
+    for delay in (0.2, 0):  # a callback added before and after its future completes
+        fut = futures.submit(pid_after, delay)
+        fut.add_done_callback(lambda f: got.append(f.result()))
+        fut.result()
+    deadline = time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(got) == 2 and os.getpid() not in got
     shared.setConst(answer=42)
     assert shared.getConst("answer") == 42
     assert list(futures.map(lambda _: shared.getConst("answer", timeout=5), range(3))) == \
