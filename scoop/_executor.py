@@ -407,6 +407,11 @@ def _caller_paths(python: str) -> list[str]:
     spawn gives its children the parent's ``sys.path``; the others stay in the order the
     workers' interpreter gives them."""
     fresh = _fresh_path(python)
+    if not fresh:  # cannot be run here (a remote host's path): none of this one's own
+        own = [os.path.join(os.path.abspath(p), "") for p in
+               (sys.prefix, sys.base_prefix, sys.exec_prefix)]
+        fresh = frozenset(p for p in map(os.path.abspath, sys.path)
+                          if any(os.path.join(p, "").startswith(o) for o in own))
     paths = [os.path.abspath(p or ".") for p in sys.path]
     return list(dict.fromkeys(p for p in paths if p not in fresh and os.path.isdir(p)))
 
