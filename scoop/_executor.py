@@ -13,8 +13,9 @@ Flow of one ``submit`` and of the module-level API inside ``with``::
     Executor.submit(fn, *a)
       cf = concurrent Future -------> requests (deque) + one byte on the wake pipe
       returns cf at once                hub's idle wait (Worker.idle_wait) sees the pipe
-                                        backlog -> in flight (at most IN_FLIGHT_PER_WORKER
-                                          per worker; the rest stays cancellable here)
+                                        backlog -> in flight (about AHEAD_S of work, at
+                                          least 4 per worker; the rest stays here,
+                                          where cancel() still stops it)
                                         cf.set_running_or_notify_cancel()
                                         Worker.submit(fn, a) -> TASKS ------> broker
                                                                     workers <-'  |
@@ -56,7 +57,13 @@ Deliberate differences from ``ProcessPoolExecutor``: ``map``'s default ``chunksi
 (None) batches a sized input by itself (a failing item still raises at its place, after
 the results before it); ``mp_context`` is accepted and ignored (scoop starts its own
 workers); ``initializer`` runs once per worker process, before its first task of this
-pool; a broken pool raises :class:`~scoop.futures.BrokenJobError`.
+pool; the workers' ``sys.path`` gets the caller's extra folders (through PYTHONPATH);
+a lost worker does not break the pool (its tasks run again elsewhere), and a pool that
+does break raises :class:`~scoop.futures.BrokenJobError`.
+
+Hooks this module uses outside itself: ``Worker.runs_tasks`` and ``Worker.idle_wait``
+(:mod:`scoop._worker`), and ``Launcher._join_as_root``, overridden to start the runtime
+thread instead of making the calling thread the root.
 """
 
 from __future__ import annotations
