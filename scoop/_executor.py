@@ -69,6 +69,7 @@ thread instead of making the calling thread the root.
 from __future__ import annotations
 
 import atexit
+import codecs
 import collections
 import concurrent.futures as cf
 import functools
@@ -82,6 +83,7 @@ import subprocess
 import sys
 import threading
 import time
+import tty
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from types import SimpleNamespace
@@ -462,7 +464,11 @@ def _worker_hosts(max_workers: int | None, hosts, hostfile: str | None, external
 # The launcher of a pool
 # ======================================================================================
 class _PoolLauncher(Launcher):
-    """A Launcher whose root is the runtime thread's client (see :class:`_Runtime`)."""
+    """A Launcher whose root is the runtime thread's client (see :class:`_Runtime`).
+
+    Where this process's ``sys.stdout``/``sys.stderr`` are not its descriptors 1 and 2
+    (a notebook kernel's streams), what local workers print is relayed to them.
+    """
 
     runtime: _Runtime
 
@@ -470,6 +476,43 @@ class _PoolLauncher(Launcher):
         # the runtime thread watches the processes, so it can start sandbox workers
         self.broker.sandbox_budget = SANDBOXES_PER_ATTEMPT * self.job.max_attempts
         self.runtime.start()
+
+    def _spawn(self, wid: int):
+        if sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
+            return super()._spawn(wid)  # the workers write where this process does
+        streams: list = []
+        try:
+            for stream in (sys.stdout, sys.stderr):
+                streams.append((stream, *os.openpty()))
+        except OSError:  # no pseudo-terminal here: the workers write where we do
+            for _, ours, child in streams:
+                os.close(ours)
+                os.close(child)
+            return super()._spawn(wid)
+        try:
+            for _, _, child in streams:
+                tty.setraw(child)  # no "\r\n"; a terminal, so the worker's lines flush
+            self.worker_popen = {"stdout": streams[0][2], "stderr": streams[1][2]}
+            return super()._spawn(wid)
+        finally:
+            self.worker_popen = {}
+            for stream, ours, child in streams:
+                os.close(child)
+                threading.Thread(target=_relay_output, args=(ours, stream), daemon=True,
+                                 name=f"scoop-worker-{wid}-output").start()
+
+
+def _relay_output(fd: int, stream) -> None:
+    """Copy what a worker writes on ``fd`` to ``stream`` until it closes its end."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        while data := os.read(fd, 65536):
+            stream.write(decoder.decode(data))
+            stream.flush()
+    except OSError:
+        pass  # EIO: every process holding the other end has ended
+    finally:
+        os.close(fd)
 
 
 # ======================================================================================

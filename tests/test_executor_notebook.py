@@ -2,8 +2,8 @@
 
 Cells define functions, lambdas and classes that run on the workers; a map is
 interrupted as the kernel's interrupt button does (SIGINT to the kernel); a task's
-error shows its worker-side traceback; the kernel's shutdown and restarts (graceful and
-forced) leave no process behind.
+error shows its worker-side traceback; what tasks print shows in the notebook; the
+kernel's shutdown and restarts (graceful and forced) leave no process behind.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ pool.submit(explode, 7).result()""",
     """with scoop.Executor(2) as inner:
     print("with", list(futures.map(square, range(4))), futures.submit(cube, 2).result(),
           futures.submit(os.getpid).result() != os.getpid())""",
+    # 7: what tasks print shows in the cell that runs when it arrives
+    """pool.submit(print, "printed by a worker").result()
+time.sleep(0.5)""",
 ]
 INTERRUPTED, FAILING = 3, 5
 
@@ -100,6 +103,7 @@ def test_notebook_cells_run_on_the_pool(tmp_path):
     assert "Traceback from worker" in traceback
     assert 'return {}["missing key " + str(x)]' in traceback  # the cell's own line
     assert _outputs(cells[6]).split() == ["with", "[0,", "1,", "4,", "9]", "8", "True"]
+    assert _outputs(cells[7]) == "printed by a worker\n"
     assert not wait_no_processes(timeout=15)
 
 
