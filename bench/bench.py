@@ -217,6 +217,47 @@ def run_scoop(cfg: dict, workers: int, spin_n: int, big_args: list) -> dict:
     return r
 
 
+def cf_noop(ex: cf.Executor, cfg: dict, reps: int) -> dict:
+    """Line 1 on a concurrent.futures executor: submit no-op calls, wait for all."""
+    def noop_burst():
+        fs = [ex.submit(T.noop) for _ in range(cfg["noop"])]
+        cf.wait(fs)
+        assert all(f.exception() is None for f in fs)
+    t, ts = best_of(reps, noop_burst)
+    return {"value": cfg["noop"] / t, "times_s": ts}
+
+
+def cf_map(ex: cf.Executor, items: list, chunksize: int | None, reps: int) -> dict:
+    """Line 2 on a concurrent.futures executor: ``ex.map`` with ``chunksize``."""
+    def do_map():
+        out = list(ex.map(T.inc, items, chunksize=chunksize))
+        assert out[-1] == items[-1] + 1
+    t, ts = best_of(reps, do_map)
+    return {"value": len(items) / t, "times_s": ts, "chunksize": chunksize}
+
+
+def cf_latency(ex: cf.Executor, cfg: dict, reps: int) -> dict:
+    """Line 3 on a concurrent.futures executor: sequential ``submit(f).result()``."""
+    m, ms = latency(reps, cfg["lat"], lambda: ex.submit(T.noop).result())
+    return {"value": m * 1e6, "means_us": [x * 1e6 for x in ms]}
+
+
+def run_executor(cfg: dict, workers: int) -> dict:
+    """scoop.Executor, measured as PPE is: ``workers`` processes, the caller only submits."""
+    reps = cfg["reps"]
+    with scoop.Executor(workers, pythonpath=HERE, encrypt=cfg["encrypt"]) as ex:
+        section("scoop.Executor: warm-up")
+        cf.wait([ex.submit(T.noop) for _ in range(200)])
+        list(ex.map(T.inc, range(2000)))
+        section("scoop.Executor: 8a no-op tasks")
+        r = {"noop": cf_noop(ex, cfg, reps)}
+        section("scoop.Executor: 8b map (automatic chunks)")
+        r["map"] = cf_map(ex, list(range(cfg["map"])), None, reps)
+        section("scoop.Executor: 8c latency")
+        r["lat"] = cf_latency(ex, cfg, reps)
+    return r
+
+
 # =========================================================================================
 # ProcessPoolExecutor and multiprocessing.Pool
 # =========================================================================================
@@ -232,31 +273,17 @@ def run_ppe(cfg: dict, workers: int, spin_n: int, big_args: list) -> dict:
         ex.submit(T.nbytes, bytearray(200_000)).result()
 
         section("PPE: 1 no-op tasks")
-        def noop_burst():
-            fs = [ex.submit(T.noop) for _ in range(cfg["noop"])]
-            cf.wait(fs)
-            assert all(f.exception() is None for f in fs)
-        t, ts = best_of(reps, noop_burst)
-        r["noop"] = {"value": cfg["noop"] / t, "times_s": ts}
+        r["noop"] = cf_noop(ex, cfg, reps)
 
         items = list(range(cfg["map"]))
         section("PPE: 2 map, chunksize=1 (default)")
-        def do_map1():
-            out = list(ex.map(T.inc, items))
-            assert out[-1] == items[-1] + 1
-        t, ts = best_of(max(1, reps - 1), do_map1)
-        r["map"] = {"value": cfg["map"] / t, "times_s": ts, "chunksize": 1}
+        r["map"] = cf_map(ex, items, 1, max(1, reps - 1))
         chunk = max(1, math.ceil(len(items) / (4 * workers)))  # mp.Pool.map's heuristic
         section(f"PPE: 2b map, chunksize={chunk}")
-        def do_map_c():
-            out = list(ex.map(T.inc, items, chunksize=chunk))
-            assert out[-1] == items[-1] + 1
-        t, ts = best_of(reps, do_map_c)
-        r["map_chunked"] = {"value": cfg["map"] / t, "times_s": ts, "chunksize": chunk}
+        r["map_chunked"] = cf_map(ex, items, chunk, reps)
 
         section("PPE: 3 latency")
-        m, ms = latency(reps, cfg["lat"], lambda: ex.submit(T.noop).result())
-        r["lat"] = {"value": m * 1e6, "means_us": [x * 1e6 for x in ms]}
+        r["lat"] = cf_latency(ex, cfg, reps)
 
         section("PPE: 5 CPU-bound")
         def do_cpu():
@@ -410,7 +437,7 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}x"
 
 
-def build_rows(cfg, workers, S, E, P, U, spin_t) -> list[dict]:
+def build_rows(cfg, workers, S, E, P, U, spin_t, X) -> list[dict]:
     mb = cfg["big"] * cfg["big_mb"]
 
     def eff(d):
@@ -457,6 +484,14 @@ def build_rows(cfg, workers, S, E, P, U, spin_t) -> list[dict]:
     row("startup", f"7 startup+shutdown, trivial job, -n {workers} (median)", "s",
         U["scoop"]["value"], U["ppe"]["value"], U["pool"]["value"], "<= 0.3 s",
         U["scoop"]["value"] <= 0.3)
+    # scoop.Executor (its caller runs no task, as PPE's) in the scoop column.
+    row("exe_noop", f"8a  scoop.Executor: {cfg['noop']:,} no-op submits, cf.wait", "tasks/s",
+        X["noop"]["value"], E["noop"]["value"], P["noop"]["value"], "(info)", None)
+    row("exe_map", f"8b  scoop.Executor.map over {cfg['map']:,} ints (PPE chunksize="
+        f"{E['map_chunked']['chunksize']})", "items/s", X["map"]["value"],
+        E["map_chunked"]["value"], P["map"]["value"], "(info)", None)
+    row("exe_lat", f"8c  scoop.Executor: {cfg['lat']} x submit+result", "us",
+        X["lat"]["value"], E["lat"]["value"], P["lat"]["value"], "(info)", None)
     return rows
 
 
@@ -533,13 +568,14 @@ def main(argv=None) -> int:
     big_args = make_big_args(cfg["big"], cfg["big_mb"])
 
     S = run_scoop(cfg, workers, spin_n, big_args)
+    X = run_executor(cfg, workers)
     E = run_ppe(cfg, workers, spin_n, big_args)
     P = run_pool(cfg, workers, spin_n, big_args)
     del big_args
     U = run_startup(cfg, workers)
     faulthandler.cancel_dump_traceback_later()
 
-    rows = build_rows(cfg, workers, S, E, P, U, spin_t)
+    rows = build_rows(cfg, workers, S, E, P, U, spin_t, X)
     print()
     print(f"scoop {scoop.__version__} vs ProcessPoolExecutor vs multiprocessing.Pool: "
           f"{workers} workers each, {os.cpu_count()} CPUs, Python "
@@ -564,7 +600,7 @@ def main(argv=None) -> int:
                        "python": platform.python_version(), "scoop": scoop.__version__,
                        "spin_iterations": spin_n, "spin_task_s": spin_t, "quick": ns.quick},
             "rows": rows,
-            "raw": {"scoop": S, "ppe": E, "pool": P, "startup": U},
+            "raw": {"scoop": S, "ppe": E, "pool": P, "startup": U, "executor": X},
             "leftover_children": kids,
             "load_average_at_start": load1,
             "elapsed_s": elapsed,

@@ -17,6 +17,9 @@ Attributes:
         runs the program); workers started by another launcher are not listed.
     DEBUG: True when the job was started with ``--debug``.
     logger: the ``logging.Logger`` scoop reports through ("scoop").
+
+``scoop.Executor`` (also in :mod:`scoop.futures`) starts a pool from Python, without the
+launcher: a ``concurrent.futures.Executor`` (see :mod:`scoop._executor`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import logging
 
 __version__ = "0.9.0"
 __all__ = ["IS_RUNNING", "IS_ORIGIN", "worker", "SIZE", "HOSTS", "DEBUG", "logger",
-           "__version__"]
+           "Executor", "__version__"]
 
 IS_RUNNING: bool = False
 IS_ORIGIN: bool = True
@@ -34,3 +37,12 @@ SIZE: int = 1
 HOSTS: list[tuple[str, int]] = []
 DEBUG: bool = False
 logger: logging.Logger = logging.getLogger("scoop")
+
+
+def __getattr__(name: str):
+    # Lazy, as concurrent.futures does: the executor brings ZeroMQ and the launcher in.
+    if name == "Executor":
+        from ._executor import Executor
+
+        return Executor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -123,6 +123,8 @@ class _Pickler(cloudpickle.Pickler):
     whose metaclass has a reducer of its own travel as plain pickle would send them."""
 
     def reducer_override(self, obj):
+        if isinstance(obj, types.CodeType):
+            return _code_reduce(obj)
         if isinstance(obj, type):
             reducer = _own_class_reducer(obj)
             if reducer is not None:
@@ -137,6 +139,14 @@ class _Pickler(cloudpickle.Pickler):
                 if target is obj:
                     return NotImplemented  # plain pickle: a reference to __main__.<name>
         return super().reducer_override(obj)
+
+
+def _code_reduce(code: types.CodeType):
+    """cloudpickle's reduction of a code object, with its file name kept: cloudpickle
+    writes ``<dynamic-code>`` instead, and the worker-side tracebacks of functions sent by
+    value (defined in ``__main__`` or a notebook) then show no file and no source line."""
+    make, args = cloudpickle.cloudpickle._code_reduce(code)
+    return make, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
 
 
 def dumps(obj) -> list:

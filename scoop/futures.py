@@ -30,7 +30,7 @@ from concurrent.futures import (
     FIRST_COMPLETED,
     FIRST_EXCEPTION,
 )
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _chunks, _mapping, _progress, _serialize, _worker
 from ._errors import (
@@ -44,11 +44,14 @@ from ._errors import (
 )
 from ._future import Future
 
+if TYPE_CHECKING:
+    from ._executor import Executor
+
 __all__ = [
     "map", "map_as_completed", "submit", "wait", "as_completed", "mapReduce", "mapScan",
     "shutdown", "Future", "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "CancelledError", "TimeoutError", "RemoteError", "RemoteTraceback", "BrokenJobError",
-    "SerializationError", "WorkerLostError", "DoneAndNotDoneFutures",
+    "SerializationError", "WorkerLostError", "DoneAndNotDoneFutures", "Executor",
 ]
 
 _builtin_map = map
@@ -59,6 +62,15 @@ class DoneAndNotDoneFutures(NamedTuple):
 
     done: set
     not_done: set
+
+
+def __getattr__(name: str):
+    # scoop.Executor, imported on first use: importing scoop.futures opens no socket.
+    if name == "Executor":
+        from ._executor import Executor
+
+        return Executor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def submit(func: Callable, *args: Any, **kwargs: Any) -> Future:

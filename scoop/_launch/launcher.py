@@ -111,6 +111,8 @@ class Launcher:
         self.agents: dict[str, remote.RemoteHost] = {}  # remote hosts by name
         self.root_worker: _worker.Worker | None = None
         self._reported: set[int] = set()
+        # More Popen arguments for local workers (scoop.Executor: their output's pipes).
+        self.worker_popen: dict = {}
 
     @property
     def n(self) -> int:
@@ -207,7 +209,8 @@ class Launcher:
         try:
             proc = _agent.spawn_worker(config, self.job.python, self.job.cwd,
                                        self.job.pythonpath,
-                                       stdin=None if wid == 0 else subprocess.DEVNULL)
+                                       stdin=None if wid == 0 else subprocess.DEVNULL,
+                                       **self.worker_popen)
         except _agent.SpawnError as exc:
             raise LaunchError(str(exc)) from None
         log.debug("started worker %d (pid %d)", wid, proc.pid)

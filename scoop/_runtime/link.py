@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import zmq
@@ -78,11 +78,13 @@ class Link:
             if msg is not None:
                 yield msg
 
-    def drain(self, timeout_ms: int) -> Iterator[P.Message]:
+    def drain(self, timeout_ms: int,
+              wait: Callable[[int], bool] | None = None) -> Iterator[P.Message]:
         """The authentic messages that have arrived (at most MAX_DRAIN), after waiting up
-        to ``timeout_ms`` for the first one."""
+        to ``timeout_ms`` for the first one (with ``wait(ms)`` instead of the socket's
+        poll when given: it returns whether the socket is ready)."""
         sock = self.sock
-        if timeout_ms and not sock.poll(timeout_ms):
+        if timeout_ms and not (wait or sock.poll)(timeout_ms):
             return
         for _ in range(MAX_DRAIN):
             try:

@@ -70,7 +70,7 @@ class Policy:
     """The credit and standby state of one worker, and the decisions made from it."""
 
     __slots__ = ("size", "credit_out", "standby", "forced_since", "avg_slice_s",
-                 "timed_waits")
+                 "timed_waits", "runs_tasks")
 
     def __init__(self, size: int = 1) -> None:
         self.size = size  # workers of the job
@@ -80,11 +80,14 @@ class Policy:
         # Estimated run time of one task slice; starts pessimistic (no prefetch).
         self.avg_slice_s = PREFETCH_BACKLOG_S
         self.timed_waits = 0  # parked greenlets that wait with a deadline
+        # False: a client that submits and waits but never runs a task (scoop.Executor's
+        # runtime thread): no credit, nothing kept or run inline, never on standby.
+        self.runs_tasks = True
 
     def may_run(self) -> bool:
         """Whether the hub may start tasks now (not while a wait has a deadline, unless
         this is the job's only worker)."""
-        return not self.timed_waits or self.size == 1
+        return self.runs_tasks and (not self.timed_waits or self.size == 1)
 
     def task_took(self, seconds: float) -> None:
         """A task slice ran this long: a slow one stops prefetching at once."""
@@ -124,7 +127,7 @@ class Policy:
         """A wait with a deadline begins: whether to tell the broker (WITHDRAW 1), which
         then sends work only if no one else can; again after it was sent work anyway,
         which may be what waits now."""
-        if not self.standby or self.forced_since:
+        if self.runs_tasks and (not self.standby or self.forced_since):
             self.credit_out = 0
             self.standby = True
             self.forced_since = False

@@ -93,6 +93,10 @@ class Worker:
         self.where = _where(wid)
         self.codec = codec
         self.link: Link | None = None  # the broker; None: in-process
+        # scoop.Executor's client runtime: ``idle_wait(ms)`` replaces the broker socket's
+        # poll in the hub's idle wait, so that requests from other threads wake it too
+        # (it returns whether the socket is ready).
+        self.idle_wait: Callable[[int], bool] | None = None
         self.flags = Flags()
         self.policy = Policy(max(1, size))
         self.max_attempts = MAX_ATTEMPTS
@@ -150,7 +154,8 @@ class Worker:
         """Wait for one future: run it inline if it is still here, else park."""
         hub = self.hub
         if (timeout is None and fut._state == PENDING and fut._id in self.outbox
-                and hub.inline_depth < MAX_INLINE_DEPTH and getcurrent() is not hub.glet):
+                and hub.inline_depth < MAX_INLINE_DEPTH and getcurrent() is not hub.glet
+                and self.policy.runs_tasks):
             del self.outbox[fut._id]
             if self.policy.ships_on_inline(len(self.away)):
                 self.shipper.ship()  # the others leave now, so idle workers can take them
@@ -214,7 +219,7 @@ class Worker:
     def poll(self, timeout_ms: int) -> None:
         """Hand what arrives within ``timeout_ms`` to the handlers (with a link only)."""
         dispatch = self.handlers.dispatch
-        for msg in self.link.drain(timeout_ms):
+        for msg in self.link.drain(timeout_ms, self.idle_wait):
             dispatch(msg)
 
     def ship(self, keep_first: bool = False) -> None:
