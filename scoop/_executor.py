@@ -32,7 +32,7 @@ Flow of one ``submit`` and of the module-level API inside ``with``::
 on a pipe; a wait is a wait on a ``threading`` primitive, so a KeyboardInterrupt (the
 notebook's interrupt button) ends it without touching the runtime.
 
-*Runtime thread.* A scoop :class:`~scoop._worker.Worker` with ``runs_tasks`` False, joined
+*Runtime thread.* A scoop :class:`~scoop._worker.Worker` with ``policy.runs_tasks`` False, joined
 to the broker as worker 0, whose hub greenlet is the thread's loop. Its idle wait polls
 the broker's socket and the wake pipe, takes in requests, feeds the backlog into the
 Worker and, every :data:`WATCH_S`, has the launcher check its processes (dead
@@ -61,7 +61,7 @@ pool; the workers' ``sys.path`` gets the caller's extra folders (through PYTHONP
 a lost worker does not break the pool (its tasks run again elsewhere), and a pool that
 does break raises :class:`~scoop.futures.BrokenJobError`.
 
-Hooks this module uses outside itself: ``Worker.runs_tasks`` and ``Worker.idle_wait``
+Hooks this module uses outside itself: ``Worker.policy.runs_tasks``, ``Worker.idle_wait``
 (:mod:`scoop._worker`), and ``Launcher._join_as_root``, overridden to start the runtime
 thread instead of making the calling thread the root.
 """
@@ -627,7 +627,7 @@ class _Runtime:
     def _main(self) -> None:
         try:
             rt = _worker.Worker(0)  # here: its greenlets and sockets belong to this thread
-            rt.runs_tasks = False
+            rt.policy.runs_tasks = False
             rt.where = rt.where.replace("worker 0", "the executor's client", 1)
             rt.connect(self.launcher.broker.address, self.launcher.creds, CONNECT_TIMEOUT_S)
         except BaseException as exc:  # noqa: BLE001 - the caller's start() raises it
@@ -680,7 +680,7 @@ class _Runtime:
                 self.backlog.append(request)
             elif isinstance(request, _Call):
                 self.calls.add(request)
-                greenlet(self._run_call, parent=self.rt.hub).switch(request)
+                greenlet(self._run_call, parent=self.rt.hub.glet).switch(request)
             else:  # ("finish", cancel): what was submitted before may start first
                 self._feed()
                 self.finishing = True
@@ -703,7 +703,7 @@ class _Runtime:
     def _feed(self) -> None:
         """Move work from the backlog into the Worker, up to the in-flight limit."""
         rt = self.rt
-        while self.backlog and len(self.in_flight) < self.limit and not rt.stopped:
+        while self.backlog and len(self.in_flight) < self.limit and not rt.flags.stopped:
             item = self.backlog.popleft()
             if not item.future.set_running_or_notify_cancel():
                 continue  # cancelled while it waited here
@@ -743,7 +743,7 @@ class _Runtime:
         """Once shutdown was asked and no work is left: leave the job (at the start of an
         idle wait, where no socket is in use). Whether the hub should stop."""
         rt = self.rt
-        if rt.stopped:
+        if rt.flags.stopped:
             return True
         if (self.finishing and not self.backlog and not self.in_flight and not self.requests
                 and not rt.pending and not rt.outbox):  # module-level futures too

@@ -93,9 +93,7 @@ class Worker:
         self.where = _where(wid)
         self.codec = codec
         self.link: Link | None = None  # the broker; None: in-process
-        # scoop.Executor's client runtime: ``idle_wait(ms)`` replaces the broker socket's
-        # poll in the hub's idle wait, so that requests from other threads wake it too
-        # (it returns whether the socket is ready).
+        # scoop.Executor's: replaces the socket's poll in the hub's idle wait (Link.drain)
         self.idle_wait: Callable[[int], bool] | None = None
         self.flags = Flags()
         self.policy = Policy(max(1, size))
