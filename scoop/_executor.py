@@ -93,7 +93,7 @@ from greenlet import greenlet
 
 import scoop
 
-from . import _bootstrap, _serialize, _worker
+from . import _bootstrap, _mapping, _progress, _serialize, _worker
 from ._errors import BrokenJobError, RemoteTraceback
 from ._future import Future
 from ._launch import Launcher
@@ -153,6 +153,9 @@ class Executor(cf.Executor):
         external: workers that another launcher starts with ``python -m scoop.join
             JOBFILE``; the job file is written to ``job_file`` (see :attr:`job_file`).
         launcher: "ssh" or "srun" (default: srun inside a SLURM allocation, as the CLI).
+        progress: show the progress of this pool's work (items of maps and submitted
+            calls): tqdm's bar in a notebook, else lines on stderr as ``--progress``
+            does. None (the default): when ``SCOOP_PROGRESS=1`` is set.
         **options: the launcher's other settings: ``python``, ``cwd``, ``pythonpath``,
             ``nice``, ``ssh``, ``broker_hostname``, ``prolog``, ``tunnel``,
             ``max_attempts``, ``encrypt``, ``debug``, ``log_level``, ``log_file``.
@@ -166,7 +169,8 @@ class Executor(cf.Executor):
                  initializer: Callable | None = None, initargs: tuple = (), *,
                  hosts: Iterable | None = None, hostfile: str | None = None,
                  external: int = 0, job_file: str | None = None,
-                 launcher: str | None = None, ssh: str = "ssh", **options: Any) -> None:
+                 launcher: str | None = None, ssh: str = "ssh", progress: bool | None = None,
+                 **options: Any) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
@@ -193,6 +197,11 @@ class Executor(cf.Executor):
         self._relay = _Relay(self._runtime)
         _live.add(self._runtime)
         _register_at_exit()
+        if progress is None:
+            progress = os.environ.get("SCOOP_PROGRESS", "") not in ("", "0")
+        # a notebook kernel's streams stay as they are (a bar there garbles nothing)
+        self._progress = _progress.start(
+            self.size, guard_streams="ipykernel" not in sys.modules) if progress else None
         # An executor dropped without shutdown() finishes its work, then stops its pool.
         weakref.finalize(self, self._runtime.finish, False)
 
@@ -213,6 +222,9 @@ class Executor(cf.Executor):
             RuntimeError: after :meth:`shutdown` (or interpreter exit).
             BrokenJobError: the pool broke (its broker or runtime is gone).
         """
+        return self._counted(self._post(fn, args, kwargs))
+
+    def _post(self, fn: Callable, args: tuple, kwargs: dict) -> cf.Future:
         with self._shutdown_lock:
             if self._shutdown_called:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -224,6 +236,12 @@ class Executor(cf.Executor):
                 fn, kwargs = _initialized_call, {}
             self._runtime.post(_WorkItem(fut, fn, args, kwargs))
             return fut
+
+    def _counted(self, fut: cf.Future) -> cf.Future:
+        if _progress.active is not None:
+            _progress.active.add_total(1)
+            fut.add_done_callback(_progress.count_done)
+        return fut
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int | None = None, buffersize: int | None = None) -> Iterator:
@@ -253,14 +271,24 @@ class Executor(cf.Executor):
                 n = min(len(it) for it in iterables)
                 chunksize = max(1, n // (MAP_SPLIT * max(1, self.size)))
         chunks = _batched(zip(*iterables), chunksize)
+        length, exact = _mapping.input_length(iterables)
+        count = _progress.MapCount.start(length if exact else None)
         pending = collections.deque(
-            self.submit(_run_batch, fn, chunk)
+            self._chunk(fn, chunk, count)
             for chunk in (chunks if buffersize is None else
                           itertools.islice(chunks, buffersize)))
-        return self._results(pending, chunks if buffersize else None, fn, end)
+        if buffersize is None and count is not None:
+            count.stopped_reading()
+        return self._results(pending, chunks if buffersize else None, fn, end, count)
+
+    def _chunk(self, fn: Callable, chunk: list, count) -> cf.Future:
+        fut = self._post(_run_batch, (fn, chunk), {})
+        if count is not None:
+            count.submitted(fut, len(chunk))
+        return fut
 
     def _results(self, pending: collections.deque, more: Iterator | None, fn: Callable,
-                 end: float | None) -> Iterator:
+                 end: float | None, count) -> Iterator:
         # A generator of its own, so that map() submits everything at its call.
         try:
             while pending:
@@ -268,11 +296,13 @@ class Executor(cf.Executor):
                 results, exc = _pop_result(pending, left)
                 if more is not None:
                     for chunk in itertools.islice(more, 1):
-                        pending.append(self.submit(_run_batch, fn, chunk))
+                        pending.append(self._chunk(fn, chunk, count))
                 yield from _drain(results)
                 if exc is not None:
                     raise exc
         finally:
+            if count is not None:
+                count.stopped_reading()
             for fut in pending:
                 fut.cancel()
 
@@ -289,6 +319,8 @@ class Executor(cf.Executor):
         self._runtime.finish(cancel_futures)
         if wait:
             self._runtime.join()
+        if self._progress is not None and _progress.stop(self._progress):
+            self._progress = None
 
     def __enter__(self) -> Executor:
         """Route the module-level ``futures``/``shared`` calls of this process to this pool

@@ -87,6 +87,8 @@ class Meter:
         while len(self._samples) > 2 and now - self._samples[0][0] > RATE_WINDOW_S:
             self._samples.popleft()
         t0, d0 = self._samples[0]
+        if now - t0 < 1.0:  # too short a window (a short job's end): the whole run's rate
+            t0, d0 = p.started, 0
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
         open_ended = p.open_ended > 0
         parts = [f"scoop: {done:,}/{total:,}{'+' if open_ended else ''} items"]
@@ -186,7 +188,11 @@ class NotebookBar(Display):
 
     def show(self, line: str) -> None:
         p = self.progress
-        self.bar.total = p.total
+        if p.total != self.bar.total:
+            # the widget's own maximum follows only reset(), which also zeroes the count
+            started = self.bar.start_t
+            self.bar.reset(total=p.total)
+            self.bar.start_t = started
         self.bar.n = p.done
         self.bar.refresh()
 
@@ -274,23 +280,28 @@ active: Progress | None = None
 _reporter: Reporter | None = None
 
 
-def start(workers: int, stream: TextIO | None = None) -> Reporter:
-    """Count and show the program's progress from now on (the root, or an Executor)."""
+def start(workers: int, stream: TextIO | None = None, guard_streams: bool = True) -> Reporter:
+    """Count and show the program's progress from now on (the root, or an Executor);
+    ``guard_streams``: the program's prints clear the live line first (see Reporter)."""
     global active, _reporter
     stop()
     progress = Progress()
     progress.workers = workers
-    _reporter = Reporter(progress, display_for(stream or sys.stderr, progress)).start()
+    _reporter = Reporter(progress, display_for(stream or sys.stderr, progress))
+    _reporter.start(guard_streams)
     active = progress
     return _reporter
 
 
-def stop() -> None:
-    """Leave the final line and stop counting."""
+def stop(reporter: Reporter | None = None) -> bool:
+    """Leave the final line and stop counting (only if ``reporter``, when given, is the
+    one showing); whether it stopped."""
     global active, _reporter
-    if _reporter is not None:
-        _reporter.stop()
+    if _reporter is None or (reporter is not None and reporter is not _reporter):
+        return False
+    _reporter.stop()
     active = _reporter = None
+    return True
 
 
 def count_done(fut) -> None:

@@ -155,3 +155,39 @@ def _children(pid: int) -> set[int]:
             except OSError:
                 continue
     return found
+
+
+PROGRESS_CELLS = [
+    """import scoop
+pool = scoop.Executor(2)   # SCOOP_PROGRESS=1 is in the kernel's environment""",
+    """def square(x):
+    return x * x
+
+print(sum(pool.map(square, range(300))), pool.submit(square, 3).result())""",
+    """pool.shutdown()
+from scoop import _progress
+print("done", _progress.active is None)""",
+]
+
+
+def test_progress_shows_a_notebook_bar_with_no_code_change(tmp_path):
+    """SCOOP_PROGRESS=1 in the kernel's environment: the pool shows tqdm's notebook bar
+    (a widget), counts map items and calls, and the program's output is untouched."""
+    pytest.importorskip("tqdm", reason="needs tqdm: pip install -e '.[test]'")
+    pytest.importorskip("ipywidgets", reason="needs ipywidgets: pip install -e '.[test]'")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in PROGRESS_CELLS]
+    client = nbclient.NotebookClient(nb, timeout=60, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env={**os.environ, "SCOOP_PROGRESS": "1"})
+    widgets = [out for out in nb.cells[0].outputs if out.output_type == "display_data"
+               and "application/vnd.jupyter.widget-view+json" in out.data]
+    assert widgets, nb.cells[0].outputs
+    assert _outputs(nb.cells[1]) == f"{sum(x * x for x in range(300))} 9\n"
+    assert _outputs(nb.cells[2]) == "done True\n"
+    state = nb.metadata.get("widgets", {}).get(
+        "application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    values = [m["state"].get("value") for m in state.values()
+              if m.get("model_name") == "FloatProgressModel"]
+    assert values == [301], values  # every item and call counted (the saved widget)
+    assert not wait_no_processes(timeout=15)
