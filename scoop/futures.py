@@ -43,6 +43,7 @@ from ._errors import (
     WorkerLostError,
 )
 from ._future import Future
+from ._retry import retrying
 
 if TYPE_CHECKING:
     from ._executor import Executor
@@ -52,6 +53,7 @@ __all__ = [
     "shutdown", "Future", "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "CancelledError", "TimeoutError", "RemoteError", "RemoteTraceback", "BrokenJobError",
     "SerializationError", "WorkerLostError", "DoneAndNotDoneFutures", "Executor",
+    "retrying",
 ]
 
 _builtin_map = map
@@ -140,8 +142,8 @@ def _left(deadline: float | None) -> float | None:
 
 def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
         chunksize: int | None = None, buffersize: int | None = None,
-        checkpoint: str | os.PathLike | None = None,
-        **kwargs: Any) -> Iterator:
+        checkpoint: str | os.PathLike | None = None, retries: int = 0,
+        retry_on: type[BaseException] | tuple = Exception, **kwargs: Any) -> Iterator:
     """Apply ``func`` to every item in parallel; a lazy iterator of the results, in order.
 
     Like the built-in ``map``: several iterables are zipped (the shortest wins) and any
@@ -180,6 +182,11 @@ def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
             place; exceptions and results that cannot be pickled are not recorded. A
             kill loses at most the last half second of results. See
             :mod:`scoop._checkpoint` and docs/guarantees.md.
+        retries: a call that raises one of ``retry_on`` is tried again, where it ran,
+            up to this many times before its exception is delivered (a worker's death
+            is retried by the job itself, see ``--max-attempts``). For ``submit``, use
+            :func:`retrying`.
+        retry_on: the exception class (or tuple of them) that is retried.
         **kwargs: accepted for programs written for old SCOOP versions; ignored with a
             warning.
 
@@ -191,13 +198,14 @@ def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
         TypeError: ``buffersize`` is not an integer.
     """
     _warn_unknown("map", kwargs)
-    return _map(func, iterables, timeout, chunksize, buffersize, ordered=True,
-                checkpoint=checkpoint)
+    return _map(retrying(func, retries, retry_on), iterables, timeout, chunksize,
+                buffersize, ordered=True, checkpoint=checkpoint, key_of=func)
 
 
 def map_as_completed(func: Callable, *iterables: Iterable, timeout: float | None = None,
                      chunksize: int | None = None, buffersize: int | None = None,
-                     checkpoint: str | os.PathLike | None = None,
+                     checkpoint: str | os.PathLike | None = None, retries: int = 0,
+                     retry_on: type[BaseException] | tuple = Exception,
                      **kwargs: Any) -> Iterator:
     """Like :func:`map`, but yield each result as soon as it is available.
 
@@ -207,18 +215,18 @@ def map_as_completed(func: Callable, *iterables: Iterable, timeout: float | None
     is raised when its result would have been yielded.
     """
     _warn_unknown("map_as_completed", kwargs)
-    return _map(func, iterables, timeout, chunksize, buffersize, ordered=False,
-                checkpoint=checkpoint)
+    return _map(retrying(func, retries, retry_on), iterables, timeout, chunksize,
+                buffersize, ordered=False, checkpoint=checkpoint, key_of=func)
 
 
 def _map(func: Callable, iterables: tuple, timeout: float | None, chunksize: int | None,
-         buffersize: int | None, ordered: bool, checkpoint=None) -> Iterator:
+         buffersize: int | None, ordered: bool, checkpoint=None, key_of=None) -> Iterator:
     ckpt = None
     if checkpoint is not None:
         # here, not at the top: sqlite3 and the keys cost ~20 ms at every import
         from ._checkpoint import Checkpoint
 
-        ckpt = Checkpoint.open(checkpoint, func)
+        ckpt = Checkpoint.open(checkpoint, key_of or func)
     feed = _mapping.Feed(_run_chunk, (func,), iterables, chunksize=chunksize,
                          buffersize=buffersize, timeout=timeout, ordered=ordered,
                          resumable=True, checkpoint=ckpt)
