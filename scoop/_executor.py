@@ -201,7 +201,7 @@ class Executor(cf.Executor):
             progress = os.environ.get("SCOOP_PROGRESS", "") not in ("", "0")
         # a notebook kernel's streams stay as they are (a bar there garbles nothing)
         self._progress = _progress.start(
-            self.size, guard_streams="ipykernel" not in sys.modules) if progress else None
+            self.size, guard_streams=not _progress.in_notebook()) if progress else None
         # An executor dropped without shutdown() finishes its work, then stops its pool.
         weakref.finalize(self, self._runtime.finish, False)
 

@@ -201,9 +201,16 @@ class NotebookBar(Display):
         self.bar.close()
 
 
+def in_notebook() -> bool:
+    """Whether this code runs in a Jupyter kernel (IPython's shell there has a kernel)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
+
+
 def display_for(stream: TextIO, progress: Progress) -> Display:
     """The display that fits ``stream``: a notebook bar, a live line, or log lines."""
-    if "ipykernel" in sys.modules:
+    if in_notebook():
         try:
             return NotebookBar(progress)
         except Exception:  # noqa: BLE001 - no tqdm or widgets: plain lines still work

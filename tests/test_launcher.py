@@ -380,7 +380,8 @@ echo 2
 def test_an_srun_that_finds_no_controller_points_at_launcher_ssh(said):
     """What srun (slurm 22.05) prints without a controller, from a real process: the
     launcher's error names the cause and the way out (--launcher ssh)."""
-    from scoop._launch.job import Job, LaunchError
+    from scoop._errors import LaunchError
+    from scoop._launch.job import Job
     from scoop._launch.remote import RemoteHost
 
     job = Job(hosts=(("127.0.0.1", 1),))
