@@ -61,7 +61,17 @@ class Link:
         self.ctx = zmq.Context()
         self.sock = creds.connect(self.ctx, P.routing_id(role, wid), address,
                                   linger_ms=linger_ms)
+        # One poller for the socket's life: building one per wait (``Socket.poll``) cost
+        # more than the wait itself in the hub's idle loop.
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
         self._bad_sources: set[str] = set()
+
+    def _readable(self, timeout_ms: int) -> bool:
+        """Whether a message is waiting, after waiting up to ``timeout_ms`` for one."""
+        if not timeout_ms:  # one question to the socket, not a poll of its descriptor
+            return bool(self.sock.get(zmq.EVENTS) & zmq.POLLIN)
+        return bool(self._poller.poll(timeout_ms))
 
     def send(self, kind: bytes, **kw) -> None:
         """Sign and send one message (see ``Codec.encode`` for the fields)."""
@@ -72,9 +82,8 @@ class Link:
         ``timeout`` seconds (stop iterating once the answer came)."""
         self.send(kind, **kw)
         deadline = time.monotonic() + timeout
-        sock = self.sock
-        while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1):
-            msg = self._decode(sock.recv_multipart(copy=False))
+        while (left := deadline - time.monotonic()) > 0 and self._readable(int(left * 1000) + 1):
+            msg = self._decode(self.sock.recv_multipart(copy=False))
             if msg is not None:
                 yield msg
 
@@ -82,16 +91,16 @@ class Link:
         """The authentic messages that have arrived (at most MAX_DRAIN), after waiting up
         to ``timeout_ms`` for the first one."""
         sock = self.sock
-        if timeout_ms and not sock.poll(timeout_ms):
+        if not self._readable(timeout_ms):
             return
         for _ in range(MAX_DRAIN):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            msg = self._decode(frames)
+            # Asking the socket beats a failed receive: zmq.Again is an exception built
+            # in Python, on every drain of the hub.
+            msg = self._decode(sock.recv_multipart(copy=False))
             if msg is not None:
                 yield msg
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     def _decode(self, frames) -> P.Message | None:
         try:
