@@ -3,8 +3,11 @@
 The launcher writes one JSON line on a pipe the worker inherits (its descriptor number is
 the worker's only argument, so the job key never shows on a command line or in ``ps``):
 the broker address, the key, the worker id, the program and its arguments, and the
-process settings (directory, nice, log level). The root's stdin is the launcher's, so
-the program can read a pipe, ``input()`` or ``breakpoint()``; other workers read nothing.
+process settings (directory, nice, log level). A line ``{"template": true}`` on a socket
+makes the process the job's template instead: it forks the local workers, each of which
+then reads its own config from a pipe the same way (``scoop._launch.template``). The
+root's stdin is the launcher's, so the program can read a pipe, ``input()`` or
+``breakpoint()``; other workers read nothing.
 
 The root worker (id 0) runs the program (a path, or a module as ``python -m`` runs it) as
 ``__main__`` and reports its exit status to the broker; every other worker imports the
@@ -166,13 +169,28 @@ def main() -> None:
     """A worker started by the launcher or a host agent: its config comes as one JSON
     line on the descriptor named by its argument (stdin, the program's, is left alone)."""
     if len(sys.argv) > 1:
-        with open(int(sys.argv[1]), "rb") as f:
-            cfg = json.loads(f.readline())
+        fd = int(sys.argv[1])
+        cfg = json.loads(_read_line(fd))
+        if cfg.get("template"):  # the job's template: it forks the local workers
+            from ._launch import template
+
+            fd = template.serve(fd, cfg)  # returns in a forked worker only
+            cfg = json.loads(_read_line(fd))
+        os.close(fd)
     else:  # a launcher of scoop 0.9.0 or older writes it on stdin
         cfg = json.loads(sys.stdin.readline())
         sys.stdin.close()
         sys.stdin = open(os.devnull)  # noqa: SIM115 - the program sees an empty input
     start(cfg)
+
+
+def _read_line(fd: int) -> bytes:
+    """The first line on ``fd``, read without buffering past it: on a template's socket,
+    what follows is not the config's."""
+    data = b""
+    while b"\n" not in data and (chunk := os.read(fd, 65536)):
+        data += chunk
+    return data
 
 
 def start(cfg: dict) -> None:
