@@ -52,13 +52,17 @@ class Link:
         wid: the worker id this connection speaks for.
         sender: the sender id of its messages (default ``wid``).
         linger_ms: how long closing waits for unsent messages.
+        ctx: the ZeroMQ context of another link of this process to share (its I/O
+            thread serves both); None: a context of its own, ended with the link.
     """
 
     def __init__(self, address: str, creds: Credentials, wid: int, role: bytes = b"w",
-                 sender: int | None = None, linger_ms: int = 0) -> None:
+                 sender: int | None = None, linger_ms: int = 0,
+                 ctx: zmq.Context | None = None) -> None:
         self.wid = wid
         self.codec = P.Codec(creds.key, wid if sender is None else sender)
-        self.ctx = zmq.Context()
+        self._own_ctx = ctx is None
+        self.ctx = zmq.Context() if ctx is None else ctx
         self.sock = creds.connect(self.ctx, P.routing_id(role, wid), address,
                                   linger_ms=linger_ms)
         # One poller for the socket's life: building one per wait (``Socket.poll``) cost
@@ -118,9 +122,12 @@ class Link:
                         self.wid, source, exc)
 
     def close(self, linger_ms: int | None = None) -> None:
-        """Close the socket (waiting up to its linger for what is unsent) and the context."""
+        """Close the socket (waiting up to its linger for what is unsent) and the context
+        if it is this link's own: ending it makes the blocking calls of links that share
+        it raise ``zmq.ContextTerminated``, which ends them (see ``scoop._watchdog``)."""
         self.sock.close(linger_ms)
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()
 
 
 def ask_id(address: str, creds: Credentials, timeout: float) -> int:
