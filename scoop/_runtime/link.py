@@ -41,6 +41,11 @@ log = logging.getLogger("scoop")
 
 # Messages handled per poll before the hub goes back to running tasks.
 MAX_DRAIN = 256
+# A bytes frame shorter than this is copied into ZeroMQ when sent, a longer one lent
+# without a copy: lending costs a Python object and a release callback, copying grows
+# with the size (pyzmq copies below 64 KiB anyway when asked not to).
+COPY_BELOW_BYTES = 1 << 16
+_MORE, _LAST = int(zmq.SNDMORE), 0  # plain ints: pyzmq's enum flags cost a call each
 
 
 class Link:
@@ -79,7 +84,14 @@ class Link:
 
     def send(self, kind: bytes, **kw) -> None:
         """Sign and send one message (see ``Codec.encode`` for the fields)."""
-        self.sock.send_multipart(self.codec.encode(kind, **kw), copy=False)
+        frames = self.codec.encode(kind, **kw)
+        send, last = self.sock.send, len(frames) - 1
+        for i, frame in enumerate(frames):
+            # Small frames are copied: a zero-copy frame is a Python object of its own
+            # (twice the cost of a copy for the envelope's few bytes); buffers and large
+            # pickles go zero-copy.
+            send(frame, _LAST if i == last else _MORE,
+                 copy=type(frame) is bytes and len(frame) < COPY_BELOW_BYTES)
 
     def request(self, kind: bytes, timeout: float, **kw) -> Iterator[P.Message]:
         """Send one message, then yield the authentic messages that arrive within
