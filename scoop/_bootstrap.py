@@ -5,7 +5,7 @@ the worker's only argument, so the job key never shows on a command line or in `
 the broker address, the key, the worker id, the program and its arguments, and the
 process settings (directory, nice, log level). A line ``{"template": true}`` on a socket
 makes the process the job's template instead: it forks the local workers, each of which
-then reads its own config from a pipe the same way (``scoop._launch.template``). The
+then reads its own config from a pipe the same way (``scoop._template``). The
 root's stdin is the launcher's, so the program can read a pipe, ``input()`` or
 ``breakpoint()``; other workers read nothing.
 
@@ -172,9 +172,9 @@ def main() -> None:
         fd = int(sys.argv[1])
         cfg = json.loads(_read_line(fd))
         if cfg.get("template"):  # the job's template: it forks the local workers
-            from ._launch import template
+            from . import _template
 
-            fd = template.serve(fd, cfg)  # returns in a forked worker only
+            fd = _template.serve(fd, cfg)  # returns in a forked worker only
             cfg = json.loads(_read_line(fd))
         os.close(fd)
     else:  # a launcher of scoop 0.9.0 or older writes it on stdin

@@ -3,8 +3,8 @@ imports per job instead of one per worker (issue 12), as multiprocessing's forks
 
 ::
 
-    launcher                                     template (python -m scoop._start_worker FD)
-    --------                                     --------------------------------------------
+    launcher (this module)                       template (scoop._template)
+    ----------------------                       --------------------------
     Template(): spawn it, config {template}  ->  imports what a worker needs; no ZeroMQ
                 (FD: a SEQPACKET socket)         context, no thread: safe to fork
     fork(wid, config): a pipe; its read end  ->  fork(); the child: own session, stdin
@@ -37,22 +37,11 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 from .. import _agent, _reaper
-
-# The largest message on the template's socket: a request or a report is a short JSON.
-MAX_MESSAGE = 4096
-
-
-def _send(sock: socket.socket, body: dict, fds: list[int] = ()) -> None:
-    data = json.dumps(body).encode()
-    if fds:
-        socket.send_fds(sock, [data], list(fds))
-    else:
-        sock.send(data)
+from .._template import MAX_MESSAGE, send
 
 
 # -- the launcher's side -------------------------------------------------------------------
@@ -91,7 +80,7 @@ class Template:
         with self._lock:
             try:
                 fds = [config_r] if stdin_fd is None else [config_r, stdin_fd]
-                _send(self.sock, {"wid": cfg["wid"]}, fds)
+                send(self.sock, {"wid": cfg["wid"]}, fds)
                 pid = self._read_until("pid")
             except OSError as exc:
                 os.close(config_w)
@@ -199,73 +188,3 @@ class Forked:
 
     def __repr__(self) -> str:
         return f"<Forked worker pid={self.pid} returncode={self.returncode}>"
-
-
-# -- the template's side -------------------------------------------------------------------
-def serve(fd: int, cfg: dict) -> int:
-    """Be the template on the socket ``fd`` until the launcher closes it (then exit).
-
-    Returns only in a forked worker: the descriptor its config comes on.
-    """
-    from .. import _bootstrap, _watchdog  # noqa: F401 - imported once, for every worker
-    from .._runtime import link  # noqa: F401 - ZeroMQ's module, not a context
-
-    _bootstrap._die_with_parent(cfg.get("ppid", 0))
-    sock = socket.socket(fileno=fd)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.set_wakeup_fd(wake_w)
-    while True:
-        ready = select.select([sock, wake_r], [], [])[0]
-        if wake_r in ready:
-            os.read(wake_r, 512)
-        _report_exits(sock)
-        if sock not in ready:
-            continue
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2)
-        except OSError:
-            data, fds = b"", []
-        if not data:
-            os._exit(0)  # the launcher is gone or done: the workers die with us
-        request = json.loads(data)
-        if threading.active_count() != 1:  # never fork a process with threads
-            raise RuntimeError("the worker template has threads; it cannot fork")
-        pid = os.fork()
-        if pid == 0:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            for own in (sock.detach(), wake_r, wake_w):
-                os.close(own)
-            return _become_worker(fds)
-        for own in fds:
-            os.close(own)
-        _send(sock, {"wid": request["wid"], "pid": pid})
-
-
-def _report_exits(sock: socket.socket) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if not pid:
-            return
-        _send(sock, {"pid": pid, "status": os.waitstatus_to_exitcode(status)})
-
-
-def _become_worker(fds: list[int]) -> int:
-    """In the forked child: a session of its own and its stdin, as ``spawn_worker``
-    gives; returns the descriptor of its config."""
-    os.setsid()
-    config_fd, *stdin = fds
-    if stdin:
-        os.dup2(stdin[0], 0)
-        os.close(stdin[0])
-    else:
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
-    sys.argv = [sys.argv[0], str(config_fd)]
-    return config_fd
