@@ -20,6 +20,7 @@ there, and the root names the line once, instead of every worker running the pro
 from __future__ import annotations
 
 import ast
+import atexit
 import builtins
 import contextlib
 import importlib.machinery
@@ -29,9 +30,11 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 import types
 from collections.abc import Iterable, Sequence
+from typing import NoReturn
 
 import scoop
 
@@ -176,12 +179,36 @@ def main() -> None:
 
             fd = _template.serve(fd, cfg)  # returns in a forked worker only
             cfg = json.loads(_read_line(fd))
+            os.close(fd)
+            _run_forked(cfg)
         os.close(fd)
     else:  # a launcher of scoop 0.9.0 or older writes it on stdin
         cfg = json.loads(sys.stdin.readline())
         sys.stdin.close()
         sys.stdin = open(os.devnull)  # noqa: SIM115 - the program sees an empty input
     start(cfg)
+
+
+def _run_forked(cfg: dict) -> NoReturn:
+    """Run a worker forked from the template, then leave as multiprocessing's forked
+    children do: threads joined, atexit handlers run, output flushed, then ``os._exit``.
+
+    The interpreter's own finalization would tear down every module inherited from the
+    template, writing to (and so copying) most of its memory: ~45 ms of CPU per worker
+    at the end of a job, seconds for 128 workers on 2 cores.
+    """
+    status = 0
+    try:
+        start(cfg)
+    except SystemExit as exc:
+        status = exit_status(exc)
+    finally:
+        threading._shutdown()  # as Python's own exit: non-daemon threads end first
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(status)
 
 
 def _read_line(fd: int) -> bytes:
