@@ -88,11 +88,7 @@ class Template:
             finally:
                 os.close(config_r)
             worker = self.workers[pid] = Forked(self, pid)
-        with open(config_w, "wb") as f:
-            try:
-                f.write(json.dumps(cfg).encode() + b"\n")
-            except BrokenPipeError:
-                pass  # the worker died at once; its exit status tells why
+        _agent.write_config(config_w, cfg)
         return worker
 
     def _read_until(self, key: str) -> int:
