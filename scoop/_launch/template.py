@@ -43,6 +43,10 @@ import time
 from .. import _agent, _reaper
 from .._template import MAX_MESSAGE, send
 
+# How long the template may take to fork a worker: milliseconds, unless the machine is
+# overloaded or the template is stuck (then the job fails to start instead of hanging).
+FORK_TIMEOUT_S = 30.0
+
 
 # -- the launcher's side -------------------------------------------------------------------
 class Template:
@@ -93,15 +97,17 @@ class Template:
 
     def _read_until(self, key: str) -> int:
         """Read reports until one holds ``key``; return its value."""
-        while True:
-            body = self._recv(None)
+        deadline = time.monotonic() + FORK_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            body = self._recv(left)
             if body is None:
-                raise OSError("no answer")
+                raise OSError("it ended")
             if key in body:
                 return body[key]
+        raise OSError(f"no answer within {FORK_TIMEOUT_S:.0f} s")
 
     def _recv(self, timeout: float | None) -> dict | None:
-        """The next report (None: none within ``timeout``, or the template is gone);
+        """The next report ({}: none within ``timeout``; None: the template is gone);
         exit reports are recorded on their workers."""
         if not select.select([self.sock], [], [], timeout)[0]:
             return {}
@@ -119,7 +125,9 @@ class Template:
     def collect(self, timeout: float = 0.0) -> None:
         """Take in the exit reports that have come (waiting up to ``timeout`` for one)."""
         with self._lock:
-            if self.sock.fileno() < 0:
+            if self.sock.fileno() < 0:  # no more reports: look at the processes
+                self._template_gone()
+                time.sleep(timeout)
                 return
             while self._recv(timeout):
                 timeout = 0.0
@@ -127,7 +135,8 @@ class Template:
     def _template_gone(self) -> None:
         """The template died (its workers got SIGTERM from the kernel): each worker that
         is no longer alive counts as ended by that signal."""
-        self.sock.close()
+        if self.sock.fileno() >= 0:
+            self.sock.close()
         for worker in self.workers.values():
             if worker.returncode is None and not _alive(worker.pid):
                 worker.returncode = -signal.SIGTERM
