@@ -6,7 +6,7 @@ why, are in ``scoop._launch.template``).
     python -m scoop._start_worker FD, config {"template": true} on FD (a SEQPACKET socket)
       imports what a worker needs (scoop's runtime, ZeroMQ's module: no context, no thread)
       loop: a request {"wid"} + SCM_RIGHTS [config pipe, root's stdin?]
-              -> fork(); the parent answers {"wid", "pid"}
+              -> fork(); the parent answers {"wid", "forked": pid}
               -> the child: a session of its own, its stdin, then back in
                  scoop._bootstrap.main to read its config from the pipe, as any worker
             a child ended (SIGCHLD) -> {"pid", "status"}
@@ -79,7 +79,7 @@ def serve(fd: int, cfg: dict) -> int:
             return _become_worker(fds)
         for own in fds:
             os.close(own)
-        send(sock, {"wid": request["wid"], "pid": pid})
+        send(sock, {"wid": request["wid"], "forked": pid})
 
 
 def _report_exits(sock: socket.socket) -> None:

@@ -10,7 +10,7 @@ imports per job instead of one per worker (issue 12), as multiprocessing's forks
     fork(wid, config): a pipe; its read end  ->  fork(); the child: own session, stdin
       (and the root's stdin) go as SCM_RIGHTS      (the root's, or /dev/null), then reads its
       config -> the pipe's write end               config on the pipe and runs as any worker
-    Forked (a Popen to the launcher) <--------   {"wid", "pid"}
+    Forked (a Popen to the launcher) <--------   {"wid", "forked": pid}
     poll / wait  <-----------------------------  {"pid", "status"}: a child ended (waitpid)
     close(): EOF  ---------------------------->  exits (its children die with it: PDEATHSIG)
 
@@ -85,7 +85,8 @@ class Template:
             try:
                 fds = [config_r] if stdin_fd is None else [config_r, stdin_fd]
                 send(self.sock, {"wid": cfg["wid"]}, fds)
-                pid = self._read_until("pid")
+                # An exit report may come first: it names a pid too, never "forked".
+                pid = self._read_until("forked")
             except OSError as exc:
                 os.close(config_w)
                 raise _agent.SpawnError(f"the worker template is gone: {exc}") from None
