@@ -58,7 +58,7 @@ def serve(fd: int, cfg: dict) -> int:
         ready = select.select([sock, wake_r], [], [])[0]
         if wake_r in ready:
             os.read(wake_r, 512)
-        _report_exits(sock)
+        _report(sock, _exits())
         if sock not in ready:
             continue
         try:
@@ -79,18 +79,28 @@ def serve(fd: int, cfg: dict) -> int:
             return _become_worker(fds)
         for own in fds:
             os.close(own)
-        send(sock, {"wid": request["wid"], "forked": pid})
+        _report(sock, [{"wid": request["wid"], "forked": pid}])
 
 
-def _report_exits(sock: socket.socket) -> None:
+def _exits() -> list[dict]:
+    """The children that ended since the last look, as reports."""
+    out = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return out
         if not pid:
-            return
-        send(sock, {"pid": pid, "status": os.waitstatus_to_exitcode(status)})
+            return out
+        out.append({"pid": pid, "status": os.waitstatus_to_exitcode(status)})
+
+
+def _report(sock: socket.socket, bodies: list[dict]) -> None:
+    try:
+        for body in bodies:
+            send(sock, body)
+    except OSError:  # the launcher hung up while a report was on its way: it is done
+        os._exit(0)
 
 
 def _become_worker(fds: list[int]) -> int:
