@@ -104,12 +104,17 @@ def spawn_worker(cfg: dict, python: str, cwd: str, pythonpath: str | None = None
                          "Check --python-executable.") from exc
     finally:
         os.close(config_r)
-    with open(config_w, "wb") as f:
+    write_config(config_w, cfg)
+    return proc
+
+
+def write_config(fd: int, cfg: dict) -> None:
+    """Write a worker's config on the pipe ``fd`` (closed after): one JSON line."""
+    with open(fd, "wb") as f:
         try:
             f.write(json.dumps(cfg).encode() + b"\n")
         except BrokenPipeError:
             pass  # the worker died at once; its exit status tells why
-    return proc
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -5,6 +5,11 @@ the job is over (the launcher may be SIGKILLed, its host may vanish). Its hub ca
 check either while a long task runs. So every worker process runs this thread, with its
 own socket (ZeroMQ sockets are not shared between threads): it sends a signed PING every
 ``PING_PERIOD_S`` and exits the process if no PONG has come for ``BROKER_TIMEOUT_S``.
+
+Its socket lives in the worker link's ZeroMQ context (a context is thread-safe): one I/O
+thread per worker, not two, and the worker's ``close`` ends the watchdog too (its wait
+raises ``zmq.ContextTerminated``). ZeroMQ's I/O thread runs without the GIL, so a task
+that holds the interpreter delays the watchdog as it did with a context of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import logging
 import os
 import threading
 import time
+
+import zmq
 
 from . import _protocol as P
 from . import _reaper
@@ -32,8 +39,10 @@ class Watchdog(threading.Thread):
     """Pings the broker; calls ``on_lost`` (default: exit the process) when it is gone."""
 
     def __init__(self, address: str, creds: Credentials, wid: int, on_lost=None,
-                 timeout: float = BROKER_TIMEOUT_S, period: float = PING_PERIOD_S) -> None:
+                 timeout: float = BROKER_TIMEOUT_S, period: float = PING_PERIOD_S,
+                 ctx: zmq.Context | None = None) -> None:
         super().__init__(name="scoop-watchdog", daemon=True)
+        self.ctx = ctx  # the worker link's (None: one of its own)
         self.address = address
         self.creds = creds
         self.wid = wid
@@ -46,7 +55,12 @@ class Watchdog(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
-        link = Link(self.address, self.creds, self.wid, role=b"h")
+        try:
+            link = Link(self.address, self.creds, self.wid, role=b"h", ctx=self.ctx)
+        except zmq.ZMQError:
+            if self.ctx is not None and self.ctx.closed:
+                return  # the worker closed its link first: it is leaving
+            raise
         heard = time.monotonic()
         try:
             while not self._stop_event.is_set():
@@ -57,6 +71,8 @@ class Watchdog(threading.Thread):
                 if time.monotonic() - heard > self.timeout:
                     self.on_lost(time.monotonic() - heard)
                     return
+        except zmq.ContextTerminated:
+            pass  # the worker closed its link: it is leaving, and so is this thread
         finally:
             link.close(0)
 

@@ -79,12 +79,15 @@ CREDIT_CASES = {
         ("want", (0, False), 1),
         ("stand_by", (), True),
     ], {"standby": True}),
-    "the program resumes: withdraw the credit, or the standby, once": (2, [
+    "the program resumes: withdraw the credit once; a standby stands": (2, [
         ("withdraw", (), False),  # nothing to withdraw
         ("want", (0, False), 1),
         ("withdraw", (), True),
         ("withdraw", (), False),
         ("stand_by", (), True),
+        ("withdraw", (), False),  # no WITHDRAW 0 after a timed wait...
+        ("stand_by", (), False),  # ...nor WITHDRAW 1 at the next one
+        ("want", (0, False), 1),  # an untimed wait asks for work: the standby ends
         ("withdraw", (), True),
     ], {"credit_out": 0, "standby": False}),
 }

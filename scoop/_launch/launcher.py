@@ -46,6 +46,7 @@ from .._files import write_atomically
 from .._transport import Credentials
 from . import address, remote
 from .job import Job, Placement, wants_encryption
+from .template import Template
 
 log = logging.getLogger("scoop")
 
@@ -60,6 +61,10 @@ SANDBOXES_PER_ATTEMPT = 4
 # How long remote workers may take to join before the job is abandoned (ssh, a cold
 # Python start on a loaded node, a network file system).
 JOIN_TIMEOUT_S = 60.0
+# Local workers from which on a job forks them from a template process instead of
+# starting an interpreter each: the template costs one interpreter start of its own, so
+# below this it saves nothing (an in-process pool of 2 starts a single worker).
+FORK_FROM = 2
 
 
 class Launcher:
@@ -108,6 +113,7 @@ class Launcher:
         self.broker: _broker.Broker | None = None
         self.worker_address = ""  # what workers connect to (see address.ROUTES)
         self.procs: dict[int, subprocess.Popen] = {}  # local workers by id
+        self.template: Template | None = None  # forks the local workers (.template)
         self.agents: dict[str, remote.RemoteHost] = {}  # remote hosts by name
         self.root_worker: _worker.Worker | None = None
         self._reported: set[int] = set()
@@ -136,6 +142,15 @@ class Launcher:
             self.worker_address = address.worker_address(route, job, self.broker.address)
             if job.joiners:
                 self.write_job_file()
+            local = sum(len(row.wids) for row in job.placements(root_in_process)
+                        if row.how == "local")
+            # Another interpreter (--python-executable, often a wrapper script) may do
+            # something per process: each worker still starts it.
+            if local >= FORK_FROM and job.python == sys.executable:
+                try:
+                    self.template = Template(job.python, job.cwd, job.pythonpath, job.id)
+                except _agent.SpawnError as exc:
+                    raise LaunchError(str(exc)) from None
             # The root starts last, once every remote worker has joined: a host that
             # cannot take part stops the job before the program runs, not halfway.
             for row in job.placements(root_in_process):
@@ -207,10 +222,15 @@ class Launcher:
         """Start local worker ``wid`` (the root gets this process's stdin)."""
         config = self.job.worker_config(wid, self.broker.address, self.creds)
         try:
-            proc = _agent.spawn_worker(config, self.job.python, self.job.cwd,
-                                       self.job.pythonpath,
-                                       stdin=None if wid == 0 else subprocess.DEVNULL,
-                                       **self.worker_popen)
+            # worker_popen (the Executor's output relay in a notebook) needs a process of
+            # its own: then no fork of the template
+            if self.template is not None and not self.worker_popen:
+                proc = self.template.fork(config, stdin_fd=0 if wid == 0 else None)
+            else:
+                proc = _agent.spawn_worker(config, self.job.python, self.job.cwd,
+                                           self.job.pythonpath,
+                                           stdin=None if wid == 0 else subprocess.DEVNULL,
+                                           **self.worker_popen)
         except _agent.SpawnError as exc:
             raise LaunchError(str(exc)) from None
         log.debug("started worker %d (pid %d)", wid, proc.pid)
@@ -280,6 +300,9 @@ class Launcher:
         for agent in self.agents.values():
             agent.close()  # EOF on its stdin: it stops its workers if STOP did not
         _agent.reap([*self.procs.values(), *(a.proc for a in self.agents.values())], grace)
+        if self.template is not None:
+            self.template.close()  # after its workers: their ends were reported
+            self.template = None
         for agent in self.agents.values():
             agent.finish()
         # What tasks started and their workers did not end (a worker killed outright).

@@ -41,6 +41,11 @@ log = logging.getLogger("scoop")
 
 # Messages handled per poll before the hub goes back to running tasks.
 MAX_DRAIN = 256
+# A bytes frame shorter than this is copied into ZeroMQ when sent, a longer one lent
+# without a copy: lending costs a Python object and a release callback, copying grows
+# with the size (pyzmq copies below 64 KiB anyway when asked not to).
+COPY_BELOW_BYTES = 1 << 16
+_MORE, _LAST = int(zmq.SNDMORE), 0  # plain ints: pyzmq's enum flags cost a call each
 
 
 class Link:
@@ -52,29 +57,49 @@ class Link:
         wid: the worker id this connection speaks for.
         sender: the sender id of its messages (default ``wid``).
         linger_ms: how long closing waits for unsent messages.
+        ctx: the ZeroMQ context of another link of this process to share (its I/O
+            thread serves both); None: a context of its own, ended with the link.
     """
 
     def __init__(self, address: str, creds: Credentials, wid: int, role: bytes = b"w",
-                 sender: int | None = None, linger_ms: int = 0) -> None:
+                 sender: int | None = None, linger_ms: int = 0,
+                 ctx: zmq.Context | None = None) -> None:
         self.wid = wid
         self.codec = P.Codec(creds.key, wid if sender is None else sender)
-        self.ctx = zmq.Context()
+        self._own_ctx = ctx is None
+        self.ctx = zmq.Context() if ctx is None else ctx
         self.sock = creds.connect(self.ctx, P.routing_id(role, wid), address,
                                   linger_ms=linger_ms)
+        # One poller for the socket's life: building one per wait (``Socket.poll``) cost
+        # more than the wait itself in the hub's idle loop.
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
         self._bad_sources: set[str] = set()
+
+    def _readable(self, timeout_ms: int) -> bool:
+        """Whether a message is waiting, after waiting up to ``timeout_ms`` for one."""
+        if not timeout_ms:  # one question to the socket, not a poll of its descriptor
+            return bool(self.sock.get(zmq.EVENTS) & zmq.POLLIN)
+        return bool(self._poller.poll(timeout_ms))
 
     def send(self, kind: bytes, **kw) -> None:
         """Sign and send one message (see ``Codec.encode`` for the fields)."""
-        self.sock.send_multipart(self.codec.encode(kind, **kw), copy=False)
+        frames = self.codec.encode(kind, **kw)
+        send, last = self.sock.send, len(frames) - 1
+        for i, frame in enumerate(frames):
+            # Small frames are copied: a zero-copy frame is a Python object of its own
+            # (twice the cost of a copy for the envelope's few bytes); buffers and large
+            # pickles go zero-copy.
+            send(frame, _LAST if i == last else _MORE,
+                 copy=type(frame) is bytes and len(frame) < COPY_BELOW_BYTES)
 
     def request(self, kind: bytes, timeout: float, **kw) -> Iterator[P.Message]:
         """Send one message, then yield the authentic messages that arrive within
         ``timeout`` seconds (stop iterating once the answer came)."""
         self.send(kind, **kw)
         deadline = time.monotonic() + timeout
-        sock = self.sock
-        while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1):
-            msg = self._decode(sock.recv_multipart(copy=False))
+        while (left := deadline - time.monotonic()) > 0 and self._readable(int(left * 1000) + 1):
+            msg = self._decode(self.sock.recv_multipart(copy=False))
             if msg is not None:
                 yield msg
 
@@ -84,16 +109,19 @@ class Link:
         to ``timeout_ms`` for the first one (with ``wait(ms)`` instead of the socket's
         poll when given: it returns whether the socket is ready)."""
         sock = self.sock
-        if timeout_ms and not (wait or sock.poll)(timeout_ms):
+        if timeout_ms and wait is not None:  # the receive below must not block
+            if not wait(timeout_ms) or not self._readable(0):
+                return
+        elif not self._readable(timeout_ms):
             return
         for _ in range(MAX_DRAIN):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            msg = self._decode(frames)
+            # Asking the socket beats a failed receive: zmq.Again is an exception built
+            # in Python, on every drain of the hub.
+            msg = self._decode(sock.recv_multipart(copy=False))
             if msg is not None:
                 yield msg
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return
 
     def _decode(self, frames) -> P.Message | None:
         try:
@@ -111,9 +139,12 @@ class Link:
                         self.wid, source, exc)
 
     def close(self, linger_ms: int | None = None) -> None:
-        """Close the socket (waiting up to its linger for what is unsent) and the context."""
+        """Close the socket (waiting up to its linger for what is unsent) and the context
+        if it is this link's own: ending it makes the blocking calls of links that share
+        it raise ``zmq.ContextTerminated``, which ends them (see ``scoop._watchdog``)."""
         self.sock.close(linger_ms)
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()
 
 
 def ask_id(address: str, creds: Credentials, timeout: float) -> int:

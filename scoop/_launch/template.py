@@ -1,0 +1,196 @@
+"""Local workers forked from a template process: one interpreter start and one round of
+imports per job instead of one per worker (issue 12), as multiprocessing's forkserver.
+
+::
+
+    launcher (this module)                       template (scoop._template)
+    ----------------------                       --------------------------
+    Template(): spawn it, config {template}  ->  imports what a worker needs; no ZeroMQ
+                (FD: a SEQPACKET socket)         context, no thread: safe to fork
+    fork(wid, config): a pipe; its read end  ->  fork(); the child: own session, stdin
+      (and the root's stdin) go as SCM_RIGHTS      (the root's, or /dev/null), then reads its
+      config -> the pipe's write end               config on the pipe and runs as any worker
+    Forked (a Popen to the launcher) <--------   {"wid", "forked": pid}
+    poll / wait  <-----------------------------  {"pid", "status"}: a child ended (waitpid)
+    close(): EOF  ---------------------------->  exits (its children die with it: PDEATHSIG)
+
+*Why.* Each fresh interpreter pays its start and every import (scoop, ZeroMQ, greenlet,
+cloudpickle): about 0.15 s of CPU per worker, seconds for 128 workers on 2 cores. A fork
+of a process that has them all costs a few milliseconds.
+
+*What stays as it was.* A forked worker runs the same start-up (``_bootstrap.start``) from
+the same config, read from a pipe of its own (never from a command line); its command
+line is the template's (``-m scoop._start_worker FD``). The template is spawned with the
+workers' environment, so ``/proc/<pid>/environ`` of every worker carries the job's mark
+(``scoop._reaper``). Each worker asks for PDEATHSIG on its parent, the template, which
+asks for it on the launcher: a dead launcher still takes every worker with it. Remote
+hosts (ssh agents, srun, joining workers), and workers of another interpreter than the
+launcher's (``--python-executable``: a wrapper may do something per process), start
+workers as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+from .. import _agent, _reaper
+from .._template import MAX_MESSAGE, send
+
+# How long the template may take to fork a worker: milliseconds, unless the machine is
+# overloaded or the template is stuck (then the job fails to start instead of hanging).
+FORK_TIMEOUT_S = 30.0
+
+
+# -- the launcher's side -------------------------------------------------------------------
+class Template:
+    """The template process of one job, spawned with the workers' interpreter, directory
+    and environment; :meth:`fork` starts a worker from it.
+
+    Raises:
+        SpawnError: the interpreter could not be started.
+    """
+
+    def __init__(self, python: str, cwd: str, pythonpath: str | None, job: str) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = _agent.worker_env(pythonpath)
+        env[_reaper.JOB] = job  # inherited by every worker forked from it
+        try:
+            self.proc = subprocess.Popen(
+                [python, "-m", _agent.WORKER_MODULE, str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True,
+                pass_fds=(theirs.fileno(),))
+        except OSError as exc:
+            self.sock.close()
+            raise _agent.SpawnError(f"cannot start a worker with {python!r}: {exc}. "
+                                    "Check --python-executable.") from exc
+        finally:
+            theirs.close()
+        # Its config, as a worker's: one JSON line (see scoop._bootstrap.main).
+        self.sock.send(json.dumps({"template": True, "ppid": os.getpid()}).encode() + b"\n")
+        self.workers: dict[int, Forked] = {}  # by pid
+        self._lock = threading.Lock()  # the launcher's watcher and a library's thread
+
+    def fork(self, cfg: dict, stdin_fd: int | None) -> Forked:
+        """Start a worker with config ``cfg`` (``stdin_fd``: its stdin, None: empty)."""
+        cfg = dict(cfg, ppid=self.proc.pid, die_with_parent=True)
+        config_r, config_w = os.pipe()
+        with self._lock:
+            try:
+                fds = [config_r] if stdin_fd is None else [config_r, stdin_fd]
+                send(self.sock, {"wid": cfg["wid"]}, fds)
+                # An exit report may come first: it names a pid too, never "forked".
+                pid = self._read_until("forked")
+            except OSError as exc:
+                os.close(config_w)
+                raise _agent.SpawnError(f"the worker template is gone: {exc}") from None
+            finally:
+                os.close(config_r)
+            worker = self.workers[pid] = Forked(self, pid)
+        _agent.write_config(config_w, cfg)
+        return worker
+
+    def _read_until(self, key: str) -> int:
+        """Read reports until one holds ``key``; return its value."""
+        deadline = time.monotonic() + FORK_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            body = self._recv(left)
+            if body is None:
+                raise OSError("it ended")
+            if key in body:
+                return body[key]
+        raise OSError(f"no answer within {FORK_TIMEOUT_S:.0f} s")
+
+    def _recv(self, timeout: float | None) -> dict | None:
+        """The next report ({}: none within ``timeout``; None: the template is gone);
+        exit reports are recorded on their workers."""
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return {}
+        data = self.sock.recv(MAX_MESSAGE)
+        if not data:
+            self._template_gone()
+            return None
+        body = json.loads(data)
+        if "status" in body:
+            worker = self.workers.get(body["pid"])
+            if worker is not None:
+                worker.returncode = body["status"]
+        return body
+
+    def collect(self, timeout: float = 0.0) -> None:
+        """Take in the exit reports that have come (waiting up to ``timeout`` for one)."""
+        with self._lock:
+            if self.sock.fileno() < 0:  # no more reports: look at the processes
+                self._template_gone()
+                time.sleep(timeout)
+                return
+            while self._recv(timeout):
+                timeout = 0.0
+
+    def _template_gone(self) -> None:
+        """The template died (its workers got SIGTERM from the kernel): each worker that
+        is no longer alive counts as ended by that signal."""
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+        for worker in self.workers.values():
+            if worker.returncode is None and not _alive(worker.pid):
+                worker.returncode = -signal.SIGTERM
+
+    def close(self) -> None:
+        """End the template (its workers, if any are left, die with it) and reap it."""
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+        try:
+            self.proc.wait(_agent.STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie of another parent is dead
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+class Forked:
+    """A worker forked by the template, as the launcher uses a ``subprocess.Popen``:
+    ``pid``, ``returncode`` (negative: killed by that signal), ``poll()``, ``wait()``."""
+
+    stdin = None
+
+    def __init__(self, template: Template, pid: int) -> None:
+        self.template = template
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.template.collect()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            if left <= 0:
+                raise subprocess.TimeoutExpired(f"worker pid {self.pid}", timeout)
+            self.template.collect(left)
+        return self.returncode
+
+    def __repr__(self) -> str:
+        return f"<Forked worker pid={self.pid} returncode={self.returncode}>"
