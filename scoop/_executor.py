@@ -504,6 +504,12 @@ class _PoolLauncher(Launcher):
 
     runtime: _Runtime
 
+    def start(self, root_in_process: bool = False) -> Launcher:
+        # Each worker is a child of this process: the end of the caller (a killed
+        # notebook kernel included) is proven to end them; not yet so through a template.
+        self.forks_workers = False
+        return super().start(root_in_process)
+
     def _join_as_root(self) -> None:
         # the runtime thread watches the processes, so it can start sandbox workers
         self.broker.sandbox_budget = SANDBOXES_PER_ATTEMPT * self.job.max_attempts

@@ -114,6 +114,7 @@ class Launcher:
         self.worker_address = ""  # what workers connect to (see address.ROUTES)
         self.procs: dict[int, subprocess.Popen] = {}  # local workers by id
         self.template: Template | None = None  # forks the local workers (.template)
+        self.forks_workers = True  # may start local workers from a template
         self.agents: dict[str, remote.RemoteHost] = {}  # remote hosts by name
         self.root_worker: _worker.Worker | None = None
         self._reported: set[int] = set()
@@ -142,15 +143,8 @@ class Launcher:
             self.worker_address = address.worker_address(route, job, self.broker.address)
             if job.joiners:
                 self.write_job_file()
-            local = sum(len(row.wids) for row in job.placements(root_in_process)
-                        if row.how == "local")
-            # Another interpreter (--python-executable, often a wrapper script) may do
-            # something per process: each worker still starts it.
-            if local >= FORK_FROM and job.python == sys.executable:
-                try:
-                    self.template = Template(job.python, job.cwd, job.pythonpath, job.id)
-                except _agent.SpawnError as exc:
-                    raise LaunchError(str(exc)) from None
+            if self.forks_workers:
+                self.template = _template(job, root_in_process)
             # The root starts last, once every remote worker has joined: a host that
             # cannot take part stops the job before the program runs, not halfway.
             for row in job.placements(root_in_process):
@@ -321,3 +315,17 @@ class Launcher:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _template(job: Job, root_in_process: bool) -> Template | None:
+    """The template that forks the job's local workers, if forking pays (FORK_FROM)."""
+    local = sum(len(row.wids) for row in job.placements(root_in_process)
+                if row.how == "local")
+    # Another interpreter (--python-executable, often a wrapper script) may do something
+    # per process: each worker still starts it.
+    if local < FORK_FROM or job.python != sys.executable:
+        return None
+    try:
+        return Template(job.python, job.cwd, job.pythonpath, job.id)
+    except _agent.SpawnError as exc:
+        raise LaunchError(str(exc)) from None
