@@ -32,16 +32,21 @@ class Tty(io.StringIO):
         return True
 
 
+def _line_after(p: _progress.Progress, clock: Clock, seconds: float, done: int):
+    """The meter's line once ``done`` items finished ``seconds`` after its first look."""
+    meter = _progress.Meter(p)
+    meter.line()
+    clock.now += seconds
+    p.add_done(done)
+    return meter, meter.line()
+
+
 def test_the_line_has_counts_percent_rate_workers_and_time_left():
     clock = Clock()
     p = _progress.Progress(clock)
     p.workers = 4
     p.add_total(10_000)
-    meter = _progress.Meter(p)
-    meter.line()
-    clock.now += 10
-    p.add_done(2_500)
-    line = meter.line()
+    _, line = _line_after(p, clock, 10, 2_500)
     assert line.startswith("scoop: 2,500/10,000 items  25%  250/s  4 workers  0:10")
     assert line.endswith("0:30 left")  # 7,500 more at 250/s
 
@@ -51,11 +56,7 @@ def test_an_input_without_length_shows_what_was_read_and_no_time_left():
     p = _progress.Progress(clock)
     p.reading(+1)
     p.add_total(300)
-    meter = _progress.Meter(p)
-    meter.line()
-    clock.now += 2
-    p.add_done(100)
-    line = meter.line()
+    meter, line = _line_after(p, clock, 2, 100)
     assert "100/300+ items" in line and "%" not in line and "left" not in line
     p.reading(-1)
     assert "33%" in meter.line()
