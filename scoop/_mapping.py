@@ -48,6 +48,7 @@ import functools
 import itertools
 import operator
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,27 @@ GROWTH = 4
 # The rate a map goes at is measured over the last RATE_WINDOW_S to 2 x RATE_WINDOW_S
 # seconds: long enough to smooth chunked arrivals, short enough to follow a change.
 RATE_WINDOW_S = 1.0
+
+
+# Seconds per item of the functions mapped before (the quickest turnaround seen): a later
+# map of an input without a length starts at that pace instead of one item per chunk
+# (DEAP maps generators of the same function every generation). Weak keys: a function
+# that goes takes its pace along.
+_paces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pace_of(func: Any) -> float | None:
+    try:
+        return _paces.get(func)
+    except TypeError:  # not weakly referable (a callable object with __slots__)
+        return None
+
+
+def _remember_pace(func: Any, pace: float) -> None:
+    try:
+        _paces[func] = pace
+    except TypeError:
+        pass
 
 
 def check_sizes(chunksize: int | None, buffersize: int | None) -> None:
@@ -178,6 +200,11 @@ class Feed:
         self.marks = [(now, 0), (now, 0)]  # the rate window's start, and the next one
         # Seconds per item from submission to result, of the last chunks handed out.
         self.turnarounds: deque[float] = deque(maxlen=self.ahead)
+        self.func = prefix[0] if prefix else runner  # the mapped function
+        pace = _pace_of(self.func)
+        if pace is not None:  # mapped before: start at its pace, not one item per chunk
+            self.turnarounds.append(pace)
+            self.last_step = max(1, int(TARGET_CHUNK_S / max(pace, 1e-9)) // GROWTH)
         # The chunks in flight, (future, items, submitted at): in input order (ordered),
         # or by future, with a waiter that collects them as they complete.
         self.futs: deque[tuple] | dict[Any, tuple] = deque() if ordered else {}
@@ -308,6 +335,8 @@ class Feed:
     def cancel(self) -> None:
         """Read no more; cancel the chunks not shipped (those shipped run to their end)."""
         self.items = None
+        if self.turnarounds:
+            _remember_pace(self.func, min(self.turnarounds))
         if self.count is not None:
             self.count.stopped_reading()
         if self.checkpoint is not None:
