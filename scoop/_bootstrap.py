@@ -39,7 +39,14 @@ from typing import NoReturn
 import scoop
 
 from . import _progress, _reaper, _serialize, _worker
-from ._errors import BrokenJobError, JobOver, JobStopped, ProgramError, UnguardedCall
+from ._errors import (
+    BrokenJobError,
+    JobOver,
+    JobStopped,
+    ProgramError,
+    UnguardedCall,
+    WallTimeReached,
+)
 from ._files import create_private
 from ._transport import Credentials
 from ._watchdog import Watchdog
@@ -50,6 +57,9 @@ MAIN_RUN_NAME = "__scoop_main__"  # the program's module name on non-root worker
 # How long a worker tries to reach the broker: the handshake takes milliseconds, so this
 # only has to cover a loaded machine; an unreachable broker is reported this quickly.
 CONNECT_TIMEOUT_S = 10.0
+# The exit status of a job stopped because its time was up (EX_TEMPFAIL of sysexits.h:
+# "try again later"): a job script tests it to requeue itself.
+EXIT_WALLTIME = 75
 
 
 def load_program(path: str, run_name: str) -> types.ModuleType:
@@ -314,13 +324,24 @@ def _end_on_sigterm(signum: int, frame) -> None:
     os.kill(os.getpid(), signum)
 
 
+def _time_is_up(signum: int, frame) -> None:
+    """SIGUSR1 from the launcher, once the wall-time grace period is over."""
+    signal.signal(signum, signal.SIG_IGN)  # once
+    raise WallTimeReached("the job's time is up")
+
+
 def _run_root(worker: _worker.Worker, cfg: dict) -> int:
     status = 0
     reporter = _progress.start(worker.size) if cfg.get("progress") else None
+    signal.signal(signal.SIGUSR1, _time_is_up)
     try:
         run_main(cfg, "__main__")
     except SystemExit as exc:
         status = exit_status(exc)
+    except WallTimeReached:
+        print(f"scoop: the job's time is up: stopped early, results recorded (exit status "
+              f"{EXIT_WALLTIME}: run it again to resume a checkpointed map)", file=sys.stderr)
+        status = EXIT_WALLTIME
     except ProgramError as exc:
         print(exc, file=sys.stderr)
         status = 1

@@ -96,6 +96,10 @@ class StopWorkers(NamedTuple):
     """Control command: STOP every worker, now and as they join; keep routing."""
 
 
+class Drain(NamedTuple):
+    """Control command: start no more task groups (the job's time is up); keep routing."""
+
+
 class Stop(NamedTuple):
     """Control command: STOP every worker and end the loop."""
 
@@ -127,7 +131,7 @@ class Broker:
         # Commands from other threads, and a socket that wakes the loop for each. Both of
         # its ends exist from the start: making a socket later could fail when a flood of
         # connections has used up the descriptors.
-        self._commands: _queue.SimpleQueue[Lost | StopWorkers | Stop] = _queue.SimpleQueue()
+        self._commands: _queue.SimpleQueue[Lost | StopWorkers | Drain | Stop] = _queue.SimpleQueue()
         ctl_addr = f"inproc://scoop-broker-{id(self)}"
         self._ctl = self.ctx.socket(zmq.PULL)
         self._ctl.bind(ctl_addr)
@@ -191,6 +195,10 @@ class Broker:
         """Send STOP to every worker, now and as they join; keep routing (any thread)."""
         self._command(StopWorkers())
 
+    def drain(self) -> None:
+        """Start no more task groups; results still travel (any thread)."""
+        self._command(Drain())
+
     def worker_lost(self, wid: int, how: str) -> None:
         """Report that worker ``wid`` is gone (``how``: its end, in words; any thread)."""
         self._command(Lost(wid, how))
@@ -209,7 +217,7 @@ class Broker:
         self._command(Stop())
         self._thread.join(timeout)
 
-    def _command(self, cmd: Lost | StopWorkers | Stop) -> None:
+    def _command(self, cmd: Lost | StopWorkers | Drain | Stop) -> None:
         with self._ctl_lock:
             if not self.finished.is_set():
                 self._commands.put(cmd)
@@ -250,6 +258,9 @@ class Broker:
             except zmq.Again:
                 return True
             cmd = self._commands.get_nowait()
+            if isinstance(cmd, Drain):
+                self.schedule.draining = True
+                continue
             if isinstance(cmd, Lost):
                 self._drain()  # what it sent before it died counts (done, results)
                 now = time.monotonic()

@@ -23,8 +23,10 @@ worker held (after ``--max-attempts`` deaths) through their futures, and the job
 with the others; :class:`BrokenJobError` means no future can run any more.
 
 Not errors, and so not ScoopErrors: :class:`RemoteTraceback` (the worker-side traceback
-chained as a task exception's ``__cause__``) and :class:`UnguardedCall` (a
-BaseException that stops a worker's import of the program, see ``scoop._bootstrap``).
+chained as a task exception's ``__cause__``), :class:`UnguardedCall` (a
+BaseException that stops a worker's import of the program, see ``scoop._bootstrap``) and
+:class:`WallTimeReached` (a BaseException, like KeyboardInterrupt, that ends the program
+when the job's time is up).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "HostfileError",
     "ProgramError",
     "UnguardedCall",
+    "WallTimeReached",
 ]
 
 
@@ -134,3 +137,10 @@ class ProgramError(ScoopError):
 class UnguardedCall(BaseException):
     """A non-root worker's import of the program reached a futures call: code only the
     root should run. A BaseException, so that ``except Exception`` lets it through."""
+
+
+class WallTimeReached(BaseException):
+    """The job's time is up (SIGUSR1 to the launcher, or ``--walltime``): raised in the
+    root's program once the grace period is over, so that its ``finally`` blocks (a
+    checkpointed map's last results) run. A BaseException: ``except Exception`` in the
+    program does not swallow it. The launcher then exits with ``EXIT_WALLTIME`` (75)."""

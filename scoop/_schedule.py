@@ -262,6 +262,7 @@ class Schedule:
         self.recovery = Recovery(self.roster, self.queue, self.max_attempts)
         self.consts: list[P.Parcel] = []
         self.stopping = False  # STOP sent; workers that join now are stopped at once
+        self.draining = False  # the job's time is up: start nothing more (see dispatch)
         self.exit_status: int | None = None
         self._all_standby_since: float | None = None
         self._last_tick: float | None = None
@@ -407,7 +408,10 @@ class Schedule:
 
     # -- dispatch --------------------------------------------------------------------------
     def dispatch(self, now: float) -> list[Out]:
-        """Hand queued groups to workers with credit, taking turns."""
+        """Hand queued groups to workers with credit, taking turns (none while draining:
+        what runs finishes, what waits in the queue stays there)."""
+        if self.draining:
+            return []
         out: list[Out] = []
         queue, roster = self.queue, self.roster
         sent = True

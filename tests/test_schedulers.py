@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import sys
 import time
 
@@ -250,17 +249,17 @@ LONG_MAP = """
 
 def test_usr1_before_the_time_limit_reaches_the_scoop_launcher(slurm, tmp_path):
     """The batch script execs the launcher: --signal=B:USR1 is delivered to it. The
-    launcher does not handle USR1 yet (draining a checkpointed map on it is issue 13's
-    runtime part), so today it ends the job: the batch step dies of signal 10 and takes
-    its workers along. When the drain lands, this test turns into: the map stops at a
-    checkpoint, the launcher exits cleanly, the job requeues and finishes the map."""
+    launcher drains the job (no task starts any more), and after --grace the program
+    stops: the job ends with the documented status 75 (EXIT_WALLTIME), not killed by the
+    signal, and its workers go with it."""
     prog = write_program(tmp_path, LONG_MAP)
     job = submit_with_signal(slurm, f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m scoop "
-                                    f"--launcher ssh -n 2 {shlex.quote(prog)}\n", tmp_path)
+                                    f"--launcher ssh -n 2 --grace 2 {shlex.quote(prog)}\n",
+                             tmp_path)
     wait_output(tmp_path / "job.out", r"started \d+")
     signal_batch(slurm, job, "USR1")
     state = wait_job(slurm, job, ENDED, 30)
-    assert state["ExitCode"] == f"0:{signal.SIGUSR1.value}", state
+    assert state["ExitCode"] == "75:0", state
 
 
 # ----------------------------------------------------------------------------- Grid Engine

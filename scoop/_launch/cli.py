@@ -38,6 +38,7 @@ from .._errors import LaunchError
 from .._files import create_private, read_regular
 from .launcher import Launcher
 from .remote import cpu_count, host_cpu_counts
+from .walltime import WallClock, parse_duration
 
 log = logging.getLogger("scoop")
 
@@ -127,6 +128,15 @@ def build_parser(prog: str = "python -m scoop") -> argparse.ArgumentParser:
     p.add_argument("--log", metavar="FILE", default=None,
                    help="write scoop's log messages (launcher and workers) to FILE; the "
                         "program's own output still goes to the terminal")
+    p.add_argument("--walltime", type=parse_duration, metavar="HH:MM:SS", default=None,
+                   help="the job's time: --grace before it, no task starts any more; at it, "
+                        "the program stops (exit status 75: run it again to resume a "
+                        "checkpointed map). SIGUSR1 to the launcher does the same at once "
+                        "(sbatch --signal=B:USR1@120)")
+    p.add_argument("--grace", type=float, metavar="SECONDS", default=60.0,
+                   help="seconds from the drain (SIGUSR1, or --walltime minus this) to the "
+                        "program's stop: running tasks finish and are recorded meanwhile "
+                        "(default 60)")
     p.add_argument("--progress", action="store_true",
                    default=os.environ.get("SCOOP_PROGRESS", "") not in ("", "0"),
                    help="show the program's progress on stderr: items done/total, rate, "
@@ -330,14 +340,15 @@ def main(argv: list[str] | None = None) -> int:
                         launcher=ns.launcher or _default_launcher(ns),
                         max_attempts=ns.max_attempts, encrypt=ns.encrypt, module=ns.module,
                         progress=ns.progress)
-    return _run(launcher, hosts)
+    return _run(launcher, hosts, WallClock(launcher, ns.grace, ns.walltime))
 
 
-def _run(launcher: Launcher, hosts: list[tuple[str, int]]) -> int:
+def _run(launcher: Launcher, hosts: list[tuple[str, int]], clock: WallClock) -> int:
     """Start the job, wait for its end, stop it whatever happens; return its status."""
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launcher.start()
+        clock.start()
         log.info("started %d workers on %s; broker at %s", launcher.n,
                  " ".join(f"{h}:{c}" for h, c in hosts), launcher.broker.address)
         status = launcher.wait()
@@ -349,6 +360,7 @@ def _run(launcher: Launcher, hosts: list[tuple[str, int]]) -> int:
         print(f"scoop: {exc}", file=sys.stderr)
         status = 1
     finally:
+        clock.stop()
         for s in old:
             signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup short
         try:
