@@ -128,9 +128,8 @@ class Broker:
         self.gate = Gate(self.ctx, creds, min(max(MAX_UNPROVEN, 4 * size), open_files // 2))
         self.router, self.address = creds.listen(self.ctx, host, port)
         self.gate.watch(self.router)
-        # Commands from other threads, and a socket that wakes the loop for each. Both of
-        # its ends exist from the start: making a socket later could fail when a flood of
-        # connections has used up the descriptors.
+        # Commands from other threads, and a socket that wakes the loop for each; both ends
+        # made now: a socket made later could fail once a flood used up the descriptors.
         self._commands: _queue.SimpleQueue[Lost | StopWorkers | Drain | Stop] = _queue.SimpleQueue()
         ctl_addr = f"inproc://scoop-broker-{id(self)}"
         self._ctl = self.ctx.socket(zmq.PULL)
@@ -204,11 +203,8 @@ class Broker:
         self._command(Lost(wid, how))
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop every worker, end the loop and close the sockets (any thread).
-
-        Until then the loop keeps answering, even after the root's SHUTDOWN, so that a
-        worker joining late is told to stop instead of waiting for an answer.
-        """
+        """Stop every worker, end the loop, close the sockets (any thread); until then the
+        loop answers, even after SHUTDOWN: a late worker is told to stop, not left waiting."""
         if self._thread is None:
             if not self.finished.is_set():
                 self._carry_out(self.schedule.stop_workers())
@@ -258,16 +254,16 @@ class Broker:
             except zmq.Again:
                 return True
             cmd = self._commands.get_nowait()
-            if isinstance(cmd, Drain):
-                self.schedule.draining = True
-                continue
             if isinstance(cmd, Lost):
                 self._drain()  # what it sent before it died counts (done, results)
                 now = time.monotonic()
                 self._carry_out(self.schedule.lost(cmd.wid, cmd.how, now))
                 self._carry_out(self.schedule.dispatch(now))
                 continue
-            self._carry_out(self.schedule.stop_workers())
+            if isinstance(cmd, Drain):
+                self.schedule.draining = True
+            else:
+                self._carry_out(self.schedule.stop_workers())
             if isinstance(cmd, Stop):
                 return False
 

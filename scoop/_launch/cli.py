@@ -60,6 +60,23 @@ def _worker_count(text: str) -> int:
     return value
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options about the program's run: its time, and its progress."""
+    p.add_argument("--walltime", type=parse_duration, metavar="HH:MM:SS", default=None,
+                   help="the job's time: --grace before it, no task starts any more; at it, "
+                        "the program stops (exit status 75: run it again to resume a "
+                        "checkpointed map). SIGUSR1 to the launcher does the same at once "
+                        "(sbatch --signal=B:USR1@120)")
+    p.add_argument("--grace", type=float, metavar="SECONDS", default=60.0,
+                   help="seconds from the drain (SIGUSR1, or --walltime minus this) to the "
+                        "program's stop: running tasks finish and are recorded meanwhile "
+                        "(default 60)")
+    p.add_argument("--progress", action="store_true",
+                   default=os.environ.get("SCOOP_PROGRESS", "") not in ("", "0"),
+                   help="show the program's progress on stderr: items done/total, rate, "
+                        "workers, time left (also SCOOP_PROGRESS=1)")
+
+
 def build_parser(prog: str = "python -m scoop") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, usage="%(prog)s [options] (program.py | -m module) [args ...]",
@@ -128,19 +145,7 @@ def build_parser(prog: str = "python -m scoop") -> argparse.ArgumentParser:
     p.add_argument("--log", metavar="FILE", default=None,
                    help="write scoop's log messages (launcher and workers) to FILE; the "
                         "program's own output still goes to the terminal")
-    p.add_argument("--walltime", type=parse_duration, metavar="HH:MM:SS", default=None,
-                   help="the job's time: --grace before it, no task starts any more; at it, "
-                        "the program stops (exit status 75: run it again to resume a "
-                        "checkpointed map). SIGUSR1 to the launcher does the same at once "
-                        "(sbatch --signal=B:USR1@120)")
-    p.add_argument("--grace", type=float, metavar="SECONDS", default=60.0,
-                   help="seconds from the drain (SIGUSR1, or --walltime minus this) to the "
-                        "program's stop: running tasks finish and are recorded meanwhile "
-                        "(default 60)")
-    p.add_argument("--progress", action="store_true",
-                   default=os.environ.get("SCOOP_PROGRESS", "") not in ("", "0"),
-                   help="show the program's progress on stderr: items done/total, rate, "
-                        "workers, time left (also SCOOP_PROGRESS=1)")
+    _add_run_options(p)
     p.add_argument("--debug", action="store_true",
                    help="debug mode: scoop.DEBUG is True and logging is verbose")
     p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="module",
