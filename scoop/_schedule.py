@@ -181,6 +181,7 @@ class Roster:
     def remove(self, peer: Peer) -> None:
         self.peers.pop(peer.ident, None)
         self.by_wid.pop(peer.wid, None)
+        self.last_ping.pop(peer.wid, None)  # else one entry per worker ever gone
         self.ready.pop(peer, None)
         self.standing_by.discard(peer)
 

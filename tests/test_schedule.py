@@ -393,3 +393,23 @@ def test_random_walk_loses_and_duplicates_no_group(seed: int) -> None:
             assert kinds <= ({True} if peer.sandbox else {False} if peer.wid == 0 else
                              {True, False})
             assert peer.forced <= set(peer.held)
+
+
+def test_draining_starts_nothing_and_still_routes_results() -> None:
+    """The job's time is up (launcher: SIGUSR1, --walltime): queued groups stay queued,
+    a running one's results still reach their owner."""
+    world = World()
+    assert world.run([("tasks", 0, "a b"), ("ready", 1, 1), ("dispatch",)]) == ["w1 TASKS a"]
+    world.s.draining = True
+    assert world.run([("ready", 2, 5), ("dispatch",)]) == []
+    assert world.queue() == "b"
+    assert world.run([("results", 1, "a", "r", 0)])[0].startswith("w0 RESULTS r")
+
+
+def test_a_worker_that_leaves_or_is_lost_leaves_no_ping_record() -> None:
+    world = World()
+    for wid in (1, 2):
+        world.s.ping(b"h%d" % wid, wid, 0.0)
+    world.s.bye(world.peer(1))
+    world.run([("lost", 2)])
+    assert 1 not in world.s.roster.last_ping and 2 not in world.s.roster.last_ping
