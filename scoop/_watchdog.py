@@ -56,11 +56,21 @@ class Watchdog(threading.Thread):
 
     def run(self) -> None:
         try:
-            link = Link(self.address, self.creds, self.wid, role=b"h", ctx=self.ctx)
+            self._watch()
         except zmq.ZMQError:
-            if self.ctx is not None and self.ctx.closed:
-                return  # the worker closed its link first: it is leaving
-            raise
+            # The worker closed the shared context first (it is leaving: a missing module,
+            # the end of the job): depending on where the watchdog was, that surfaces as
+            # ContextTerminated or as another error of a socket or context being shut.
+            if not self._leaving():
+                raise
+
+    def _leaving(self) -> bool:
+        if self._stop_event.is_set():
+            return True
+        return self.ctx is not None and (self.ctx.closed or _terminating(self.ctx))
+
+    def _watch(self) -> None:
+        link = Link(self.address, self.creds, self.wid, role=b"h", ctx=self.ctx)
         heard = time.monotonic()
         try:
             while not self._stop_event.is_set():
@@ -71,8 +81,6 @@ class Watchdog(threading.Thread):
                 if time.monotonic() - heard > self.timeout:
                     self.on_lost(time.monotonic() - heard)
                     return
-        except zmq.ContextTerminated:
-            pass  # the worker closed its link: it is leaving, and so is this thread
         finally:
             link.close(0)
 
@@ -81,3 +89,12 @@ class Watchdog(threading.Thread):
                   "exiting", self.wid, self.address, silence)
         _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
         os._exit(1)
+
+
+def _terminating(ctx: zmq.Context) -> bool:
+    """Whether ``ctx`` is being ended (its ``term`` has begun but not returned)."""
+    try:
+        ctx.socket(zmq.PAIR).close(0)
+    except zmq.ZMQError:
+        return True
+    return False
