@@ -9,6 +9,7 @@ session's end checks that none is left either.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import os
@@ -19,6 +20,8 @@ import time
 import uuid
 
 import pytest
+
+from scoop import _reaper
 
 RUN_MARK = f"scoop-test-{uuid.uuid4().hex[:12]}"
 os.environ["SCOOP_TEST_RUN"] = RUN_MARK
@@ -32,22 +35,12 @@ def marked_processes(exclude: set[int] = frozenset(), variable: str = "SCOOP_TES
     ``variable="SCOOP_TEST_DAEMON"``: every scheduler daemon it started), or of those
     whose environment holds another ``variable=value``."""
     found = {}
-    needle = f"{variable}={value}".encode()
-    for name in os.listdir("/proc"):
-        if (not name.isdigit() or int(name) == os.getpid() or int(name) in exclude
-                or int(name) in _pool_pids):
-            continue
+    for pid in _reaper.marked(variable, value, frozenset(exclude) | _pool_pids):
         try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{name}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue  # a zombie awaiting its parent's wait(): not running
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                found[int(name)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found[pid] = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
-            continue
+            continue  # gone meanwhile
     return found
 
 
@@ -91,6 +84,13 @@ def no_leftovers():
     yield
     left = wait_no_processes(set(_pool_pids))
     assert not left, f"processes left behind: {left}"
+
+
+def computed(log) -> collections.Counter:
+    """How many times each item was computed, from a file where tasks append one
+    number per line (a program's record of what actually ran)."""
+    return collections.Counter(int(x) for x in log.read_text().split()) if log.exists() \
+        else collections.Counter()
 
 
 def write_program(tmp_path, source: str, name: str = "prog.py") -> str:

@@ -4,7 +4,6 @@ the same results as one that was never stopped."""
 
 from __future__ import annotations
 
-import collections
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import run_scoop, write_program
+from conftest import computed, run_scoop, write_program
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftovers")]
 
@@ -37,11 +36,6 @@ PROGRAM = """
 """
 
 
-def _computed(log) -> collections.Counter:
-    return collections.Counter(int(x) for x in log.read_text().split()) if log.exists() \
-        else collections.Counter()
-
-
 @pytest.mark.parametrize("how", ["ordered", "as_completed"])
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
 def test_a_map_killed_half_way_resumes_where_it_was(tmp_path, kill, how):
@@ -51,7 +45,7 @@ def test_a_map_killed_half_way_resumes_where_it_was(tmp_path, kill, how):
                              str(db), how], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
-        while sum(_computed(log).values()) < 120 and time.monotonic() < deadline:
+        while sum(computed(log).values()) < 120 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.6)  # results are written to the file in batches, every 0.5 s
         assert proc.poll() is None, proc.communicate()
@@ -61,13 +55,13 @@ def test_a_map_killed_half_way_resumes_where_it_was(tmp_path, kill, how):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    first = _computed(log)
+    first = computed(log)
     assert 120 <= sum(first.values()) < 300, "the first run was not stopped half way"
     # (the root's own first chunk, a quarter of the map, is recorded when it ends)
     out = run_scoop("-n", "2", prog, str(log), str(db), how)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "300"]
-    total = _computed(log)
+    total = computed(log)
     assert set(total) == set(range(300))
     assert max(total.values()) <= 2, "an item was computed more than once more"
     again = sum(total.values()) - sum(first.values())
@@ -75,7 +69,7 @@ def test_a_map_killed_half_way_resumes_where_it_was(tmp_path, kill, how):
     # a third run computes nothing
     out = run_scoop("-n", "2", prog, str(log), str(db), how)
     assert out.stdout.split() == ["True", "300"], out.stderr
-    assert _computed(log) == total
+    assert computed(log) == total
 
 
 def test_progress_counts_stored_items_as_done(tmp_path):
@@ -85,4 +79,4 @@ def test_progress_counts_stored_items_as_done(tmp_path):
     out = run_scoop("-n", "2", "--progress", prog, str(log), str(db), "ordered")
     assert out.stdout.split() == ["True", "300"], out.stderr
     assert out.stderr.splitlines()[-1].startswith("scoop: 300/300 items  100%"), out.stderr
-    assert sum(_computed(log).values()) == 300
+    assert sum(computed(log).values()) == 300

@@ -61,15 +61,17 @@ class WallClock:
         self.warned = threading.Event()  # set by SIGUSR1 (from the handler: only that)
         self.stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scoop-walltime", daemon=True)
+        self._previous = signal.SIG_DFL  # SIGUSR1's handler before start: back at stop
 
     def start(self) -> WallClock:
-        signal.signal(signal.SIGUSR1, lambda signum, frame: self.warned.set())
+        previous = signal.signal(signal.SIGUSR1, lambda signum, frame: self.warned.set())
+        self._previous = signal.SIG_DFL if previous is None else previous
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self.stopped.set()
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, self._previous)
 
     def _run(self) -> None:
         while not self.stopped.is_set():
