@@ -8,8 +8,9 @@ own socket (ZeroMQ sockets are not shared between threads): it sends a signed PI
 
 Its socket lives in the worker link's ZeroMQ context (a context is thread-safe): one I/O
 thread per worker, not two, and the worker's ``close`` ends the watchdog too (its wait
-raises ``zmq.ContextTerminated``). ZeroMQ's I/O thread runs without the GIL, so a task
-that holds the interpreter delays the watchdog as it did with a context of its own.
+raises ``zmq.ContextTerminated``, then it closes its socket, which lets the context
+end). ZeroMQ's I/O thread runs without the GIL, so a task that holds the interpreter
+delays the watchdog as it did with a context of its own.
 """
 
 from __future__ import annotations
@@ -42,47 +43,36 @@ class Watchdog(threading.Thread):
                  timeout: float = BROKER_TIMEOUT_S, period: float = PING_PERIOD_S,
                  ctx: zmq.Context | None = None) -> None:
         super().__init__(name="scoop-watchdog", daemon=True)
-        self.ctx = ctx  # the worker link's (None: one of its own)
         self.address = address
-        self.creds = creds
         self.wid = wid
         self.timeout = timeout
         self.period = period
         self.on_lost = on_lost or self._exit
         self._stop_event = threading.Event()
+        # The socket is made here, in the worker's thread, not in run(): the thread then
+        # never touches the shared context itself, which the worker may be ending at any
+        # moment (a socket made while zmq_ctx_term runs fails, and one made just after it
+        # returns is a use of freed memory that aborts the process).
+        self.link = Link(address, creds, wid, role=b"h", ctx=ctx)
 
     def stop(self) -> None:
         self._stop_event.set()
 
     def run(self) -> None:
-        try:
-            self._watch()
-        except zmq.ZMQError:
-            # The worker closed the shared context first (it is leaving: a missing module,
-            # the end of the job): depending on where the watchdog was, that surfaces as
-            # ContextTerminated or as another error of a socket or context being shut.
-            if not self._leaving():
-                raise
-
-    def _leaving(self) -> bool:
-        if self._stop_event.is_set():
-            return True
-        return self.ctx is not None and (self.ctx.closed or _terminating(self.ctx))
-
-    def _watch(self) -> None:
-        link = Link(self.address, self.creds, self.wid, role=b"h", ctx=self.ctx)
         heard = time.monotonic()
         try:
             while not self._stop_event.is_set():
-                for msg in link.request(P.PING, self.period):
+                for msg in self.link.request(P.PING, self.period):
                     if msg.kind == P.PONG:
                         heard = time.monotonic()
                     # then keep listening until the period is over: one PING per period
                 if time.monotonic() - heard > self.timeout:
                     self.on_lost(time.monotonic() - heard)
                     return
+        except zmq.ContextTerminated:
+            pass  # the worker ended the shared context: it is leaving, and so is this thread
         finally:
-            link.close(0)
+            self.link.close(0)
 
     def _exit(self, silence: float) -> None:
         log.error("worker %d: the broker at %s has not answered for %.0f s; the job is gone, "
@@ -90,11 +80,3 @@ class Watchdog(threading.Thread):
         _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
         os._exit(1)
 
-
-def _terminating(ctx: zmq.Context) -> bool:
-    """Whether ``ctx`` is being ended (its ``term`` has begun but not returned)."""
-    try:
-        ctx.socket(zmq.PAIR).close(0)
-    except zmq.ZMQError:
-        return True
-    return False

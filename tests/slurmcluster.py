@@ -120,7 +120,10 @@ class SlurmCluster(Daemons):
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={s / 'munge.socket'}",
+            # cred_expire: how long a job requeued while it ran waits before it may run
+            # again (its old credential is revoked until then; starting it sooner fails
+            # with "Job credential revoked"); the default 120 s is too long for a test
+            f"AuthInfo=socket={s / 'munge.socket'},cred_expire=10",
             f"StateSaveLocation={s / 'ctld'}",
             f"SlurmdSpoolDir={s / 'spool'}/%n",
             f"SlurmctldPidFile={s / 'slurmctld.pid'}",

@@ -27,7 +27,7 @@ import time
 import pytest
 from test_remote import WHERE
 
-from conftest import REPO, write_program
+from conftest import REPO, computed, write_program
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftovers")]
 
@@ -175,7 +175,7 @@ SIGNAL_PROBE = """
 
 def submit_with_signal(slurm, script: str, cwd, *, warn: str = "B:USR1@30",
                        requeue: bool = True, time_limit: str = "2",
-                       extra: tuple[str, ...] = ()) -> str:
+                       extra: tuple[str, ...] = (), env=None) -> str:
     """Submit ``script`` (a job script's text) with ``--signal=WARN`` and ``--requeue``;
     return the job id. ``B:`` sends the signal to the batch shell only: the script
     should ``exec`` the launcher, so that the launcher is that process."""
@@ -185,7 +185,7 @@ def submit_with_signal(slurm, script: str, cwd, *, warn: str = "B:USR1@30",
             f"--output={cwd / 'job.out'}", "--open-mode=append", *extra]
     if requeue:
         args.append("--requeue")
-    r = slurm.run([*args, str(path)], timeout=30, cwd=cwd)
+    r = slurm.run([*args, str(path)], timeout=30, cwd=cwd, env=env)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 
@@ -261,6 +261,54 @@ def test_usr1_before_the_time_limit_reaches_the_scoop_launcher(slurm, tmp_path):
     state = wait_job(slurm, job, ENDED, 30)
     assert state["ExitCode"] == "75:0", state
 
+
+
+CHECKPOINTED_MAP = """
+    import sys, time
+    from scoop import futures
+    def slow(i):
+        time.sleep(0.05)
+        with open(sys.argv[1], "a") as f:
+            f.write(f"{i}\\n")
+        return i * i
+    if __name__ == "__main__":
+        out = list(futures.map(slow, range(300), checkpoint=sys.argv[2]))
+        print("result", out == [i * i for i in range(300)], len(out), flush=True)
+"""
+
+
+def test_the_requeue_example_resumes_a_checkpointed_map_until_it_finishes(slurm, tmp_path):
+    """examples/submit_files/slurm_requeue.sh end to end: USR1 (as --signal=B:USR1@N sends
+    it) drains the checkpointed map, the launcher exits 75, the script requeues the job,
+    and its second run computes only what was left and finishes."""
+    log, db = tmp_path / "computed", tmp_path / "run.db"
+    prog = write_program(tmp_path, CHECKPOINTED_MAP)
+    example = open(os.path.join(REPO, "examples", "submit_files", "slurm_requeue.sh")).read()
+    run_line = "python -m scoop --grace 90 my_long_map.py &"
+    assert run_line in example
+    script = example.replace(run_line, f"python -m scoop --grace 2 {shlex.quote(prog)} "
+                                       f"{shlex.quote(str(log))} {shlex.quote(str(db))} &")
+    env = slurm.env()
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"  # its `python`
+    job = submit_with_signal(slurm, script, tmp_path, time_limit="10",
+                             extra=("--nodes=1", "--ntasks-per-node=2"), env=env)
+    deadline = time.monotonic() + 60
+    while sum(computed(log).values()) < 40:
+        assert time.monotonic() < deadline, (tmp_path / "job.out").read_text()
+        time.sleep(0.1)
+    signal_batch(slurm, job, "USR1")
+    wait_output(tmp_path / "job.out", r"time is up: requeueing \(run 0\)")
+    first = computed(log)
+    # requeued while it ran, the job waits (Reason=BeginTime) for cred_expire (10 s in
+    # the test cluster) before it runs again
+    state = wait_job(slurm, job, ENDED, 90)
+    said = (tmp_path / "job.out").read_text()
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), (
+        state, said, slurm.log_tail(4000))
+    assert "result True 300" in said, said
+    total = computed(log)
+    assert set(total) == set(range(300)) and max(total.values()) <= 2, total
+    assert 40 <= sum(first.values()) < 300 and sum(total.values()) - sum(first.values()) < 300
 
 # ----------------------------------------------------------------------------- Grid Engine
 def _qsub(sge, tmp_path, *args: str, cwd=None, env=None, timeout: float = 90) -> str:
