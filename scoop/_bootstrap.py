@@ -269,7 +269,8 @@ def start(cfg: dict) -> None:
         os.environ[_reaper.JOB] = cfg["job"]  # a joining worker was not started with it
     tag = _reaper.mark_worker(wid)
     signal.signal(signal.SIGTERM, _end_on_sigterm)
-    Watchdog(cfg["address"], creds, wid, ctx=worker.link.ctx).start()
+    Watchdog(cfg["address"], creds, wid, ctx=worker.link.ctx,
+             on_time_up=_signal_time_up if root else None).start()
     try:
         if root:
             sys.exit(_run_root(worker, cfg))
@@ -328,6 +329,12 @@ def _time_is_up(signum: int, frame) -> None:
     """SIGUSR1 from the launcher, once the wall-time grace period is over."""
     signal.signal(signum, signal.SIG_IGN)  # once
     raise WallTimeReached("the job's time is up")
+
+
+def _signal_time_up() -> None:
+    """The broker says the job's time is up (a root on another host than the launcher's):
+    raise it in the program as the launcher's SIGUSR1 does for a local root."""
+    os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def _run_root(worker: _worker.Worker, cfg: dict) -> int:

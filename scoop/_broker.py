@@ -97,7 +97,10 @@ class StopWorkers(NamedTuple):
 
 
 class Drain(NamedTuple):
-    """Control command: start no more task groups (the job's time is up); keep routing."""
+    """Control command: start no more task groups (the job's time is nearly up); keep
+    routing. With ``time_up``: also tell the root's watchdog that the program must stop."""
+
+    time_up: bool = False
 
 
 class Stop(NamedTuple):
@@ -198,6 +201,12 @@ class Broker:
         """Start no more task groups; results still travel (any thread)."""
         self._command(Drain())
 
+    def time_is_up(self) -> None:
+        """Tell the root that its program must stop now: its watchdog learns it with its
+        next PONG and signals the root's process as the launcher would a local one (for a
+        root on another host; any thread)."""
+        self._command(Drain(time_up=True))
+
     def worker_lost(self, wid: int, how: str) -> None:
         """Report that worker ``wid`` is gone (``how``: its end, in words; any thread)."""
         self._command(Lost(wid, how))
@@ -262,6 +271,7 @@ class Broker:
                 continue
             if isinstance(cmd, Drain):
                 self.schedule.draining = True
+                self.schedule.time_up |= cmd.time_up
             else:
                 self._carry_out(self.schedule.stop_workers())
             if isinstance(cmd, Stop):

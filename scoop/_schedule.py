@@ -264,6 +264,7 @@ class Schedule:
         self.consts: list[P.Parcel] = []
         self.stopping = False  # STOP sent; workers that join now are stopped at once
         self.draining = False  # the job's time is up: start nothing more (see dispatch)
+        self.time_up = False  # and the root's program must stop (told with its PONGs)
         self.exit_status: int | None = None
         self._all_standby_since: float | None = None
         self._last_tick: float | None = None
@@ -295,6 +296,8 @@ class Schedule:
     def ping(self, ident: bytes, wid: int, now: float) -> list[Out]:
         """A worker's watchdog asks whether the broker lives; note when it last asked."""
         self.roster.last_ping[wid] = now
+        if wid == 0 and self.time_up:
+            return [Send(ident, P.PONG, body={"time_up": True})]
         return [Send(ident, P.PONG)]
 
     def bye(self, peer: Peer) -> list[Out]:

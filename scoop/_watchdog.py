@@ -37,17 +37,21 @@ BROKER_TIMEOUT_S = 10.0
 
 
 class Watchdog(threading.Thread):
-    """Pings the broker; calls ``on_lost`` (default: exit the process) when it is gone."""
+    """Pings the broker; calls ``on_lost`` (default: exit the process) when it is gone,
+    and ``on_time_up`` (once) when the broker's PONG says the job's time is up (sent to
+    the root only: the way a launcher stops a root on another host, see
+    ``scoop._launch.walltime``)."""
 
     def __init__(self, address: str, creds: Credentials, wid: int, on_lost=None,
                  timeout: float = BROKER_TIMEOUT_S, period: float = PING_PERIOD_S,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, on_time_up=None) -> None:
         super().__init__(name="scoop-watchdog", daemon=True)
         self.address = address
         self.wid = wid
         self.timeout = timeout
         self.period = period
         self.on_lost = on_lost or self._exit
+        self.on_time_up = on_time_up
         self._stop_event = threading.Event()
         # The socket is made here, in the worker's thread, not in run(): the thread then
         # never touches the shared context itself, which the worker may be ending at any
@@ -65,6 +69,9 @@ class Watchdog(threading.Thread):
                 for msg in self.link.request(P.PING, self.period):
                     if msg.kind == P.PONG:
                         heard = time.monotonic()
+                        if msg.body and msg.body.get("time_up") and self.on_time_up:
+                            self.on_time_up()
+                            self.on_time_up = None  # once
                     # then keep listening until the period is over: one PING per period
                 if time.monotonic() - heard > self.timeout:
                     self.on_lost(time.monotonic() - heard)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import run_scoop, up_test_hosts, wait_no_processes, write_program
+from conftest import computed, run_scoop, up_test_hosts, wait_no_processes, write_program
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftovers")]
 
@@ -332,6 +332,36 @@ def test_remote_root_killed_by_a_signal_is_explained(hosts, tmp_path):
     assert (f"on {a}: the root worker (worker 0, pid {pid}) was killed by SIGKILL: out of "
             "memory?") in out.stderr
     assert "LaunchError" not in out.stderr and f"host {a}:" not in out.stderr
+    _assert_namespaces_empty(hosts)
+
+
+def test_remote_root_is_told_when_the_time_is_up(hosts, tmp_path):
+    """--walltime with the root on another host: the launcher cannot signal it, the
+    broker tells it (its watchdog's PONG), and it stops as a local root does: 75, the
+    checkpointed map's finished results recorded."""
+    a = hosts.names[0]
+    log, db = tmp_path / "computed", tmp_path / "run.db"
+    prog = write_program(tmp_path, """
+        import sys, time
+        from scoop import futures
+        def slow(x):
+            time.sleep(0.02)
+            with open(sys.argv[1], "a") as f:
+                f.write(f"{x}\\n")
+            return x
+        if __name__ == "__main__":
+            try:
+                print(len(list(futures.map(slow, range(100000), checkpoint=sys.argv[2]))))
+            finally:
+                print("finally ran", flush=True)
+    """)
+    out = run_scoop("--hosts", a, a, "127.0.0.1", "--ssh-executable", _ssh(hosts),
+                    "--walltime", "0:06", "--grace", "1", prog, str(log), str(db), timeout=90)
+    assert out.returncode == 75, out.stderr
+    assert out.stdout.splitlines() == ["finally ran"], out.stdout
+    assert "the job's time is up: stopped early" in out.stderr, out.stderr
+    assert "cannot be told" not in out.stderr
+    assert 0 < sum(computed(log).values()) < 100000
     _assert_namespaces_empty(hosts)
 
 

@@ -406,6 +406,16 @@ def test_draining_starts_nothing_and_still_routes_results() -> None:
     assert world.run([("results", 1, "a", "r", 0)])[0].startswith("w0 RESULTS r")
 
 
+def test_time_up_reaches_the_roots_watchdog_only() -> None:
+    """A root on another host learns that the job's time is up from its watchdog's PONG
+    (see scoop._launch.walltime); other workers' PONGs say nothing of it."""
+    world = World()
+    assert [out.body for out in world.s.ping(b"h0", 0, 0.0)] == [None]
+    world.s.draining = world.s.time_up = True
+    assert [out.body for out in world.s.ping(b"h0", 0, 0.0)] == [{"time_up": True}]
+    assert [out.body for out in world.s.ping(b"h1", 1, 0.0)] == [None]
+
+
 def test_a_worker_that_leaves_or_is_lost_leaves_no_ping_record() -> None:
     world = World()
     for wid in (1, 2):

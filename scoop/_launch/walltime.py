@@ -6,7 +6,8 @@ it first. The launcher (``--walltime`` or SIGUSR1) then does, in its own thread:
     SIGUSR1 to the launcher, or --walltime minus --grace reached
         -> broker.drain(): no task group starts any more; running ones finish and
            their results still reach the root (a checkpointed map records them)
-        -> after --grace seconds: SIGUSR1 to the root worker, which raises
+        -> after --grace seconds: SIGUSR1 to the root worker (one on another host:
+           its watchdog's next PONG says so, and it signals its own process), which raises
            WallTimeReached in the program: its finally blocks run (the checkpoint
            writes its last results), and the root exits with EXIT_WALLTIME (75)
     the launcher exits with the root's status: 75 means "run me again"
@@ -86,8 +87,8 @@ class WallClock:
         if self.stopped.wait(self.grace):
             return  # the program ended within the grace period
         root = self.launcher.procs.get(0)
-        if root is None:  # a root on another host: its end comes with the batch system's
-            log.warning("scoop: the root worker runs on another host: it cannot be told")
+        if root is None:  # a root on another host: told through the broker (its watchdog)
+            self.launcher.broker.time_is_up()
             return
         if root.poll() is None:
             try:
