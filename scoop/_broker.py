@@ -107,6 +107,23 @@ class Stop(NamedTuple):
     """Control command: STOP every worker and end the loop."""
 
 
+def _handlers(s: Schedule) -> dict:
+    """What the broker does with each kind of message from a proven worker: a function of
+    (ident, peer, msg) giving the schedule's answers."""
+    return {
+        P.HELLO: lambda ident, peer, m: s.hello(ident, m.sender, m.body),
+        P.TASKS: lambda ident, peer, m: s.tasks(peer, m.parcels),
+        P.READY: lambda ident, peer, m: s.ready(peer, m.arg),
+        P.RETURN: lambda ident, peer, m: s.returned(peer, m.parcels, time.monotonic()),
+        P.WITHDRAW: lambda ident, peer, m: s.withdraw(peer, bool(m.arg)),
+        P.RESULTS: lambda ident, peer, m: s.results(peer, m.parcels, m.done, m.arg),
+        P.CONST: lambda ident, peer, m: s.const(peer, m.parcels),
+        P.SHUTDOWN: lambda ident, peer, m: s.shutdown(
+            peer, m.arg if m.arg < 2**31 else m.arg - 2**32),  # u32 on the wire
+        P.BYE: lambda ident, peer, m: s.bye(peer),
+    }
+
+
 class Broker:
     """Routes one job's futures between its workers.
 
@@ -146,19 +163,7 @@ class Broker:
         self.finished = threading.Event()  # the loop has ended
         self._thread: threading.Thread | None = None
         self._bad_peers: set[bytes] = set()
-        s = self.schedule
-        self._handlers = {  # (ident, peer, msg) -> what to do
-            P.HELLO: lambda ident, peer, m: s.hello(ident, m.sender, m.body),
-            P.TASKS: lambda ident, peer, m: s.tasks(peer, m.parcels),
-            P.READY: lambda ident, peer, m: s.ready(peer, m.arg),
-            P.RETURN: lambda ident, peer, m: s.returned(peer, m.parcels, time.monotonic()),
-            P.WITHDRAW: lambda ident, peer, m: s.withdraw(peer, bool(m.arg)),
-            P.RESULTS: lambda ident, peer, m: s.results(peer, m.parcels, m.done, m.arg),
-            P.CONST: lambda ident, peer, m: s.const(peer, m.parcels),
-            P.SHUTDOWN: lambda ident, peer, m: s.shutdown(
-                peer, m.arg if m.arg < 2**31 else m.arg - 2**32),  # u32 on the wire
-            P.BYE: lambda ident, peer, m: s.bye(peer),
-        }
+        self._handlers = _handlers(self.schedule)  # kind -> (ident, peer, msg) -> outs
 
     # -- what the launcher reads -----------------------------------------------------------
     @property
@@ -197,15 +202,11 @@ class Broker:
         """Send STOP to every worker, now and as they join; keep routing (any thread)."""
         self._command(StopWorkers())
 
-    def drain(self) -> None:
-        """Start no more task groups; results still travel (any thread)."""
-        self._command(Drain())
-
-    def time_is_up(self) -> None:
-        """Tell the root that its program must stop now: its watchdog learns it with its
-        next PONG and signals the root's process as the launcher would a local one (for a
-        root on another host; any thread)."""
-        self._command(Drain(time_up=True))
+    def drain(self, time_up: bool = False) -> None:
+        """Start no more task groups; results still travel (any thread). ``time_up``: also
+        tell the root its program must stop (its watchdog's next PONG says so: for a root
+        on another host, which the launcher cannot signal)."""
+        self._command(Drain(time_up))
 
     def worker_lost(self, wid: int, how: str) -> None:
         """Report that worker ``wid`` is gone (``how``: its end, in words; any thread)."""

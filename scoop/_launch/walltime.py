@@ -88,7 +88,7 @@ class WallClock:
             return  # the program ended within the grace period
         root = self.launcher.procs.get(0)
         if root is None:  # a root on another host: told through the broker (its watchdog)
-            self.launcher.broker.time_is_up()
+            self.launcher.broker.drain(time_up=True)
             return
         if root.poll() is None:
             try:
