@@ -134,7 +134,9 @@ class Executor(cf.Executor):
     ``concurrent.futures.Future`` objects. Functions, lambdas and classes defined in
     ``__main__`` or a notebook travel by value; the others by reference, found on the
     workers' ``sys.path``, which has the caller's folders. Inside ``with Executor(...):``
-    the module-level :mod:`scoop.futures` and :mod:`scoop.shared` calls use this pool too.
+    the module-level :mod:`scoop.futures` and :mod:`scoop.shared` calls use this pool too,
+    and the ``scoop.*`` job attributes describe it (``scoop.SIZE`` is :attr:`size`, as
+    the workers see it; ``scoop.worker`` is 0, the caller's; see :mod:`scoop`).
 
     Args:
         max_workers: worker processes to start (default: this machine's CPUs, or the
@@ -524,6 +526,7 @@ class _PoolLauncher(Launcher):
         # Each worker is a child of this process: the end of the caller (a killed
         # notebook kernel included) is proven to end them; not yet so through a template.
         self.forks_workers = False
+        self.clients = 1  # the runtime thread's client: scoop.SIZE counts the others
         return super().start(root_in_process)
 
     def _join_as_root(self) -> None:

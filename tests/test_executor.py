@@ -154,13 +154,14 @@ def test_map_checkpoint_resumes_computing_only_the_missing_items(ex, tmp_path):
     db, log = tmp_path / "run.db", tmp_path / "computed"
     _checkpoint.new_run()
     seen = []
-    results = ex.map(logged_square, range(200), [str(log)] * 200, chunksize=5,
-                     buffersize=20, checkpoint=str(db))
-    for value in results:
-        seen.append(value)
-        if len(seen) == 50:
-            break
-    results.close()  # stopped half way, as a kill or an interrupt would
+    with scoop.Executor(2) as pool:  # its end waits for the chunks already sent
+        results = pool.map(logged_square, range(200), [str(log)] * 200, chunksize=5,
+                           buffersize=20, checkpoint=str(db))
+        for value in results:
+            seen.append(value)
+            if len(seen) == 50:
+                break
+        results.close()  # stopped half way, as a kill or an interrupt would
     first = _computed(log)
     assert set(range(50)) <= set(first) and len(first) < 200
     log.unlink()
@@ -246,6 +247,23 @@ def test_nested_tasks_from_the_executor_and_the_module_api(within):
     assert within.submit(tree, 5).result(timeout=60) == 32
     assert futures.submit(tree, 4).result() == 16
     assert sum(futures.map(tree, [3, 3])) == 16
+
+
+def job_globals(_) -> tuple:
+    return scoop.SIZE, scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker
+
+
+def test_scoop_globals_in_the_caller_agree_with_the_workers():
+    outside = job_globals(None)
+    with scoop.Executor(2) as pool:
+        # the caller: the origin, worker 0 (it runs no task), SIZE as the workers see it
+        assert job_globals(None) == (2, True, True, 0)
+        seen = set(pool.map(job_globals, range(40), chunksize=1))
+        assert {size for size, *_ in seen} == {2} == {pool.size}
+        assert {wid for *_, wid in seen} <= {1, 2}
+        assert all(running and not origin for _, running, origin, _ in seen)
+        assert futures.submit(job_globals, None).result()[0] == 2
+    assert job_globals(None) == outside == (1, False, True, None)
 
 
 def test_with_blocks_nest_and_give_back_what_they_replaced():

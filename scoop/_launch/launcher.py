@@ -120,6 +120,7 @@ class Launcher:
         self._reported: set[int] = set()
         # More Popen arguments for local workers (scoop.Executor: their output's pipes).
         self.worker_popen: dict = {}
+        self.clients = 0  # processes of the job that run no task (scoop.Executor's caller)
 
     @property
     def n(self) -> int:
@@ -138,7 +139,8 @@ class Launcher:
         route = address.route(job)
         self.broker = _broker.Broker(
             self.creds, size=job.size, host=route.bind, max_attempts=job.max_attempts,
-            first_free_wid=job.size - job.joiners if job.joiners else None).start()
+            first_free_wid=job.size - job.joiners if job.joiners else None,
+            clients=self.clients).start()
         try:
             self.worker_address = address.worker_address(route, job, self.broker.address)
             if job.joiners:
