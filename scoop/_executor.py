@@ -517,7 +517,9 @@ class _PoolLauncher(Launcher):
     """A Launcher whose root is the runtime thread's client (see :class:`_Runtime`).
 
     Where this process's ``sys.stdout``/``sys.stderr`` are not its descriptors 1 and 2
-    (a notebook kernel's streams), what local workers print is relayed to them.
+    (a notebook kernel's streams), what workers print is relayed to them: local ones
+    through a pseudo-terminal each, remote ones through their ssh connection (or srun
+    step), whose stderr goes to ``sys.stderr`` anyway (see :mod:`scoop._launch.remote`).
     """
 
     runtime: _Runtime
@@ -527,6 +529,8 @@ class _PoolLauncher(Launcher):
         # notebook kernel included) is proven to end them; not yet so through a template.
         self.forks_workers = False
         self.clients = 1  # the runtime thread's client: scoop.SIZE counts the others
+        if not _streams_are_fds():
+            self.remote_stdout = sys.stdout
         return super().start(root_in_process)
 
     def _join_as_root(self) -> None:
@@ -535,7 +539,7 @@ class _PoolLauncher(Launcher):
         self.runtime.start()
 
     def _spawn(self, wid: int):
-        if sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
+        if _streams_are_fds():
             return super()._spawn(wid)  # the workers write where this process does
         streams: list = []
         try:
@@ -557,6 +561,11 @@ class _PoolLauncher(Launcher):
                 os.close(child)
                 threading.Thread(target=_relay_output, args=(ours, stream), daemon=True,
                                  name=f"scoop-worker-{wid}-output").start()
+
+
+def _streams_are_fds() -> bool:
+    """Whether ``sys.stdout``/``sys.stderr`` are the process's own (descriptors 1, 2)."""
+    return sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__
 
 
 def _relay_output(fd: int, stream) -> None:
