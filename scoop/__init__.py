@@ -19,7 +19,14 @@ Attributes:
     logger: the ``logging.Logger`` scoop reports through ("scoop").
 
 ``scoop.Executor`` (also in :mod:`scoop.futures`) starts a pool from Python, without the
-launcher: a ``concurrent.futures.Executor`` (see :mod:`scoop._executor`).
+launcher: a ``concurrent.futures.Executor`` (see :mod:`scoop._executor`). Its workers see
+the attributes of any job: ``SIZE`` is the number of worker processes that run tasks
+(``Executor.size``; the caller is not one of them), ``worker`` is 1 to ``SIZE`` for those
+started with the pool. In the caller, inside ``with scoop.Executor(...):``, they describe
+the pool as the program's root would: ``IS_RUNNING`` and ``IS_ORIGIN`` are True,
+``worker`` is 0 (the caller takes the root's place, but runs no task), ``SIZE`` is what the
+workers see; the block gives back their values before it. Outside a ``with`` block the
+caller's attributes are not changed: the module-level API does not use the pool there.
 """
 
 from __future__ import annotations

@@ -218,6 +218,8 @@ def _start_workers(spec: dict) -> dict[int, subprocess.Popen]:
     """Start the workers ``spec`` lists; the root's stdin is a pipe from the launcher."""
     procs: dict[int, subprocess.Popen] = {}
     mark = _agent_mark(spec)
+    if spec.get("unbuffered"):  # the launcher relays their output as it comes
+        os.environ["PYTHONUNBUFFERED"] = "1"
     try:
         for cfg in spec["workers"]:
             cfg["job"] = mark

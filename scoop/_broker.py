@@ -129,7 +129,8 @@ class Broker:
 
     Args:
         creds: the job's secrets (see ``_transport.Credentials``).
-        size: the number of workers the job was started with (sent to each worker).
+        size: the number of workers the job was started with; workers are told it less
+            ``clients``, those that run no task (``scoop.Executor``'s caller).
         host: the address to bind; loopback when every worker is local.
         port: the port to bind (0: any free port).
         first_free_wid: the first id handed to workers that join on their own.
@@ -138,13 +139,12 @@ class Broker:
 
     def __init__(self, creds: Credentials, size: int = 1, host: str = "127.0.0.1",
                  port: int = 0, first_free_wid: int | None = None,
-                 max_attempts: int = MAX_ATTEMPTS) -> None:
+                 max_attempts: int = MAX_ATTEMPTS, clients: int = 0) -> None:
         self.codec = P.Codec(creds.key, BROKER_ID)
-        self.schedule = Schedule(size, first_free_wid, max_attempts)
+        self.schedule = Schedule(size, first_free_wid, max_attempts, clients)
         open_files = raise_open_file_limit()  # every connection, hostile ones too, holds one
         self.ctx = zmq.Context()
-        # First: it checks every connection's handshake. Every worker may be connecting at
-        # once (two connections each), but at most half the descriptors go to strangers.
+        # First: it checks every connection's handshake; strangers get half the fds at most.
         self.gate = Gate(self.ctx, creds, min(max(MAX_UNPROVEN, 4 * size), open_files // 2))
         self.router, self.address = creds.listen(self.ctx, host, port)
         self.gate.watch(self.router)

@@ -800,9 +800,14 @@ class Checkpoint:
         return [e.item for e in layout if type(e) is Pending]
 
     def record_chunk(self, layout: list[Stored | Pending], results: list) -> None:
-        """Record the ``results`` of :meth:`to_run`'s items (fewer if one failed)."""
+        """Record the ``results`` of :meth:`to_run`'s items (fewer if one failed); none
+        once closed (a chunk sent before its map stopped early finishes later)."""
         pending = [e for e in layout if type(e) is Pending]
-        self.record_many(pending[:len(results)], results)
+        try:
+            self.record_many(pending[:len(results)], results)
+        except ValueError:
+            if not self._closed:  # (closed meanwhile, by the map's thread)
+                raise
 
     @staticmethod
     def merge(layout: list[Stored | Pending], results: list) -> list:

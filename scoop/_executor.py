@@ -72,8 +72,8 @@ import atexit
 import codecs
 import collections
 import concurrent.futures as cf
+import contextlib
 import functools
-import itertools
 import json
 import linecache
 import logging
@@ -93,7 +93,7 @@ from greenlet import greenlet
 
 import scoop
 
-from . import _bootstrap, _mapping, _progress, _serialize, _worker
+from . import _bootstrap, _mapping, _progress, _worker
 from ._errors import BrokenJobError, RemoteTraceback
 from ._future import Future
 from ._launch import Launcher
@@ -112,9 +112,6 @@ AHEAD_S = 0.05
 MAX_IN_FLIGHT = 4096
 # How often the completion rate is measured (s): shorter adapts sooner, noisier.
 RATE_WINDOW_S = 0.02
-# An automatic map chunk is at most 1/(MAP_SPLIT * workers) of a sized input: enough
-# chunks to balance the load and to leave most of a long map cancellable.
-MAP_SPLIT = 16
 # How often the runtime thread has the launcher look at its processes (s): sooner
 # reports a dead worker sooner (the broker's heartbeat would within seconds anyway).
 WATCH_S = 0.25
@@ -137,7 +134,9 @@ class Executor(cf.Executor):
     ``concurrent.futures.Future`` objects. Functions, lambdas and classes defined in
     ``__main__`` or a notebook travel by value; the others by reference, found on the
     workers' ``sys.path``, which has the caller's folders. Inside ``with Executor(...):``
-    the module-level :mod:`scoop.futures` and :mod:`scoop.shared` calls use this pool too.
+    the module-level :mod:`scoop.futures` and :mod:`scoop.shared` calls use this pool too,
+    and the ``scoop.*`` job attributes describe it (``scoop.SIZE`` is :attr:`size`, as
+    the workers see it; ``scoop.worker`` is 0, the caller's; see :mod:`scoop`).
 
     Args:
         max_workers: worker processes to start (default: this machine's CPUs, or the
@@ -222,89 +221,74 @@ class Executor(cf.Executor):
             RuntimeError: after :meth:`shutdown` (or interpreter exit).
             BrokenJobError: the pool broke (its broker or runtime is gone).
         """
-        return self._counted(self._post(fn, args, kwargs))
-
-    def _post(self, fn: Callable, args: tuple, kwargs: dict) -> cf.Future:
         with self._shutdown_lock:
-            if self._shutdown_called:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if _exiting:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            self._check_open()
             fut = cf.Future()
-            if self._initializer is not None:
-                args = (self._launcher.job.id, *self._initializer, fn, args, kwargs)
-                fn, kwargs = _initialized_call, {}
-            self._runtime.post(_WorkItem(fut, fn, args, kwargs))
-            return fut
-
-    def _counted(self, fut: cf.Future) -> cf.Future:
+            self._runtime.post(_WorkItem(fut, self._initialized(fn), args, kwargs))
         if _progress.active is not None:
             _progress.active.add_total(1)
             fut.add_done_callback(_progress.count_done)
         return fut
 
+    def _check_open(self) -> None:
+        if self._shutdown_called:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _initialized(self, fn: Callable) -> Callable:
+        """``fn``, run after the pool's initializer where that has not run yet."""
+        if self._initializer is None:
+            return fn
+        return _Initialized(self._launcher.job.id, *self._initializer, fn)
+
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
-            chunksize: int | None = None, buffersize: int | None = None) -> Iterator:
+            chunksize: int | None = None, buffersize: int | None = None,
+            checkpoint: str | os.PathLike | None = None, retries: int = 0,
+            retry_on: type[BaseException] | tuple = Exception) -> Iterator:
         """Like ``Executor.map``: ``fn`` over the zipped iterables, results in order.
+
+        The map of :func:`scoop.futures.map`, on this pool: the input is read as the
+        results are consumed, with at most ``buffersize`` items in flight (read and not
+        yet yielded); the work starts at the call. Closing the iterator (or dropping it,
+        or an interrupt while it waits) cancels the chunks not sent to a worker yet. The
+        iterator has a ``len()`` when every iterable has one.
 
         Args:
             fn: the function.
             *iterables: its arguments; zipped, the shortest wins.
             timeout: seconds from this call after which a result not yet there raises
                 TimeoutError.
-            chunksize: items per task; None: about 1/(16 x workers) of a sized input
-                (one by one for an iterator). A failing item raises at its place.
-            buffersize: at most this many chunks submitted ahead of the one being
-                yielded (the input is then read as results are consumed); None: all.
+            chunksize: items per task; by default chosen for balance and low overhead:
+                guided (big first chunks, small last ones) when the input has a length,
+                growing with the speed seen so far when it has none. A failing item
+                raises at its place, after the results before it.
+            buffersize: the most items in flight (as Python 3.14's ``Executor.map``, but
+                counted in items, not tasks; an explicit ``chunksize`` above it is cut
+                down to it). None: 4 chunks per worker, and 262,144 items at most.
+            checkpoint: a file (sqlite) where every result is recorded as it arrives;
+                run the program again and the items finished before (a kill, the
+                wall-time limit) come back from it in their places, only the rest runs.
+                A result is used again only for the same function (its code, defaults
+                and closure), the same call (the n-th map of it in the program) and the
+                same item at the same place; exceptions and results that cannot be
+                pickled are not recorded. A kill loses at most the last half second of
+                results. See :mod:`scoop._checkpoint` and docs/guarantees.md.
+            retries: a call that raises one of ``retry_on`` is tried again, where it
+                ran, up to this many times before its exception is delivered.
+            retry_on: the exception class (or tuple of them) that is retried.
 
         Raises:
             ValueError: ``chunksize`` or ``buffersize`` below 1.
+            TypeError: ``buffersize`` is not an integer.
+            RuntimeError: after :meth:`shutdown`.
         """
-        if chunksize is not None and chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
-            raise ValueError("buffersize must be None or > 0.")
-        end = None if timeout is None else time.monotonic() + timeout
-        if chunksize is None:
-            chunksize = 1
-            if all(hasattr(it, "__len__") for it in iterables) and iterables:
-                n = min(len(it) for it in iterables)
-                chunksize = max(1, n // (MAP_SPLIT * max(1, self.size)))
-        chunks = _batched(zip(*iterables), chunksize)
-        length, exact = _mapping.input_length(iterables)
-        count = _progress.MapCount.start(length if exact else None)
-        pending = collections.deque(
-            self._chunk(fn, chunk, count)
-            for chunk in (chunks if buffersize is None else
-                          itertools.islice(chunks, buffersize)))
-        if buffersize is None and count is not None:
-            count.stopped_reading()
-        return self._results(pending, chunks if buffersize else None, fn, end, count)
+        from . import futures  # (futures imports this module on first use)
 
-    def _chunk(self, fn: Callable, chunk: list, count) -> cf.Future:
-        fut = self._post(_run_batch, (fn, chunk), {})
-        if count is not None:
-            count.submitted(fut, len(chunk))
-        return fut
-
-    def _results(self, pending: collections.deque, more: Iterator | None, fn: Callable,
-                 end: float | None, count) -> Iterator:
-        # A generator of its own, so that map() submits everything at its call.
-        try:
-            while pending:
-                left = None if end is None else end - time.monotonic()
-                results, exc = _pop_result(pending, left)
-                if more is not None:
-                    for chunk in itertools.islice(more, 1):
-                        pending.append(self._chunk(fn, chunk, count))
-                yield from _drain(results)
-                if exc is not None:
-                    raise exc
-        finally:
-            if count is not None:
-                count.stopped_reading()
-            for fut in pending:
-                fut.cancel()
+        _mapping.check_sizes(chunksize, buffersize)
+        func = self._initialized(futures.retrying(fn, retries, retry_on))
+        return futures._map(func, iterables, timeout, chunksize, buffersize, ordered=True,
+                            checkpoint=checkpoint, key_of=fn, rt=_MapClient(self))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Refuse new work; stop the pool once its work is done (or cancelled).
@@ -365,26 +349,6 @@ def _restore(before: tuple | None, innermost: bool) -> None:
             setattr(scoop, name, value)
 
 
-def _pop_result(pending: collections.deque, timeout: float | None):
-    """The (results, exception) of the first chunk, dropping our reference to its future
-    before the values are yielded (CPython issue 14406)."""
-    fut = pending.popleft()
-    try:
-        return fut.result(timeout)
-    except BaseException:
-        pending.appendleft(fut)  # cancelled with the rest if the caller stops here
-        raise
-    finally:
-        del fut
-
-
-def _drain(results: list) -> Iterator:
-    """Yield the results, keeping no reference to those yielded (CPython issue 14406)."""
-    results.reverse()
-    while results:
-        yield results.pop()
-
-
 _FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')
 
 
@@ -408,38 +372,92 @@ def _with_source(exc: BaseException) -> BaseException:
     return exc
 
 
-def _batched(it: Iterator, n: int) -> Iterator[list]:
-    it = iter(it)
-    while chunk := list(itertools.islice(it, n)):
-        yield chunk
-
-
-def _run_batch(fn: Callable, chunk: list) -> tuple[list, BaseException | None]:
-    """Run ``fn`` over a map chunk (on a worker): the results, and the exception that
-    stopped it (with its traceback attached as on any task), if any."""
-    out: list = []
-    try:
-        for args in chunk:
-            out.append(fn(*args))
-    except Exception as exc:  # noqa: BLE001 - raised by the caller at this item
-        return out, _serialize.wire_exception(exc, _worker.current().where)
-    return out, None
-
-
-_run_batch.maps_first_argument = _run_batch.returns_chunk_results = True
-
 _inits_done: set[str] = set()  # pools whose initializer ran in this (worker) process
 
 
-def _initialized_call(pool: str, init: Callable, initargs: tuple, fn: Callable,
-                      args: tuple, kwargs: dict):
-    """Run ``init(*initargs)`` once per worker process and pool, then ``fn``."""
-    if pool not in _inits_done:
-        init(*initargs)
-        _inits_done.add(pool)
-    return fn(*args, **kwargs)
+class _Initialized:
+    """``fn``, called after ``init(*initargs)`` has run once in this worker process for
+    the pool ``pool`` (``Executor(initializer=...)``); pickled with its parts."""
+
+    def __init__(self, pool: str, init: Callable, initargs: tuple, fn: Callable) -> None:
+        self.pool, self.init, self.initargs, self.fn = pool, init, initargs, fn
+        # errors name the user's function (scoop._serialize.call_name)
+        self.__qualname__ = getattr(fn, "__qualname__", None) or repr(fn)
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        if self.pool not in _inits_done:
+            self.init(*self.initargs)
+            _inits_done.add(self.pool)
+        return self.fn(*args, **kwargs)
 
 
+class _MapClient:
+    """The runtime a map's :class:`~scoop._mapping.Feed` drives for ``Executor.map``
+    (its ``submit``, ``ship`` and ``size``): the chunks join the pool's backlog, where
+    they stay cancellable until the runtime thread sends them, and complete standard
+    futures, which the caller's thread waits on.
+
+    A chunk submitted here waits for :meth:`ship`, which the Feed calls once it has
+    added its done-callbacks to every chunk read: the lot then reaches the runtime
+    thread with one wake-up, and no callback can be added after the thread took it.
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._batch: list[_WorkItem] = []
+
+    @property
+    def size(self) -> int:
+        return max(1, self._executor.size)
+
+    def submit(self, fn: Callable, args: tuple, kwargs: dict, weight: int = 1,
+               state: Any = None) -> cf.Future:
+        self._executor._check_open()
+        fut = _ChunkFuture()
+        self._batch.append(_WorkItem(fut, fn, args, kwargs, weight, state))
+        return fut
+
+    def ship(self, keep_first: bool = False) -> None:
+        batch, self._batch = self._batch, []
+        with self._executor._shutdown_lock:
+            self._executor._check_open()
+            self._executor._runtime.post(*batch)
+
+
+class _ChunkFuture(cf.Future):
+    """The future of a map chunk. The done-callbacks added before the runtime thread took
+    it (the checkpoint's recording, the progress count) move onto its scoop future
+    there (:meth:`hand_over`), so they run before the caller can see the result: the
+    map cannot end, and close its checkpoint, ahead of its last chunk's record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._early: list[Callable] = []
+
+    def add_done_callback(self, fn: Callable) -> None:
+        with self._condition:
+            if self._early is not None and not self.done():
+                self._early.append(fn)
+                return
+        super().add_done_callback(fn)
+
+    def hand_over(self, sfut: Future) -> None:
+        """Move the callbacks onto ``sfut`` (in the runtime thread, as it is submitted)."""
+        with self._condition:
+            early, self._early = self._early, None
+        for fn in early:
+            sfut.add_done_callback(fn)
+
+    def _invoke_callbacks(self) -> None:
+        # never handed over (cancelled in the backlog, or the pool broke): run them now
+        with self._condition:
+            early, self._early = self._early or [], None
+        for fn in early:
+            try:
+                fn(self)
+            except Exception:
+                log.exception("exception calling callback for %r", self)
+        super()._invoke_callbacks()
 
 
 def _caller_paths(python: str) -> list[str]:
@@ -499,7 +517,9 @@ class _PoolLauncher(Launcher):
     """A Launcher whose root is the runtime thread's client (see :class:`_Runtime`).
 
     Where this process's ``sys.stdout``/``sys.stderr`` are not its descriptors 1 and 2
-    (a notebook kernel's streams), what local workers print is relayed to them.
+    (a notebook kernel's streams), what workers print is relayed to them: local ones
+    through a pseudo-terminal each, remote ones through their ssh connection (or srun
+    step), whose stderr goes to ``sys.stderr`` anyway (see :mod:`scoop._launch.remote`).
     """
 
     runtime: _Runtime
@@ -508,6 +528,9 @@ class _PoolLauncher(Launcher):
         # Each worker is a child of this process: the end of the caller (a killed
         # notebook kernel included) is proven to end them; not yet so through a template.
         self.forks_workers = False
+        self.clients = 1  # the runtime thread's client: scoop.SIZE counts the others
+        if not _streams_are_fds():
+            self.remote_stdout = sys.stdout
         return super().start(root_in_process)
 
     def _join_as_root(self) -> None:
@@ -516,7 +539,7 @@ class _PoolLauncher(Launcher):
         self.runtime.start()
 
     def _spawn(self, wid: int):
-        if sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
+        if _streams_are_fds():
             return super()._spawn(wid)  # the workers write where this process does
         streams: list = []
         try:
@@ -540,6 +563,11 @@ class _PoolLauncher(Launcher):
                                  name=f"scoop-worker-{wid}-output").start()
 
 
+def _streams_are_fds() -> bool:
+    """Whether ``sys.stdout``/``sys.stderr`` are the process's own (descriptors 1, 2)."""
+    return sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__
+
+
 def _relay_output(fd: int, stream) -> None:
     """Copy what a worker writes on ``fd`` to ``stream`` until it closes its end."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -559,14 +587,16 @@ def _relay_output(fd: int, stream) -> None:
 class _WorkItem:
     """A call waiting in the backlog; its future is completed by the runtime thread."""
 
-    __slots__ = ("future", "fn", "args", "kwargs")
+    __slots__ = ("future", "fn", "args", "kwargs", "weight", "state")
 
-    def __init__(self, future: cf.Future, fn: Callable, args: tuple, kwargs: dict) -> None:
+    def __init__(self, future: cf.Future, fn: Callable, args: tuple, kwargs: dict,
+                 weight: int = 1, state: Any = None) -> None:
         self.future = future
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-
+        self.weight = weight  # the items of a map chunk (see Worker.submit)
+        self.state = state  # a map chunk's, to resume it after a worker's loss
 
 class _Call:
     """A runtime call relayed from another thread, and its outcome."""
@@ -624,8 +654,8 @@ class _Runtime:
         if self._error is not None:
             raise self._error
 
-    def post(self, request) -> None:
-        """Queue a request (a _WorkItem, a _Call, or a finish marker) and wake the thread.
+    def post(self, *requests) -> None:
+        """Queue requests (_WorkItem, _Call, or a finish marker) and wake the thread.
 
         Raises:
             BrokenJobError: the runtime has ended.
@@ -633,11 +663,9 @@ class _Runtime:
         with self._lock:  # the pipe is not closed meanwhile (its number could be reused)
             if not self._open:
                 raise BrokenJobError(f"the pool is gone: {self.broken or 'shut down'}")
-            self.requests.append(request)
-            try:
+            self.requests.extend(requests)
+            with contextlib.suppress(BlockingIOError):  # full: it is being woken anyway
                 os.write(self._wfd, b"\0")
-            except BlockingIOError:
-                pass  # the pipe is full: the thread is being woken anyway
 
     def call(self, fn: Callable, *args: Any, **kwargs: Any):
         """Run ``fn(*args, **kwargs)`` in a greenlet of the runtime thread; its outcome."""
@@ -746,10 +774,12 @@ class _Runtime:
             if not item.future.set_running_or_notify_cancel():
                 continue  # cancelled while it waited here
             try:
-                sfut = rt.submit(item.fn, item.args, item.kwargs)
+                sfut = rt.submit(item.fn, item.args, item.kwargs, item.weight, item.state)
             except BaseException as exc:  # noqa: BLE001 - the pool broke meanwhile
                 item.future.set_exception(exc)
                 continue
+            if type(item.future) is _ChunkFuture:
+                item.future.hand_over(sfut)  # before _settle completes it
             self.in_flight[id(sfut)] = (item, sfut)
             sfut.add_done_callback(self._settle)
 
@@ -761,7 +791,7 @@ class _Runtime:
             item.future.set_result(sfut._result)
         else:
             item.future.set_exception(_with_source(exc))
-        item.future = item.fn = item.args = item.kwargs = None  # no stale references
+        item.future = item.fn = item.args = item.kwargs = item.state = None  # no stale refs
         self._measure()
         self._feed()
 

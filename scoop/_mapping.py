@@ -167,16 +167,19 @@ class Feed:
         ordered: whether the values are taken in order (else as completed).
         resumable: the runner is ``futures._run_chunk``, whose chunks survive a
             worker's death item by item (see :mod:`scoop._chunks`).
+        rt: the runtime the chunks go to (None: this process's; ``Executor.map``
+            passes one for its pool).
     """
 
     def __init__(self, runner: Callable, prefix: tuple, iterables: tuple, *,
                  chunksize: int | None = None, buffersize: int | None = None,
                  timeout: float | None = None, ordered: bool = True,
-                 resumable: bool = False, checkpoint: Checkpoint | None = None) -> None:
+                 resumable: bool = False, checkpoint: Checkpoint | None = None,
+                 rt: Any = None) -> None:
         check_sizes(chunksize, buffersize)
         self.checkpoint = checkpoint
         self.ready: deque[tuple] = deque()  # as completed: chunks that were all stored
-        self.rt = rt = _worker.current()
+        self.rt = rt = _worker.current() if rt is None else rt
         self.runner, self.prefix, self.resumable = runner, prefix, resumable
         self.star = len(iterables) != 1
         self.length, self.exact = input_length(iterables)
@@ -416,10 +419,15 @@ class MapResults(itertools.chain):
     __slots__ = ("_feed", "_lists")
 
     @classmethod
-    def of(cls, feed: Feed, ordered: bool) -> MapResults:
-        """The results of ``feed`` (of ``futures._run_chunk``), in order or as completed."""
+    def of(cls, feed: Feed, ordered: bool, drain: bool = False) -> MapResults:
+        """The results of ``feed`` (of ``futures._run_chunk``), in order or as completed.
+
+        ``drain``: keep no reference to a result once yielded (as ``concurrent.futures``
+        promises, CPython issue 14406), at the cost of a Python call per result.
+        """
         lists = _results_lists(feed, ordered)
-        self = (SizedMapResults if feed.exact else cls).from_iterable(lists)
+        self = (SizedMapResults if feed.exact else cls).from_iterable(
+            map(_drain, lists) if drain else lists)
         self._feed, self._lists = feed, lists
         return self
 
@@ -454,3 +462,10 @@ def _results_lists(feed: Feed, ordered: bool) -> Iterator[list]:
             yield results
         if wire is not None:
             raise unwrap(wire)
+
+
+def _drain(results: list) -> Iterator:
+    """Yield the results, keeping no reference to those yielded."""
+    results.reverse()
+    while results:
+        yield results.pop()

@@ -253,11 +253,13 @@ class Schedule:
         size: the number of workers the job was started with (sent to each worker).
         first_free_wid: the first id handed to workers that join on their own.
         max_attempts: workers that may die running a task group before its tasks fail.
+        clients: how many of ``size`` run no task: not in the size workers are told.
     """
 
     def __init__(self, size: int = 1, first_free_wid: int | None = None,
-                 max_attempts: int = MAX_ATTEMPTS) -> None:
+                 max_attempts: int = MAX_ATTEMPTS, clients: int = 0) -> None:
         self.roster = Roster(size, first_free_wid)
+        self.told_size = max(1, size - clients)  # the WELCOME's: workers running tasks
         self.max_attempts = max(1, max_attempts)
         self.queue: deque[P.Parcel] = deque()  # parcels: tag=fid, peer=owner
         self.recovery = Recovery(self.roster, self.queue, self.max_attempts)
@@ -284,7 +286,7 @@ class Schedule:
             self.recovery.sandbox_asked = None
         log.debug("broker: worker %d joined (pid %s on %s)", peer.wid, peer.pid, peer.host)
         return [Send(ident, P.WELCOME, parcels=tuple(self.consts),
-                     body={"size": self.roster.size, "max_attempts": self.max_attempts})]
+                     body={"size": self.told_size, "max_attempts": self.max_attempts})]
 
     def join(self, ident: bytes, seq: int) -> list[Out]:
         """A worker started by another launcher asks for an id: the next free one (raises

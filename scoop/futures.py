@@ -220,7 +220,8 @@ def map_as_completed(func: Callable, *iterables: Iterable, timeout: float | None
 
 
 def _map(func: Callable, iterables: tuple, timeout: float | None, chunksize: int | None,
-         buffersize: int | None, ordered: bool, checkpoint=None, key_of=None) -> Iterator:
+         buffersize: int | None, ordered: bool, checkpoint=None, key_of=None,
+         rt=None) -> Iterator:
     ckpt = None
     if checkpoint is not None:
         # here, not at the top: sqlite3 and the keys cost ~20 ms at every import
@@ -229,8 +230,8 @@ def _map(func: Callable, iterables: tuple, timeout: float | None, chunksize: int
         ckpt = Checkpoint.open(checkpoint, key_of or func)
     feed = _mapping.Feed(_run_chunk, (func,), iterables, chunksize=chunksize,
                          buffersize=buffersize, timeout=timeout, ordered=ordered,
-                         resumable=True, checkpoint=ckpt)
-    return _mapping.MapResults.of(feed, ordered)
+                         resumable=True, checkpoint=ckpt, rt=rt)
+    return _mapping.MapResults.of(feed, ordered, drain=rt is not None)
 
 
 def as_completed(fs: Iterable[Future], timeout: float | None = None) -> Iterator[Future]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import itertools
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import cloudpickle
 import pytest
 
 import scoop
-from scoop import futures, shared
+from scoop import _checkpoint, futures, shared
 
 from conftest import _pool_pids, marked_processes, wait_no_processes, write_program
 
@@ -93,6 +94,103 @@ def test_map_orders_results_and_raises_at_the_failing_item(ex):
         ex.map(abs, [1], buffersize=0)
 
 
+class Counted:
+    """An input that counts the items read from it (by the caller's thread)."""
+
+    def __init__(self, items) -> None:
+        self.items, self.read = iter(items), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.items)
+        self.read += 1
+        return item
+
+
+def test_map_reads_its_input_as_results_are_consumed_buffersize_in_items(ex):
+    data = Counted(range(300))
+    ahead, got = 0, []
+    for i, value in enumerate(ex.map(abs, data, buffersize=20)):
+        got.append(value)
+        ahead = max(ahead, data.read - (i + 1))
+    assert got == list(range(300))
+    assert ahead <= 20  # items read and not yet yielded
+    data = Counted(range(300))
+    results = ex.map(abs, data, chunksize=4, buffersize=10)
+    assert data.read <= 10  # read at the call: no more than the window
+    assert next(results) == 0 and data.read <= 11
+    results.close()
+
+
+def test_map_of_an_endless_input_returns_what_islice_takes(ex):
+    data = Counted(itertools.count())
+    assert list(itertools.islice(ex.map(abs, data), 1000)) == list(range(1000))
+    assert data.read < 300_000  # the default window, not the endless input
+    read = data.read
+    time.sleep(0.2)
+    assert data.read == read  # dropped by islice: the map stopped reading
+
+
+def test_map_has_a_len_where_its_input_has_one(ex):
+    assert len(ex.map(abs, range(10))) == 10
+    assert len(ex.map(pow, [1, 2, 3], range(10))) == 3
+    with pytest.raises(TypeError):
+        len(ex.map(abs, (x for x in range(3))))
+
+
+def logged_square(x: int, log: str) -> int:
+    with open(log, "a") as f:  # one short append per computation
+        f.write(f"{x}\n")
+    return x * x
+
+
+def _computed(log) -> list[int]:
+    return sorted(int(x) for x in log.read_text().split()) if log.exists() else []
+
+
+def test_map_checkpoint_resumes_computing_only_the_missing_items(ex, tmp_path):
+    db, log = tmp_path / "run.db", tmp_path / "computed"
+    _checkpoint.new_run()
+    seen = []
+    with scoop.Executor(2) as pool:  # its end waits for the chunks already sent
+        results = pool.map(logged_square, range(200), [str(log)] * 200, chunksize=5,
+                           buffersize=20, checkpoint=str(db))
+        for value in results:
+            seen.append(value)
+            if len(seen) == 50:
+                break
+        results.close()  # stopped half way, as a kill or an interrupt would
+    first = _computed(log)
+    assert set(range(50)) <= set(first) and len(first) < 200
+    log.unlink()
+    _checkpoint.new_run()  # the program run again
+    assert list(ex.map(logged_square, range(200), [str(log)] * 200, checkpoint=str(db))) \
+        == [x * x for x in range(200)]
+    again = _computed(log)
+    assert not set(again) & set(range(50))  # yielded before: recorded before
+    assert set(first) | set(again) == set(range(200))
+    assert len(again) == len(set(again))  # each at most once
+
+
+def flaky(x: int, folder: str) -> int:
+    """Fails the first time it sees ``x`` (a file marks it seen), then works."""
+    mark = os.path.join(folder, str(x))
+    if not os.path.exists(mark):
+        open(mark, "w").close()
+        raise ConnectionError(f"first try of {x}")
+    return -x
+
+
+def test_map_retries_a_failing_call(ex, tmp_path):
+    items = range(12)
+    assert list(ex.map(flaky, items, [str(tmp_path)] * 12, retries=1,
+                       retry_on=ConnectionError)) == [-x for x in items]
+    with pytest.raises(ConnectionError, match="first try of 20"):
+        list(ex.map(flaky, [20], [str(tmp_path)]))
+
+
 def test_interrupted_map_cancels_the_rest_and_the_pool_goes_on(ex):
     main = threading.get_ident()
     timer = threading.Timer(0.6, signal.pthread_kill, (main, signal.SIGINT))
@@ -149,6 +247,23 @@ def test_nested_tasks_from_the_executor_and_the_module_api(within):
     assert within.submit(tree, 5).result(timeout=60) == 32
     assert futures.submit(tree, 4).result() == 16
     assert sum(futures.map(tree, [3, 3])) == 16
+
+
+def job_globals(_) -> tuple:
+    return scoop.SIZE, scoop.IS_RUNNING, scoop.IS_ORIGIN, scoop.worker
+
+
+def test_scoop_globals_in_the_caller_agree_with_the_workers():
+    outside = job_globals(None)
+    with scoop.Executor(2) as pool:
+        # the caller: the origin, worker 0 (it runs no task), SIZE as the workers see it
+        assert job_globals(None) == (2, True, True, 0)
+        seen = set(pool.map(job_globals, range(40), chunksize=1))
+        assert {size for size, *_ in seen} == {2} == {pool.size}
+        assert {wid for *_, wid in seen} <= {1, 2}
+        assert all(running and not origin for _, running, origin, _ in seen)
+        assert futures.submit(job_globals, None).result()[0] == 2
+    assert job_globals(None) == outside == (1, False, True, None)
 
 
 def test_with_blocks_nest_and_give_back_what_they_replaced():

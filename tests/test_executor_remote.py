@@ -5,6 +5,7 @@ through a job file (``python -m scoop.join``)."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -39,6 +40,65 @@ def test_hosts_over_ssh(hosts):  # noqa: F811 - the fixture
         seen = set(pool.map(netns, range(40), chunksize=1))
         assert set(futures.map(netns, range(20), chunksize=1)) <= seen  # inside `with`
     assert seen == {_host_ns(hosts, a), _host_ns(hosts, b)}
+    _assert_namespaces_empty(hosts)
+
+
+def shout(x: int) -> int:
+    print(f"out {x} from {os.readlink('/proc/self/ns/net')}")  # no flush: as users print
+    print(f"err {x}", file=sys.stderr)
+    return x
+
+
+def _wait_for(text: str, stream: io.StringIO, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return stream.getvalue()
+
+
+def test_what_remote_workers_print_reaches_a_replaced_sys_stdout(hosts, monkeypatch):  # noqa: F811
+    """As in a notebook kernel, whose sys.stdout/sys.stderr are not descriptors 1 and 2:
+    what a task prints on a host started over ssh is relayed to them, as it comes."""
+    a = hosts.names[0]
+    where = _host_ns(hosts, a)
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    with scoop.Executor(hosts=[a], ssh=_ssh(hosts)) as pool:
+        assert pool.submit(shout, 1).result() == 1
+        assert f"out 1 from {where}\n" in _wait_for("out 1", out)  # before the pool ends
+        assert "err 1\n" in _wait_for("err 1", err)
+        assert list(pool.map(shout, [2, 3])) == [2, 3]
+    assert {"out 2", "out 3"} <= {line[:5] for line in out.getvalue().splitlines()}
+    _assert_namespaces_empty(hosts)
+
+
+NOTEBOOK_CELLS = [
+    """import os, time, scoop
+pool = scoop.Executor(hosts=[{host!r}], ssh={ssh!r})""",
+    """def shout(x):
+    print("printed on", os.readlink("/proc/self/ns/net"))  # on the remote host
+    return x
+
+pool.submit(shout, 1).result()
+time.sleep(1)""",
+    "pool.shutdown()",
+]
+
+
+def test_what_remote_workers_print_shows_in_the_notebook_cell(hosts, tmp_path):  # noqa: F811
+    nbformat = pytest.importorskip("nbformat", reason="needs nbformat: pip install -e '.[test]'")
+    nbclient = pytest.importorskip("nbclient", reason="needs nbclient: pip install -e '.[test]'")
+    pytest.importorskip("ipykernel", reason="needs ipykernel: pip install -e '.[test]'")
+    a = hosts.names[0]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src.format(host=a, ssh=_ssh(hosts)))
+                for src in NOTEBOOK_CELLS]
+    nbclient.NotebookClient(nb, timeout=90, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    printed = "".join(out.get("text", "") for out in nb.cells[1].outputs
+                      if out.output_type == "stream" and out.name == "stdout")
+    assert printed == f"printed on {_host_ns(hosts, a)}\n"
     _assert_namespaces_empty(hosts)
 
 

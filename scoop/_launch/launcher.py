@@ -39,6 +39,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import TextIO
 
 from .. import _agent, _bootstrap, _broker, _reaper, _worker
 from .._errors import LaunchError
@@ -118,8 +119,11 @@ class Launcher:
         self.agents: dict[str, remote.RemoteHost] = {}  # remote hosts by name
         self.root_worker: _worker.Worker | None = None
         self._reported: set[int] = set()
-        # More Popen arguments for local workers (scoop.Executor: their output's pipes).
+        # scoop.Executor's relays of the workers' output: more Popen arguments for local
+        # workers, and where remote hosts' stdout goes (None: fd 1; see RemoteHost).
         self.worker_popen: dict = {}
+        self.remote_stdout: TextIO | None = None
+        self.clients = 0  # processes of the job that run no task (scoop.Executor's caller)
 
     @property
     def n(self) -> int:
@@ -138,7 +142,7 @@ class Launcher:
         route = address.route(job)
         self.broker = _broker.Broker(
             self.creds, size=job.size, host=route.bind, max_attempts=job.max_attempts,
-            first_free_wid=job.size - job.joiners if job.joiners else None).start()
+            first_free_wid=job.size - job.joiners, clients=self.clients).start()
         try:
             self.worker_address = address.worker_address(route, job, self.broker.address)
             if job.joiners:
@@ -163,17 +167,16 @@ class Launcher:
 
     def _start_placement(self, row: Placement) -> None:
         """Start the workers of one row of :meth:`Job.placements`."""
+        job, out = self.job, self.remote_stdout
         if row.how == "local":
             for wid in row.wids:
                 self.procs[wid] = self._spawn(wid)
         elif row.how == "srun":
-            self.agents[row.host] = remote.srun_step(row.wids, self.job, self.job_file)
+            self.agents[row.host] = remote.srun_step(row.wids, job, self.job_file, out)
         else:
-            configs = [self.job.worker_config(w, self.worker_address, self.creds)
-                       for w in row.wids]
+            configs = [job.worker_config(w, self.worker_address, self.creds) for w in row.wids]
             port = self.broker.address.rsplit(":", 1)[1]
-            self.agents[row.host] = remote.ssh_agent(row.host, row.wids, self.job, configs,
-                                                     port)
+            self.agents[row.host] = remote.ssh_agent(row.host, row.wids, job, configs, port, out)
 
     def write_job_file(self) -> str:
         """Write the job file joining workers read (mode 0600: it holds the key)."""

@@ -9,6 +9,8 @@ srun step; what they print comes back here, and the root's input goes to them.
                    frames (_relay_stdin) when the root runs there; EOF: stop
         stderr <-- held until a worker of the host joins (part of the error if the host
                    fails first), then shown as it comes (_relay_stderr)
+        stdout <-- this process's own (inherited), or with ``stdout=`` copied to that
+                   stream as it comes (_relay_stdout; scoop.Executor in a notebook)
       RemoteHost --srun --ntasks=N python -m scoop.join JOBFILE  (every worker but the root)
 
 *RemoteHost.* One connection and its workers' ids. Before the job runs, a connection that
@@ -23,6 +25,7 @@ most :data:`MAX_PARALLEL_PROBES` hosts at a time.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -33,6 +36,7 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import TextIO
 
 from .. import _agent
 from .._errors import LaunchError
@@ -78,10 +82,12 @@ class RemoteHost:
         name: the host ("srun" for a step).
         argv: the command: ssh running the host agent, or srun.
         spec: what the host agent reads first on its stdin; None for srun.
+        stdout: a text stream that what the host prints on stdout is copied to; None:
+            this process's descriptor 1, which the command inherits.
     """
 
     def __init__(self, name: str, wids: list[int], argv: list[str], job: Job,
-                 spec: dict | None = None) -> None:
+                 spec: dict | None = None, stdout: TextIO | None = None) -> None:
         self.name = name
         self.wids = wids
         self.stderr_tail: deque[str] = deque(maxlen=20)
@@ -91,9 +97,10 @@ class RemoteHost:
         self._closed = False
         log.debug("host %s: %s", name, shlex.join(argv))
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         cwd=job.cwd, env=_agent.worker_env(job.pythonpath),
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                stdout=None if stdout is None else subprocess.PIPE, cwd=job.cwd,
+                env=_agent.worker_env(job.pythonpath), start_new_session=True)
         except OSError as exc:
             raise LaunchError(f"cannot run {argv[0]!r} to start workers on {name}: {exc}. "
                               "Check --ssh-executable or --launcher.") from None
@@ -104,8 +111,21 @@ class RemoteHost:
                 threading.Thread(target=self._relay_stdin, daemon=True).start()
         self._relay = threading.Thread(target=self._relay_stderr, daemon=True)
         self._relay.start()
+        self._out_relay = None
+        if stdout is not None:
+            self._out_relay = threading.Thread(target=self._relay_stdout, args=(stdout,),
+                                               daemon=True, name=f"scoop-{name}-stdout")
+            self._out_relay.start()
         self._failed_reported = False
 
+    def _relay_stdout(self, stream: TextIO) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            while data := self.proc.stdout.read1(65536):  # as it comes, not by lines
+                stream.write(decoder.decode(data))
+                stream.flush()
+        except (OSError, ValueError):
+            pass  # the stream was closed: nothing more to show
     def _relay_stderr(self) -> None:
         for raw in self.proc.stderr:
             with self._held_lock:
@@ -193,6 +213,8 @@ class RemoteHost:
     def finish(self) -> None:
         """Once its connection ended: show what it said that was not shown yet."""
         self._relay.join(1.0)
+        if self._out_relay is not None:
+            self._out_relay.join(1.0)
         self.go_live()
 
     def _relay_stdin(self) -> None:
@@ -228,20 +250,23 @@ class RemoteHost:
 
 
 def ssh_agent(name: str, wids: list[int], job: Job, configs: list[dict],
-              broker_port: str) -> RemoteHost:
-    """Start the host agent on ``name`` over ssh, with the configs of its workers."""
+              broker_port: str, stdout: TextIO | None = None) -> RemoteHost:
+    """Start the host agent on ``name`` over ssh, with the configs of its workers
+    (``stdout``: see :class:`RemoteHost`; its workers then write unbuffered, so that
+    what they print arrives as they print it, as local workers' lines do)."""
     spec = {"host": name, "python": job.python, "cwd": job.cwd,
             "pythonpath": job.pythonpath, "root_stdin": 0 in wids and _stdin_is_ours(),
-            "workers": configs}
-    return RemoteHost(name, wids, ssh_argv(name, job, broker_port), job, spec)
+            "workers": configs, "unbuffered": stdout is not None}
+    return RemoteHost(name, wids, ssh_argv(name, job, broker_port), job, spec, stdout)
 
 
-def srun_step(wids: list[int], job: Job, job_file: str) -> RemoteHost:
+def srun_step(wids: list[int], job: Job, job_file: str,
+              stdout: TextIO | None = None) -> RemoteHost:
     """Start workers ``wids`` as one srun step of joining workers (they read the job file
     and ask the broker for their ids)."""
     argv = [*die_with_launcher(), "srun", f"--ntasks={len(wids)}", "--kill-on-bad-exit=0",
             job.python, "-m", "scoop.join", job_file]
-    return RemoteHost("srun", wids, argv, job)
+    return RemoteHost("srun", wids, argv, job, stdout=stdout)
 
 
 def _write_err(data: bytes) -> None:
