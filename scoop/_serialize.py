@@ -24,6 +24,7 @@ import ast
 import copyreg
 import gc
 import io
+import mmap
 import pickle
 import sys
 import traceback
@@ -167,8 +168,9 @@ def dumps(obj) -> list:
 
 def _buffers(frames) -> list:
     # Out-of-band buffers are copied once so that arrays built on them are writable, as
-    # they would be after a plain pickle round trip.
-    return [bytearray(buffer_of(f)) for f in frames[1:]]
+    # they would be after a plain pickle round trip; a private mapping of a shared-memory
+    # segment (scoop._shm) already is.
+    return [f if isinstance(f, mmap.mmap) else bytearray(buffer_of(f)) for f in frames[1:]]
 
 
 def loads(frames):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
-from .. import _chunks, _serialize
+from .. import _chunks, _serialize, _shm
 from .. import _protocol as P
 from .._errors import SerializationError
 from . import policy
@@ -47,6 +47,8 @@ class Shipper:
         self.away: set[int] = set()  # ids of those sent to the broker, until they finish
         self.results_out: dict[int, list] = {}  # owner -> (tid, ok, value, fn, args)
         self.done_out: list[tuple[int, int]] = []  # finished groups: (owner, fid)
+        # Shipped futures whose group's arguments are in shared memory (scoop._shm), by id
+        self.leases: dict[int, _shm.Lease] = {}
         self._fids = itertools.count(1)
         self._returned = itertools.count(1)  # ids of groups handed back (returned_tag)
 
@@ -116,6 +118,11 @@ class Shipper:
             frames = _serialize.dumps([f._call for f in futs])
         tids = P.task_ids_frame(f._id for f in futs)
         self.away.update(f._id for f in futs)
+        frames, names = _shm.place(frames, self.rt.shm)
+        if names:  # unlinked when the group's last task is done here (Worker.complete)
+            lease = _shm.Lease(names, len(futs))
+            for f in futs:
+                self.leases[f._id] = lease
         codec = self.rt.link.codec
         if futs[0]._chunk is not None:  # map chunks: kept, to be resumed if they are lost
             tag = next(self._fids) | P.RESUMABLE
@@ -159,6 +166,7 @@ class Shipper:
                     ok, value = False, _serialize.wire_exception(err, self.rt.where)
                 fixed.append((tid, ok, value))
             frames = _serialize.dumps(fixed)
+        frames, _ = _shm.place(frames, self.rt.shm)  # the owner unlinks them (once mapped)
         return self.rt.link.codec.parcel(frames, peer=owner)
 
     def send_partial(self, owner: int, tid: int, values: list, func=None) -> None:

@@ -98,6 +98,9 @@ class Worker:
         self.flags = Flags()
         self.policy = Policy(max(1, size))
         self.max_attempts = MAX_ATTEMPTS
+        # The job whose segments large frames go in (scoop._shm; None: frames, the job
+        # spans hosts)
+        self.shm: str | None = None
         # Called by submit while set: _bootstrap looks for a program that calls futures
         # outside its `if __name__ == "__main__":` guard.
         self.submit_hook: Callable[[], None] | None = None
@@ -250,6 +253,9 @@ class Worker:
             return
         self.pending.pop(fut._id, None)
         self.away.discard(fut._id)
+        lease = self.shipper.leases.pop(fut._id, None)
+        if lease is not None:
+            lease.release()
         fut._finish(ok, value)
         self.notify(fut)
 
