@@ -154,8 +154,10 @@ def _map(name: str, size: int) -> mmap.mmap:
         if st.st_uid != os.getuid() or st.st_size != size:
             raise ValueError(f"shared-memory segment {name} is not the one sent "
                              f"({st.st_size} bytes, {size} expected)")
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # No MAP_POPULATE: on a private writable mapping it copies every page; pages
+        # are mapped as the task reads them (~0.6 us per 4 KiB page).
+        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
 
