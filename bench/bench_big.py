@@ -25,8 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_tasks as T  # noqa: E402
-from bench import make_big_args  # noqa: E402
 
+from bench import make_big_args  # noqa: E402
 from scoop import futures  # noqa: E402
 from scoop._launch import Launcher  # noqa: E402
 

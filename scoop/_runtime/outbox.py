@@ -49,6 +49,7 @@ class Shipper:
         self.done_out: list[tuple[int, int]] = []  # finished groups: (owner, fid)
         # Shipped futures whose group's arguments are in shared memory (scoop._shm), by id
         self.leases: dict[int, _shm.Lease] = {}
+        self.pool: _shm.Pool | None = None  # those segments, reused
         self._fids = itertools.count(1)
         self._returned = itertools.count(1)  # ids of groups handed back (returned_tag)
 
@@ -118,11 +119,11 @@ class Shipper:
             frames = _serialize.dumps([f._call for f in futs])
         tids = P.task_ids_frame(f._id for f in futs)
         self.away.update(f._id for f in futs)
-        frames, names = _shm.place(frames, self.rt.shm)
-        if names:  # unlinked when the group's last task is done here (Worker.complete)
-            lease = _shm.Lease(names, len(futs))
-            for f in futs:
-                self.leases[f._id] = lease
+        if self.rt.shm is not None:  # large arguments: through shared memory
+            frames, lease = self._pool().place(frames, len(futs))
+            if lease is not None:  # freed when the group is done here (Worker.complete)
+                for f in futs:
+                    self.leases[f._id] = lease
         codec = self.rt.link.codec
         if futs[0]._chunk is not None:  # map chunks: kept, to be resumed if they are lost
             tag = next(self._fids) | P.RESUMABLE
@@ -132,6 +133,11 @@ class Shipper:
         for f in futs:
             f._drop_arguments()
         return codec.parcel([tids, *frames], tag=next(self._fids))
+
+    def _pool(self) -> _shm.Pool:
+        if self.pool is None or self.pool.job != self.rt.shm:
+            self.pool = _shm.Pool(self.rt.shm)
+        return self.pool
 
     def flush(self) -> None:
         """Ship the outbox, send results and finished groups, ask for work if low."""
@@ -166,7 +172,7 @@ class Shipper:
                     ok, value = False, _serialize.wire_exception(err, self.rt.where)
                 fixed.append((tid, ok, value))
             frames = _serialize.dumps(fixed)
-        frames, _ = _shm.place(frames, self.rt.shm)  # the owner unlinks them (once mapped)
+        frames = _shm.place_results(frames, self.rt.shm)  # the owner unlinks them
         return self.rt.link.codec.parcel(frames, peer=owner)
 
     def send_partial(self, owner: int, tid: int, values: list, func=None) -> None:
