@@ -298,6 +298,8 @@ class Pool:
         self.job = job
         self.free: list[_Segment] = []
         self.idle = 0
+        self.made: set[_Segment] = set()  # every live segment, leased or free
+        self.closed = False
 
     def _take(self, size: int) -> _Segment:
         fits = [s for s in self.free if size <= s.capacity <= 2 * size]
@@ -306,7 +308,9 @@ class Pool:
             self.free.remove(seg)
             self.idle -= seg.capacity
             return seg
-        return _Segment(self.job, -(-size // SHM_MIN) * SHM_MIN)
+        seg = _Segment(self.job, -(-size // SHM_MIN) * SHM_MIN)
+        self.made.add(seg)
+        return seg
 
     def place(self, frames: list, tasks: int) -> tuple[list, Lease | None]:
         """:func:`place` for a task group of ``tasks`` tasks; and the lease that gives
@@ -327,19 +331,24 @@ class Pool:
     def give_back(self, segments: list[_Segment]) -> None:
         """Segments no reader needs any more: kept for reuse, the largest dropped while
         more than POOL_IDLE_MAX bytes would stay idle."""
+        if self.closed:
+            return
         self.free.extend(segments)
         self.idle += sum(s.capacity for s in segments)
         while self.idle > POOL_IDLE_MAX:
             seg = max(self.free, key=lambda s: s.capacity)
             self.free.remove(seg)
             self.idle -= seg.capacity
+            self.made.discard(seg)
             seg.drop()
 
     def close(self) -> None:
-        """Remove the idle segments (those leased are removed by the sweeps)."""
-        for seg in self.free:
+        """Remove every segment, leased ones too (the runtime is closing: a future kept
+        after the job must not keep the pool's memory alive)."""
+        self.closed = True
+        for seg in self.made:
             seg.drop()
-        self.free, self.idle = [], 0
+        self.made, self.free, self.idle = set(), [], 0
 
 
 class Lease:

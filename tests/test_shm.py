@@ -224,14 +224,16 @@ def test_pooled_segments_are_reused_and_a_late_copy_fails():
         assert pool.free == []  # one task of the group is still running
         lease.release()
         assert len(pool.free) == 1
-        again, _ = pool.place([b"\x80\x05", memoryview(big + 1)], tasks=1)
+        again, lease = pool.place([b"\x80\x05", memoryview(big + 1)], tasks=1)
         assert len(segments_of(job)) == 1  # the same segment, reused
         with pytest.raises(ValueError, match="reused"):
             _shm.restore(frames)  # the first group's frames: a late duplicate
         assert np.array_equal(np.frombuffer(_shm.restore(again)[1], np.float64), big + 1)
+        pool.close()  # leased segments too
+        assert segments_of(job) == []
+        lease.release()  # a release after the close is a no-op
     finally:
         pool.close()
-        _shm.sweep_job(job)
     assert segments_of(job) == []
 
 

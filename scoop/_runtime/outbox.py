@@ -139,6 +139,16 @@ class Shipper:
             self.pool = _shm.Pool(self.rt.shm)
         return self.pool
 
+    def release(self, fid: int) -> None:
+        """Future ``fid`` is done: one task less holds its group's argument segments."""
+        lease = self.leases.pop(fid, None)
+        if lease is not None:
+            lease.release()
+
+    def close_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
     def flush(self) -> None:
         """Ship the outbox, send results and finished groups, ask for work if low."""
         self.ship()
