@@ -260,3 +260,32 @@ def test_stale_sweep_spares_live_jobs():
         assert segments_of(job) == [mine]
     finally:
         _shm.sweep_job(job)
+
+
+@pytest.fixture
+def tiny_shm(tmp_path):
+    """A real 2 MiB tmpfs as the segments' directory (root only; skipped elsewhere)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where = tmp_path / "shm"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    old, _shm.DIR = _shm.DIR, str(where)
+    try:
+        yield where
+    finally:
+        _shm.DIR = old
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_dev_shm_falls_back_to_frames(tiny_shm):
+    job = _reaper.new_job_id()
+    big = os.urandom(3 << 20)  # more than the tmpfs holds
+    pool = _shm.Pool(job)
+    frames, lease = pool.place([b"\x80\x05", big], tasks=1)
+    assert lease is None and frames[1] is big
+    assert _shm.place_results([b"\x80\x05", big], job)[1] is big
+    assert os.listdir(tiny_shm) == []  # nothing half-written is left
+    pool.close()
