@@ -77,8 +77,10 @@ MAGIC = b"scoop-shm1\n"
 SHM_MIN = 128 * 1024
 _NAME = re.compile(r"scoop-([0-9a-f]{1,64})-(\d+)-(\d+)")
 
-# Idle argument segments a runtime keeps for reuse (see Pool), at most.
+# Idle argument segments a runtime keeps for reuse (see Pool), at most; and at most this
+# share of /dev/shm (a container's is often 64 MB).
 POOL_IDLE_MAX = 1 << 30
+POOL_IDLE_SHARE = 1 / 8
 _HEADER = struct.Struct("<Q")  # a pooled segment: its generation, then the data
 _counter = itertools.count(1)  # segment names
 _generations = itertools.count(1)  # what a pooled segment holds now
@@ -304,7 +306,8 @@ class _Segment:
 class Pool:
     """The argument segments of one runtime: reused from group to group, because making
     a fresh one costs ~5 ms per 10 MB here (the kernel allocates its pages) and
-    writing into a mapped one ~0.3 ms. At most :data:`POOL_IDLE_MAX` bytes stay idle."""
+    writing into a mapped one ~0.3 ms. At most :data:`POOL_IDLE_MAX` bytes (and
+    :data:`POOL_IDLE_SHARE` of /dev/shm) stay idle."""
 
     def __init__(self, job: str) -> None:
         self.job = job
@@ -312,6 +315,11 @@ class Pool:
         self.idle = 0
         self.made: set[_Segment] = set()  # every live segment, leased or free
         self.closed = False
+        try:
+            st = os.statvfs(DIR)
+            self.idle_max = min(POOL_IDLE_MAX, int(st.f_blocks * st.f_frsize * POOL_IDLE_SHARE))
+        except OSError:
+            self.idle_max = 0
 
     def _take(self, size: int) -> _Segment:
         fits = [s for s in self.free if size <= s.capacity <= 2 * size]
@@ -342,12 +350,12 @@ class Pool:
 
     def give_back(self, segments: list[_Segment]) -> None:
         """Segments no reader needs any more: kept for reuse, the largest dropped while
-        more than POOL_IDLE_MAX bytes would stay idle."""
+        more than ``idle_max`` bytes would stay idle."""
         if self.closed:
             return
         self.free.extend(segments)
         self.idle += sum(s.capacity for s in segments)
-        while self.idle > POOL_IDLE_MAX:
+        while self.idle > self.idle_max:
             seg = max(self.free, key=lambda s: s.capacity)
             self.free.remove(seg)
             self.idle -= seg.capacity
