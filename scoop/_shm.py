@@ -286,6 +286,9 @@ class _Segment:
         self.name, fd = _create(job, _HEADER.size + capacity)
         try:
             self.map = mmap.mmap(fd, _HEADER.size + capacity)
+        except BaseException:
+            unlink([self.name])
+            raise
         finally:
             os.close(fd)
 
@@ -300,7 +303,8 @@ class _Segment:
 
     def drop(self) -> None:
         unlink([self.name])
-        self.map.close()
+        with contextlib.suppress(BufferError):  # never exported; if it were, GC unmaps it
+            self.map.close()
 
 
 class Pool:
