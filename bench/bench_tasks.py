@@ -58,3 +58,12 @@ def tree(depth):
     left = futures.submit(tree, depth - 1)
     right = futures.submit(tree, depth - 1)
     return 1 + left.result() + right.result()
+
+
+def big_result(mb, i):
+    """Returns a large value (``mb`` x 10^6 bytes): a numpy array, else a bytearray."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is optional
+        return bytearray([i % 251]) * (mb * 1_000_000)
+    return np.full(mb * 1_000_000, i % 251, dtype=np.uint8)

@@ -38,7 +38,7 @@ from typing import NoReturn
 
 import scoop
 
-from . import _progress, _reaper, _serialize, _worker
+from . import _progress, _reaper, _serialize, _shm, _worker
 from ._errors import (
     BrokenJobError,
     JobOver,
@@ -60,6 +60,9 @@ CONNECT_TIMEOUT_S = 10.0
 # The exit status of a job stopped because its time was up (EX_TEMPFAIL of sysexits.h:
 # "try again later"): a job script tests it to requeue itself.
 EXIT_WALLTIME = 75
+# This worker's parent when it started (the launcher, an agent or the template): a
+# SIGTERM after it changed came from its death (PDEATHSIG).
+_parent = 0
 
 
 def load_program(path: str, run_name: str) -> types.ModuleType:
@@ -250,6 +253,9 @@ def start(cfg: dict) -> None:
         os.chdir(cfg["cwd"])
     creds = Credentials.from_config(cfg)
     worker = _worker.Worker(cfg["wid"] or 0)  # the job's size comes with the WELCOME
+    worker.shm = _shm.usable(cfg.get("shm"))
+    global _parent
+    _parent = cfg.get("ppid", 0)
     timeout = cfg.get("connect_timeout", CONNECT_TIMEOUT_S)
     try:
         if cfg["wid"] is None:
@@ -277,6 +283,7 @@ def start(cfg: dict) -> None:
         _run_worker(worker, cfg)
     finally:
         _reaper.end_marked(_reaper.WORKER, tag)  # what the tasks started ends with us
+        _shm.sweep_own(worker.shm)  # the job is over: nobody maps them any more
 
 
 def set_job_globals(worker: _worker.Worker | None, debug: bool = False,
@@ -321,6 +328,10 @@ def _end_on_sigterm(signum: int, frame) -> None:
     """SIGTERM (the launcher's stop, or its death): end what this worker's tasks started,
     then die of the signal, as without this handler."""
     _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+    if _parent and os.getppid() != _parent:
+        # PDEATHSIG: the launcher (or template) is dead and cannot sweep /dev/shm. Not
+        # otherwise: results in flight to their owner must stay readable.
+        _shm.sweep_own(os.environ.get(_reaper.JOB))
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 

@@ -93,7 +93,7 @@ from greenlet import greenlet
 
 import scoop
 
-from . import _bootstrap, _mapping, _progress, _worker
+from . import _bootstrap, _mapping, _progress, _shm, _worker
 from ._errors import BrokenJobError, RemoteTraceback
 from ._future import Future
 from ._launch import Launcher
@@ -695,6 +695,7 @@ class _Runtime:
             rt = _worker.Worker(0)  # here: its greenlets and sockets belong to this thread
             rt.policy.runs_tasks = False
             rt.where = rt.where.replace("worker 0", "the executor's client", 1)
+            rt.shm = _shm.usable(self.launcher.job.shm)
             rt.connect(self.launcher.broker.address, self.launcher.creds, CONNECT_TIMEOUT_S)
         except BaseException as exc:  # noqa: BLE001 - the caller's start() raises it
             self._error = exc

@@ -24,6 +24,7 @@ import ast
 import copyreg
 import gc
 import io
+import mmap
 import pickle
 import sys
 import traceback
@@ -167,8 +168,11 @@ def dumps(obj) -> list:
 
 def _buffers(frames) -> list:
     # Out-of-band buffers are copied once so that arrays built on them are writable, as
-    # they would be after a plain pickle round trip.
-    return [bytearray(buffer_of(f)) for f in frames[1:]]
+    # they would be after a plain pickle round trip. A bytearray already is our own copy
+    # (a joined split frame, a shared-memory segment's copy) and a private mapping of a
+    # segment (scoop._shm) is writable too.
+    return [f if isinstance(f, (bytearray, mmap.mmap)) else bytearray(buffer_of(f))
+            for f in frames[1:]]
 
 
 def loads(frames):

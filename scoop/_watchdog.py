@@ -23,7 +23,7 @@ import time
 import zmq
 
 from . import _protocol as P
-from . import _reaper
+from . import _reaper, _shm
 from ._runtime.link import Link
 from ._transport import Credentials
 
@@ -85,5 +85,6 @@ class Watchdog(threading.Thread):
         log.error("worker %d: the broker at %s has not answered for %.0f s; the job is gone, "
                   "exiting", self.wid, self.address, silence)
         _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+        _shm.sweep_own(os.environ.get(_reaper.JOB))  # no launcher is left to sweep them
         os._exit(1)
 

@@ -92,6 +92,12 @@ class Job:
         return [name for name, _ in self.hosts if not is_local(name)]
 
     @property
+    def shm(self) -> str | None:
+        """The job's id if every worker runs on this host (no remote host, no joining
+        worker): then large frames go through shared memory (scoop._shm); else None."""
+        return None if self.remote or self.joiners else self.id
+
+    @property
     def joiners(self) -> int:
         """Workers that ask the broker for their id: --external ones, or srun's step."""
         return self.size - 1 if self.launcher == "srun" else self.external
@@ -119,7 +125,7 @@ class Job:
             "program": self.program, "module": self.module, "args": list(self.args),
             "cwd": self.cwd, "nice": self.nice, "debug": self.debug,
             "log_level": self.log_level, "log_file": self.log_file,
-            "hosts": self.hosts, "progress": self.progress,
+            "hosts": self.hosts, "progress": self.progress, "shm": self.shm,
         }
 
 

@@ -41,7 +41,7 @@ import sys
 import time
 from typing import TextIO
 
-from .. import _agent, _bootstrap, _broker, _reaper, _worker
+from .. import _agent, _bootstrap, _broker, _reaper, _shm, _worker
 from .._errors import LaunchError
 from .._files import write_atomically
 from .._transport import Credentials
@@ -235,6 +235,7 @@ class Launcher:
 
     def _join_as_root(self) -> None:
         worker = _worker.Worker(0)  # the job's size comes with the WELCOME
+        worker.shm = _shm.usable(self.job.shm)
         _bootstrap.enter_job(worker, self.broker.address, self.creds, debug=self.job.debug,
                              hosts=self.job.hosts)
         self.root_worker = worker
@@ -304,6 +305,7 @@ class Launcher:
             agent.finish()
         # What tasks started and their workers did not end (a worker killed outright).
         _reaper.end_marked(_reaper.JOB, self.job.id)
+        _shm.sweep(self.job.id)  # what killed workers (or jobs) left in /dev/shm
         if self.broker is not None:
             self.broker.stop()
         if self._wrote_job_file:

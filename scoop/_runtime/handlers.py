@@ -21,7 +21,7 @@ import itertools
 import logging
 from typing import TYPE_CHECKING
 
-from .. import _chunks, _serialize
+from .. import _chunks, _serialize, _shm
 from .. import _protocol as P
 from .._errors import JobStopped, SerializationError, WorkerLostError
 from .._future import FINISHED
@@ -69,7 +69,7 @@ class Handlers:
             tids = P.task_ids(parcel)
             group = Group(parcel.peer, parcel.tag, len(tids), forced)
             try:
-                calls, broken = _serialize.loads_items(parcel.frames[1:])
+                calls, broken = _serialize.loads_items(_shm.restore(parcel.frames[1:]))
             except Exception as exc:  # noqa: BLE001 - fail the group's tasks, keep working
                 err = self.unpickling_error("a task group", exc)
                 calls, broken = [(_raise, (err,), {})] * len(tids), {}
@@ -87,7 +87,8 @@ class Handlers:
         rt = self.rt
         for parcel in self._authentic(msg, "a result parcel"):
             try:
-                results, broken = _serialize.loads_items(parcel.frames)
+                results, broken = _serialize.loads_items(
+                    _shm.restore(parcel.frames, unlink_after=True))
             except Exception as exc:  # noqa: BLE001 - keep the hub alive for the others
                 # The task ids are inside the broken pickle: these futures cannot be told.
                 log.error("%s: dropped a batch of results that could not be unpickled; "

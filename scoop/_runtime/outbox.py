@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
-from .. import _chunks, _serialize
+from .. import _chunks, _serialize, _shm
 from .. import _protocol as P
 from .._errors import SerializationError
 from . import policy
@@ -47,6 +47,9 @@ class Shipper:
         self.away: set[int] = set()  # ids of those sent to the broker, until they finish
         self.results_out: dict[int, list] = {}  # owner -> (tid, ok, value, fn, args)
         self.done_out: list[tuple[int, int]] = []  # finished groups: (owner, fid)
+        # Shipped futures whose group's arguments are in shared memory (scoop._shm), by id
+        self.leases: dict[int, _shm.Lease] = {}
+        self.pool: _shm.Pool | None = None  # those segments, reused
         self._fids = itertools.count(1)
         self._returned = itertools.count(1)  # ids of groups handed back (returned_tag)
 
@@ -116,6 +119,11 @@ class Shipper:
             frames = _serialize.dumps([f._call for f in futs])
         tids = P.task_ids_frame(f._id for f in futs)
         self.away.update(f._id for f in futs)
+        if self.rt.shm is not None:  # large arguments: through shared memory
+            frames, lease = self._pool().place(frames, len(futs))
+            if lease is not None:  # freed when the group is done here (Worker.complete)
+                for f in futs:
+                    self.leases[f._id] = lease
         codec = self.rt.link.codec
         if futs[0]._chunk is not None:  # map chunks: kept, to be resumed if they are lost
             tag = next(self._fids) | P.RESUMABLE
@@ -125,6 +133,21 @@ class Shipper:
         for f in futs:
             f._drop_arguments()
         return codec.parcel([tids, *frames], tag=next(self._fids))
+
+    def _pool(self) -> _shm.Pool:
+        if self.pool is None or self.pool.job != self.rt.shm:
+            self.pool = _shm.Pool(self.rt.shm)
+        return self.pool
+
+    def release(self, fid: int) -> None:
+        """Future ``fid`` is done: one task less holds its group's argument segments."""
+        lease = self.leases.pop(fid, None)
+        if lease is not None:
+            lease.release()
+
+    def close_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     def flush(self) -> None:
         """Ship the outbox, send results and finished groups, ask for work if low."""
@@ -159,6 +182,7 @@ class Shipper:
                     ok, value = False, _serialize.wire_exception(err, self.rt.where)
                 fixed.append((tid, ok, value))
             frames = _serialize.dumps(fixed)
+        frames = _shm.place_results(frames, self.rt.shm)  # the owner unlinks them
         return self.rt.link.codec.parcel(frames, peer=owner)
 
     def send_partial(self, owner: int, tid: int, values: list, func=None) -> None:

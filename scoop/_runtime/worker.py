@@ -98,6 +98,7 @@ class Worker:
         self.flags = Flags()
         self.policy = Policy(max(1, size))
         self.max_attempts = MAX_ATTEMPTS
+        self.shm: str | None = None  # large frames' segments are this job's (scoop._shm)
         # Called by submit while set: _bootstrap looks for a program that calls futures
         # outside its `if __name__ == "__main__":` guard.
         self.submit_hook: Callable[[], None] | None = None
@@ -250,6 +251,7 @@ class Worker:
             return
         self.pending.pop(fut._id, None)
         self.away.discard(fut._id)
+        self.shipper.release(fut._id)  # its arguments' segments, if it has any
         fut._finish(ok, value)
         self.notify(fut)
 
@@ -319,6 +321,7 @@ class Worker:
 
     def close(self) -> None:
         """Close the link to the broker (the runtime is in-process afterwards)."""
+        self.shipper.close_pool()  # no group of this runtime is left to run
         if self.link is not None:
             self.link.close()
             self.link = None
