@@ -33,6 +33,7 @@ A :class:`Launcher` can also make the calling interpreter the root worker
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -310,10 +311,8 @@ class Launcher:
             self.broker.stop()
         if self._wrote_job_file:
             self._wrote_job_file = False
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.job_file)
-            except OSError:
-                pass
 
     def __enter__(self) -> Launcher:
         return self.start(root_in_process=True) if self.root_worker is None else self
