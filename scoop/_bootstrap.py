@@ -269,7 +269,8 @@ def start(cfg: dict) -> None:
         os.environ[_reaper.JOB] = cfg["job"]  # a joining worker was not started with it
     tag = _reaper.mark_worker(wid)
     signal.signal(signal.SIGTERM, _end_on_sigterm)
-    Watchdog(cfg["address"], creds, wid, ctx=worker.link.ctx).start()
+    Watchdog(cfg["address"], creds, wid, ctx=worker.link.ctx,
+             deadlines=worker.deadlines).start()
     try:
         if root:
             sys.exit(_run_root(worker, cfg))

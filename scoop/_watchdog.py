@@ -1,4 +1,5 @@
-"""A worker's watchdog: a thread that ends the process when the broker is gone.
+"""A worker's watchdog: a thread that ends the process when the broker is gone, or when
+a task runs past its time limit.
 
 A worker on another host cannot rely on its parent or its ssh connection to learn that
 the job is over (the launcher may be SIGKILLed, its host may vanish). Its hub cannot
@@ -10,6 +11,12 @@ Its socket lives in the worker link's ZeroMQ context (a context is thread-safe):
 thread per worker, not two, and the worker's ``close`` ends the watchdog too (its wait
 raises ``zmq.ContextTerminated``). ZeroMQ's I/O thread runs without the GIL, so a task
 that holds the interpreter delays the watchdog as it did with a context of its own.
+
+*Time limits* (``scoop._limits``): the watchdog also wakes at the earliest deadline of
+the limited calls running here. Past one, it tells the broker (TIMEOUT, on its own
+socket: the hub's is busy with the task), waits for the broker's STOP (the broker has
+failed that task and taken back this worker's other work), ends what the tasks started,
+and ends the process.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import zmq
 
 from . import _protocol as P
 from . import _reaper
+from ._limits import Deadlines
 from ._runtime.link import Link
 from ._transport import Credentials
 
@@ -33,6 +41,11 @@ PING_PERIOD_S = 1.0
 # Silence after which the broker counts as gone: long enough to ride out a loaded machine
 # or network hiccup, short enough that orphans vanish quickly.
 BROKER_TIMEOUT_S = 10.0
+# How long a worker whose task timed out waits for the broker's answer before it ends
+# anyway: the broker answers at once unless it is gone (then its work is lost anyway).
+TIMEOUT_ACK_S = 5.0
+# The exit status of a worker ended because a task ran past its time limit.
+EXIT_TASK_TIMEOUT = 3
 
 
 class Watchdog(threading.Thread):
@@ -40,7 +53,7 @@ class Watchdog(threading.Thread):
 
     def __init__(self, address: str, creds: Credentials, wid: int, on_lost=None,
                  timeout: float = BROKER_TIMEOUT_S, period: float = PING_PERIOD_S,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, deadlines: Deadlines | None = None) -> None:
         super().__init__(name="scoop-watchdog", daemon=True)
         self.ctx = ctx  # the worker link's (None: one of its own)
         self.address = address
@@ -49,6 +62,7 @@ class Watchdog(threading.Thread):
         self.timeout = timeout
         self.period = period
         self.on_lost = on_lost or self._exit
+        self.deadlines = deadlines  # of the worker's limited calls (None: none)
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -74,15 +88,36 @@ class Watchdog(threading.Thread):
         heard = time.monotonic()
         try:
             while not self._stop_event.is_set():
-                for msg in link.request(P.PING, self.period):
+                for msg in link.request(P.PING, self._wait()):
                     if msg.kind == P.PONG:
                         heard = time.monotonic()
                     # then keep listening until the period is over: one PING per period
+                late = self.deadlines and self.deadlines.expired(time.monotonic())
+                if late:
+                    self._time_out(link, late)
+                    return
                 if time.monotonic() - heard > self.timeout:
                     self.on_lost(time.monotonic() - heard)
                     return
         finally:
             link.close(0)
+
+    def _wait(self) -> float:
+        """Seconds until the next PING, or the next deadline if sooner."""
+        due = self.deadlines.next_due() if self.deadlines else None
+        if due is None:
+            return self.period
+        return min(self.period, max(0.005, due - time.monotonic()))
+
+    def _time_out(self, link: Link, body: dict) -> None:
+        """A task ran past its time limit: tell the broker, then end this worker."""
+        log.error("worker %d: %s; ending this worker (its other tasks run elsewhere)",
+                  self.wid, body["error"])
+        for msg in link.request(P.TIMEOUT, TIMEOUT_ACK_S, body=body):
+            if msg.kind == P.STOP:
+                break
+        _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+        os._exit(EXIT_TASK_TIMEOUT)
 
     def _exit(self, silence: float) -> None:
         log.error("worker %d: the broker at %s has not answered for %.0f s; the job is gone, "

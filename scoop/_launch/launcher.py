@@ -279,7 +279,7 @@ class Launcher:
         requests = self.broker.sandbox_requests
         while not requests.empty():
             wid = requests.get_nowait()
-            log.info("starting sandbox worker %d", wid)
+            log.info("starting worker %d (a sandbox, or in place of one a time limit ended)", wid)
             self.procs[wid] = self._spawn(wid)
 
     # -- stopping --------------------------------------------------------------------------
