@@ -204,3 +204,55 @@ def test_outside_a_job_the_limit_is_not_enforced_and_says_so():
         assert f(7, 2) == (3, 1)
     assert any("task_timeout is not enforced outside a job" in str(w.message)
                for w in seen)
+
+
+CHECKPOINT = """
+    import os, sys, time
+    from scoop import futures
+
+    def item(x):
+        if x == 4 and not os.path.exists(sys.argv[2]):
+            time.sleep(3600)
+        with open(os.path.join(sys.argv[1], str(x)), "a") as f:
+            f.write(".")
+        return x * 10
+
+    if __name__ == "__main__":
+        try:
+            print(list(futures.map(item, range(8), task_timeout=%s, chunksize=1,
+                                   checkpoint=sys.argv[3])))
+        except futures.TaskTimeoutError as exc:
+            print("raised")
+"""
+
+
+def test_a_timed_out_item_is_not_recorded_by_a_checkpoint(tmp_path):
+    marks, fixed, db = tmp_path / "marks", tmp_path / "fixed", tmp_path / "run.db"
+    marks.mkdir()
+    prog = write_program(tmp_path, CHECKPOINT % LIMIT)
+    first = run_scoop("-n", "3", prog, str(marks), str(fixed), str(db), timeout=90)
+    assert first.stdout.splitlines() == ["raised"], first.stderr
+    fixed.touch()  # item 4 no longer hangs: the rerun runs it (and what never ran)
+    second = run_scoop("-n", "3", prog, str(marks), str(fixed), str(db), timeout=90)
+    assert second.stdout.splitlines() == [str([x * 10 for x in range(8)])], second.stderr
+    assert (marks / "4").stat().st_size == 1
+    assert all((marks / str(x)).stat().st_size == 1 for x in range(8))  # none ran twice
+
+
+def test_executor_submit_with_options_times_out_and_the_pool_goes_on(tmp_path):
+    import scoop
+
+    with scoop.Executor(2) as pool:
+        hung = pool.submit(futures.with_options(_hang, task_timeout=LIMIT), 1)
+        with pytest.raises(futures.TaskTimeoutError, match=r"_hang\(\) exceeded its "
+                           r"task_timeout of 3 s"):
+            hung.result(timeout=60)
+        limited = futures.with_options(divmod, task_timeout=60)
+        assert [pool.submit(limited, x, 3).result(timeout=60) for x in range(4)] == [
+            divmod(x, 3) for x in range(4)]
+
+
+def _hang(x):
+    import time
+
+    time.sleep(3600)
