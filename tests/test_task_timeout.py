@@ -29,7 +29,7 @@ PROGRAM = """
         path = os.path.join(MARKS, str(x))
         return os.path.getsize(path) if os.path.exists(path) else 0
 
-    def work(x, hang=5):
+    def work(x, hang=30):
         # one mark per run of x, wherever it runs; item `hang` never ends
         with open(os.path.join(MARKS, str(x)), "a") as f:
             f.write(".")
@@ -70,14 +70,20 @@ PROGRAM = """
             if HOW == "map":  # the last item hangs: every other one comes, in order
                 for r in futures.map(work, range(12), [11] * 12, task_timeout=LIMIT):
                     out.append(r)
-            elif HOW == "as_completed":  # item 5 hangs; the others are quick
+            elif HOW == "as_completed":  # item 30 hangs; the others are quick
                 for r in futures.map_as_completed(work, range(40), task_timeout=LIMIT,
                                                   chunksize=1):
                     out.append(r)
+            elif HOW == "wait":  # item 30 hangs; every other call completes
+                fs = [futures.submit(futures.with_options(work, task_timeout=LIMIT), x)
+                      for x in range(40)]
+                futures.wait(fs)
+                out = [f.result() if f.exception() is None else
+                       type(f.exception()).__name__ for f in fs]
             elif HOW == "submit":
                 limited = futures.with_options(work, task_timeout=LIMIT)
                 out.append(futures.submit(limited, 3, hang=-1).result())
-                out.append(futures.submit(limited, 5).result())
+                out.append(futures.submit(limited, 30).result())
             elif HOW == "retries":
                 f = futures.with_options(flaky_then_hang, task_timeout=LIMIT, retries=3,
                                          retry_on=OSError)
@@ -86,7 +92,7 @@ PROGRAM = """
         except futures.TaskTimeoutError as exc:
             report(out, exc)
         print("runs", [runs(x) for x in range(40)])
-        if HOW in ("as_completed", "submit"):
+        if HOW in ("wait", "submit"):
             # the worker it ended was replaced: two workers (never the root) meet
             meeting = futures.with_options(meet, task_timeout=60)
             print("met", sorted(f.result() for f in
@@ -118,16 +124,27 @@ def test_a_map_item_that_hangs_fails_at_its_limit_after_every_other_result(tmp_p
     assert runs(lines)[:12] == [1] * 12  # each ran once, the one that hung included
 
 
-def test_map_as_completed_the_rest_completes_exactly_once_on_n_workers(tmp_path):
+def test_map_as_completed_raises_at_the_item_that_hung_and_runs_nothing_twice(tmp_path):
+    # the failure comes when it completes: the items its worker held, running again
+    # elsewhere, may come later (unseen: the map stopped), but none runs twice
     lines = run(tmp_path, "as_completed")
     results = eval(lines[0][len("results "):])
-    assert sorted(results) == [x * 10 for x in range(40) if x != 5]
-    assert lines[1].startswith(f"raised TaskTimeoutError True work() exceeded its "
-                               f"task_timeout of {LIMIT:g} s")
-    # what the ended worker held ran again elsewhere, once: no item ran twice
+    assert set(results) <= {x * 10 for x in range(40) if x != 30}
+    assert len(results) >= 30 - 4 * 3, lines  # at most a few groups per worker held
+    assert lines[1] == (f"raised TaskTimeoutError True work() exceeded its task_timeout "
+                        f"of {LIMIT:g} s (on item 30 of the map)")
+    assert runs(lines)[30] == 1 and max(runs(lines)) == 1
+
+
+def test_the_rest_completes_exactly_once_and_the_worker_is_replaced(tmp_path):
+    lines = run(tmp_path, "wait")
+    assert lines[0] == "results " + str(
+        [x * 10 if x != 30 else "TaskTimeoutError" for x in range(40)])
+    # what the ended worker held (groups queued behind the one that hung, usually) ran
+    # again elsewhere, once: no call ran twice, none was lost
     assert runs(lines) == [1] * 40
     # the job kept its workers: the ended one (1 or 2) was replaced by worker 3
-    met = eval(lines[3][len("met "):])
+    met = eval(lines[2][len("met "):])
     assert len(set(met)) == 2 and 0 not in met and 3 in met, lines
 
 
@@ -136,7 +153,7 @@ def test_with_options_on_submit_limits_the_call_and_keeps_its_keywords(tmp_path)
     assert lines[0] == "results [30]"
     assert lines[1] == (f"raised TaskTimeoutError True work() exceeded its task_timeout "
                         f"of {LIMIT:g} s")
-    assert runs(lines)[3] == 1 and runs(lines)[5] == 1
+    assert runs(lines)[3] == 1 and runs(lines)[30] == 1
     met = eval(lines[3][len("met "):])
     assert len(set(met)) == 2 and 0 not in met and 3 in met, lines
     assert lines[4] == "kwargs (7, 3, 1)"
