@@ -5,6 +5,7 @@ and replaced, and nothing else is lost or run twice (executions counted in files
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 
 import pytest
@@ -273,3 +274,57 @@ def _hang(x):
     import time
 
     time.sleep(3600)
+
+
+HELD = """
+    import os, sys, time
+    from scoop import futures
+
+    MARKS, LIMIT = sys.argv[1], float(sys.argv[2])
+
+    def work(x):
+        with open(os.path.join(MARKS, str(x)), "a") as f:
+            f.write(".")
+        if x == 100:
+            time.sleep(3600)
+        return x
+
+    def child(seconds):
+        time.sleep(seconds)
+        return seconds
+
+    def parent(seconds):
+        # parked on its child, its worker runs other tasks; its own clock runs on
+        return futures.submit(child, seconds).result()
+
+    def outcome(f):
+        return f.result() if f.exception() is None else type(f.exception()).__name__
+
+    if __name__ == "__main__":
+        # with -n 2 worker 1 alone runs limited tasks; warmed up, it takes several at a
+        # time: those behind the one that hangs are held there, never started
+        list(futures.map(abs, range(200), task_timeout=60, chunksize=1))
+        fs = [futures.submit(futures.with_options(work, task_timeout=LIMIT), x)
+              for x in range(100, 106)]
+        futures.wait(fs)
+        print([outcome(f) for f in fs])
+        print([os.path.getsize(os.path.join(MARKS, str(x))) for x in range(100, 106)])
+        waits = futures.submit(futures.with_options(parent, task_timeout=LIMIT), LIMIT + 3)
+        print(outcome(waits))
+"""
+
+
+def test_the_groups_held_behind_the_task_that_hung_run_once_elsewhere(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = run_scoop("-n", "2", write_program(tmp_path, HELD), str(marks), str(LIMIT),
+                     timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(["TaskTimeoutError", 101, 102, 103, 104, 105])
+    assert lines[1] == str([1] * 6)  # none lost, none run twice
+    held = re.search(r"worker 1 .* is gone \(ended: work\(\) exceeded its task_timeout of "
+                     r"3 s\); (\d+) task group\(s\) it held will run again", proc.stderr)
+    assert held and int(held.group(1)) >= 1, proc.stderr
+    # a task parked on its children keeps its clock running
+    assert lines[2] == "TaskTimeoutError"
