@@ -104,7 +104,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from ._errors import AuthError
 
-VERSION = 3
+VERSION = 4  # 4: TIMEOUT and the LIMITED tag bit (issue 13)
 ANY_WORKER = 0xFFFFFFFE  # the sender id of a JOIN: the worker has no id yet
 RETURNED = 1 << 63  # tag bit of the part of a group a worker handed back (RETURN)
 RESUMABLE = 1 << 62  # tag bit of a group of map chunks that its owner resumes (LOST)
