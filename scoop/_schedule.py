@@ -533,13 +533,16 @@ class Recovery:
         charged no attempt (``lost(blame=False)``); the launcher is asked for a worker
         in its place."""
         error = str(body.get("error", "a task exceeded its task_timeout"))
-        key = (body.get("owner"), body.get("fid"))
+        try:
+            key, tid = (int(body["owner"]), int(body["fid"])), int(body["tid"])
+        except (KeyError, TypeError, ValueError):  # not from this version: end it anyway
+            key, tid = None, 0
         parcel = peer.held.pop(key, None)  # None: it finished meanwhile
         owner = self.roster.by_wid.get(parcel.peer) if parcel is not None else None
         out: list[Out] = []
         if owner is not None and parcel.tag & P.RESUMABLE:
             out.append(Send(owner.ident, P.LOST, body={
-                "how": error, "groups": [], "timeouts": [[body.get("tid"), error]]}))
+                "how": error, "groups": [], "timeouts": [[tid, error]]}))
         elif owner is not None:
             out.append(Fail(owner.ident, owner.wid, P.task_ids(parcel).tolist(), error,
                             TaskTimeoutError))

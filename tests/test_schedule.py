@@ -99,9 +99,11 @@ class World:
         if op == "ping":  # wid: its watchdog pings
             return s.ping(b"h%d.0" % a[0], a[0], now)
         if op == "timeout":  # wid, name: its watchdog says that group's task timed out
-            parcel = self.groups[a[1]]
-            body = {"owner": parcel.peer, "fid": parcel.tag, "error": "f() exceeded its "
-                    "task_timeout of 3 s", "tid": P.task_ids(parcel)[0]}
+            body = {"owner": [], "error": "garbled"}  # (name None)
+            if a[1] is not None:
+                parcel = self.groups[a[1]]
+                body = {"owner": parcel.peer, "fid": parcel.tag, "error": "f() exceeded "
+                        "its task_timeout of 3 s", "tid": P.task_ids(parcel)[0]}
             return s.timed_out(b"h%d.0" % a[0], a[0], body, now)
         if op == "wait":  # seconds pass
             self.now += a[0]
@@ -242,6 +244,9 @@ CASES = [
           ("timeout", 1, "m1")],
          ["w1 TASKS m1 m2", "h1 STOP", "w0 LOST ~m1", "w0 LOST m2", "h1 STOP"], held={},
          suspect=""),
+    Case("a garbled TIMEOUT still ends its worker, whose groups run again",
+         [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("timeout", 1, None)],
+         ["w1 TASKS a", "h1 STOP"], queue="a", losses={"a": (0, 1)}),
     Case("the root never gets a limited group; with the root alone, a worker is asked "
          "for, which takes it",
          [("limited", 0, "a"), ("tasks", 0, "b"), ("ready", 0, 5), ("dispatch",),
