@@ -46,16 +46,18 @@ from greenlet import getcurrent
 
 from ._retry import Retrying, retrying
 
-# The runners of map chunks (``futures._run_chunk``): their first argument is the mapped
-# function, which carries the limit (registered by scoop.futures).
-_chunk_runners: list[Callable] = []
+# The ids of the runners of map chunks (``futures._run_chunk``, registered by
+# scoop.futures, module-level functions that live as long as the process): their first
+# argument is the mapped function, which carries the limit. Ids: a lookup per shipped
+# future, which must not call a user callable's __eq__.
+_chunk_runners: set[int] = set()
 _warned = False
 
 
 def register_chunk_runner(runner: Callable) -> None:
     """``runner(func, chunk, ...)`` runs ``func`` over a map chunk: a limit on ``func``
     is the chunk's (see :func:`limit_of`)."""
-    _chunk_runners.append(runner)
+    _chunk_runners.add(id(runner))
 
 
 def message(func: Callable, seconds: float) -> str:
@@ -149,7 +151,7 @@ def limit_of(call: tuple | None) -> float | None:
     if not call:
         return None
     fn, args = call[0], call[1]
-    if args and any(fn is runner for runner in _chunk_runners):
+    if args and id(fn) in _chunk_runners:
         fn = args[0]
     return limit_of_func(fn)
 
