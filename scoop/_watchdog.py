@@ -41,6 +41,10 @@ PING_PERIOD_S = 1.0
 # Silence after which the broker counts as gone: long enough to ride out a loaded machine
 # or network hiccup, short enough that orphans vanish quickly.
 BROKER_TIMEOUT_S = 10.0
+# How often the watchdog looks at the deadlines of the limited calls (s): a call is ended
+# this late at most past its limit, on an idle machine; each look is a wakeup of the
+# thread (a poll and a lock), nothing sent.
+DEADLINE_POLL_S = 0.1
 # How long a worker whose task timed out waits for the broker's answer before it ends
 # anyway: the broker answers at once unless it is gone (then its work is lost anyway).
 TIMEOUT_ACK_S = 5.0
@@ -88,26 +92,32 @@ class Watchdog(threading.Thread):
         heard = time.monotonic()
         try:
             while not self._stop_event.is_set():
-                for msg in link.request(P.PING, self._wait()):
-                    if msg.kind == P.PONG:
-                        heard = time.monotonic()
-                    # then keep listening until the period is over: one PING per period
-                late = self.deadlines and self.deadlines.expired(time.monotonic())
-                if late:
-                    self._time_out(link, late)
-                    return
+                link.send(P.PING)
+                end = time.monotonic() + self.period
+                # listen until the period is over (one PING per period), looking at the
+                # deadlines between waits
+                while (left := end - time.monotonic()) > 0:
+                    for msg in link.drain(int(self._slice(left) * 1000) + 1):
+                        if msg.kind == P.PONG:
+                            heard = time.monotonic()
+                    late = self.deadlines and self.deadlines.expired(time.monotonic())
+                    if late:
+                        self._time_out(link, late)
+                        return
                 if time.monotonic() - heard > self.timeout:
                     self.on_lost(time.monotonic() - heard)
                     return
         finally:
             link.close(0)
 
-    def _wait(self) -> float:
-        """Seconds until the next PING, or the next deadline if sooner."""
-        due = self.deadlines.next_due() if self.deadlines else None
-        if due is None:
-            return self.period
-        return min(self.period, max(0.005, due - time.monotonic()))
+    def _slice(self, left: float) -> float:
+        """How long to wait for the broker before looking at the deadlines again: until
+        the earliest one, and DEADLINE_POLL_S at most (a task may start meanwhile)."""
+        if self.deadlines is None:
+            return left
+        due = self.deadlines.next_due()
+        wait = min(left, DEADLINE_POLL_S)
+        return wait if due is None else min(wait, max(0.001, due - time.monotonic()))
 
     def _time_out(self, link: Link, body: dict) -> None:
         """A task ran past its time limit: tell the broker, then end this worker."""
