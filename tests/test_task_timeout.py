@@ -215,7 +215,8 @@ def test_with_options_checks_its_arguments_and_pickles():
     assert issubclass(futures.TaskTimeoutError, ScoopError)
 
 
-def test_outside_a_job_the_limit_is_not_enforced_and_says_so():
+def test_outside_a_job_the_limit_is_not_enforced_and_says_so(monkeypatch):
+    monkeypatch.setattr(_limits, "_warned", False)  # once per process
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         f = futures.with_options(divmod, task_timeout=1)
