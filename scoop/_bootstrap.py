@@ -276,7 +276,7 @@ def start(cfg: dict) -> None:
     tag = _reaper.mark_worker(wid)
     signal.signal(signal.SIGTERM, _end_on_sigterm)
     Watchdog(cfg["address"], creds, wid, ctx=worker.link.ctx,
-             on_time_up=_signal_time_up if root else None).start()
+             on_time_up=_signal_time_up if root else None, deadlines=worker.deadlines).start()
     try:
         if root:
             sys.exit(_run_root(worker, cfg))

@@ -50,7 +50,6 @@ import zmq
 
 from . import _protocol as P
 from . import _serialize
-from ._errors import WorkerLostError
 from ._schedule import (
     MAX_ATTEMPTS,
     WORKER_SILENCE_S,
@@ -77,6 +76,12 @@ TICK_S = 0.5
 # What each kind of connection sends first (worker, joiner, watchdog): once one has come,
 # signed, its connection is the job's (see _transport.Gate, the bound on unproven ones).
 _FIRST_KINDS = frozenset((P.HELLO, P.JOIN, P.PING))
+# What a worker's watchdog connection sends: PING (alive?), TIMEOUT (a task ran past its
+# time limit: the worker ends itself once answered, see Schedule.timed_out).
+_WATCHDOG_KINDS = {
+    P.PING: lambda s, ident, m, now: s.ping(ident, m.sender, now),
+    P.TIMEOUT: lambda s, ident, m, now: s.timed_out(ident, m.sender, m.body, now),
+}
 # The broker reads and writes a message's frames itself, with plain int flags: pyzmq's
 # recv_multipart asks ZeroMQ for RCVMORE after every frame and send_multipart ORs an enum
 # flag for every frame, together about three times the ZeroMQ work for the few small
@@ -323,8 +328,8 @@ class Broker:
         schedule = self.schedule
         if msg.kind == P.JOIN and name.startswith(b"j") and msg.sender == P.ANY_WORKER:
             return schedule.join(ident, msg.seq)
-        if msg.kind == P.PING and name == b"h%d" % msg.sender:
-            return schedule.ping(ident, msg.sender, time.monotonic())
+        if msg.kind in _WATCHDOG_KINDS and name == b"h%d" % msg.sender:  # (its own socket)
+            return _WATCHDOG_KINDS[msg.kind](schedule, ident, msg, time.monotonic())
         peer = schedule.roster.peers.get(ident)
         if peer is None and msg.kind != P.HELLO and name == b"w%d" % msg.sender:
             return [Send(ident, P.STOP)]  # counted as lost, it speaks: its work ran elsewhere
@@ -341,7 +346,7 @@ class Broker:
             if isinstance(out, Send):
                 self._send(out.to, out.kind, arg=out.arg, parcels=out.parcels, body=out.body)
             elif isinstance(out, Fail):
-                err = WorkerLostError(out.reason)
+                err = out.error(out.reason)
                 # The broker pickles its own error objects; it still never unpickles user data.
                 frames = _serialize.dumps([(tid, False, err) for tid in out.tids])
                 self._send(out.to, P.RESULTS,

@@ -39,7 +39,7 @@ import time
 from itertools import islice, starmap
 
 from . import _serialize
-from ._errors import WorkerLostError
+from ._errors import TaskTimeoutError, WorkerLostError
 from ._future import FINISHED, Future
 
 # A chunk reports its finished results at most this often (one small message each time).
@@ -188,28 +188,40 @@ def resume(rt, fut: Future, running: bool, how: str) -> list[Future]:
     return subs
 
 
+def timed_out(ch: Chunk, error: str) -> tuple:
+    """The value of a chunk future whose item ran past its time limit: the results
+    reported before it (a limited chunk reports after every item, so these are all the
+    items that finished) and the TaskTimeoutError of that item."""
+    item = ch.base + len(ch.parts)
+    return ch.parts, TaskTimeoutError(f"{error} (on item {item} of the map)")
+
+
 class Stream:
     """Runs a chunk for another worker, reporting finished results to their owner."""
 
-    __slots__ = ("rt", "owner", "tid", "fine")
+    __slots__ = ("rt", "owner", "tid", "fine", "pause")
 
-    def __init__(self, rt, owner: int | None, tid: int, fine: bool) -> None:
+    def __init__(self, rt, owner: int | None, tid: int, fine: bool,
+                 pause: bool = True) -> None:
         self.rt = rt
         self.owner = owner
         self.tid = tid
         self.fine = fine
+        self.pause = pause  # after each report of a fine chunk (see FINE_PAUSE_S)
 
     @classmethod
-    def of(cls, rt, fine: bool) -> Stream | None:
+    def of(cls, rt, fine: bool, limited: bool = False) -> Stream | None:
         """The stream of the chunk task starting now; None outside a job. A chunk run
         for this worker reports nothing: it takes in messages instead (``owner`` None),
-        so that a long one does not hold up the resumption of others (LOST)."""
+        so that a long one does not hold up the resumption of others (LOST). A
+        ``limited`` chunk (a time limit per item) reports after every item, without a
+        pause: its worker is ended only a limit after the report."""
         if rt.link is None:
             return None
         entry = rt.hub.running_entry  # (group, tid, call); None: an inline run
         if entry is None or entry[0].owner == rt.wid:
             return cls(rt, None, 0, False)
-        return cls(rt, entry[0].owner, entry[1], fine)
+        return cls(rt, entry[0].owner, entry[1], fine or limited, not limited)
 
     def run(self, func, chunk: list, star: bool, out: list) -> None:
         """Append ``func`` of each item of ``chunk`` to ``out``; what was reported is cut
@@ -236,7 +248,8 @@ class Stream:
                     self.rt.send_partial(self.owner, self.tid, out[:], func)
                     out.clear()
                     if fine:
-                        time.sleep(FINE_PAUSE_S)
+                        if self.pause:
+                            time.sleep(FINE_PAUSE_S)
                         continue
             step = max(1, int(FLUSH_S / 2 * done / max(now - start, 1e-9)))
         out.extend(it)  # the last results travel as the task's own result

@@ -7,6 +7,7 @@
     |   |-- JobStopped              the launcher stopped the job
     |   `-- JobOver                 the job ended before this worker took part
     |-- WorkerLostError             one task's workers kept dying: that task fails
+    |-- TaskTimeoutError            a task ran past its ``task_timeout`` (also a TimeoutError)
     |-- SerializationError          a call or result cannot be pickled or unpickled
     |-- RemoteError                 a task's exception that could not travel as itself
     |-- AuthError                   a message that is not an authentic one of this job
@@ -44,6 +45,7 @@ __all__ = [
     "JobOver",
     "SerializationError",
     "WorkerLostError",
+    "TaskTimeoutError",
     "AuthError",
     "LaunchError",
     "SpawnError",
@@ -111,6 +113,12 @@ class WorkerLostError(ScoopError, RuntimeError):
     or exhausts memory (the OOM killer). Not a BrokenJobError: only that task fails, and
     the job goes on with the workers left.
     """
+
+
+class TaskTimeoutError(ScoopError, TimeoutError):
+    """A task ran past its ``task_timeout`` (``futures.map(..., task_timeout=)``,
+    ``futures.with_options``): the worker running it was ended (and replaced), and only
+    that task fails. The message names the function and the limit."""
 
 
 class AuthError(ScoopError, ValueError):

@@ -27,14 +27,16 @@ A task group's ``tag`` (its fid, unique per owner) is a u64::
 
     bit 63     RETURNED   tasks a worker handed back (RETURN) as a group the broker did
                           not hold as such (part of one, the rest runs there; or one the
-                          owner kept for itself): bits 32-60 hold that worker's id, bits
+                          owner kept for itself): bits 32-59 hold that worker's id, bits
                           0-31 its count of such groups (:func:`returned_tag`), so that
                           they never collide with an owner's own fids (counted from 1)
     bit 62     RESUMABLE  only map chunks, whose owner keeps their items and resumes them
                           itself after a worker loss (``LOST``)
     bit 61     SUSPECT    items that may have killed a worker: the broker never gives the
                           group to the root worker (whose death would end the job)
-    bits 0-60  the owner's group count (a group the owner shipped itself)
+    bit 60     LIMITED    a task with a time limit (``task_timeout``), alone in its group:
+                          only a worker that can be ended runs it, never the root
+    bits 0-59  the owner's group count (a group the owner shipped itself)
 
 A *parcel* is pickled user data: a group of tasks, a batch of results, or shared
 constants. It is one pickle frame followed by its out-of-band buffers (pickle protocol
@@ -83,6 +85,9 @@ Messages (w: worker, b: broker)::
     ASSIGN   b->w  body {wid}: take this id, then reconnect as "w<wid>" and say HELLO
     PING     w->b  from a worker's watchdog connection (routing id "h<wid>"): alive?
     PONG     b->w  the broker is alive (a worker that hears none for a while exits)
+    TIMEOUT  w->b  from a worker's watchdog connection: body {owner, fid, tid, error}: that
+                   task ran past its time limit; the worker ends itself once answered
+                   (STOP: its other work was taken back)
 """
 
 from __future__ import annotations
@@ -99,11 +104,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 from ._errors import AuthError
 
-VERSION = 3
+VERSION = 4  # 4: TIMEOUT and the LIMITED tag bit (issue 13)
 ANY_WORKER = 0xFFFFFFFE  # the sender id of a JOIN: the worker has no id yet
 RETURNED = 1 << 63  # tag bit of the part of a group a worker handed back (RETURN)
 RESUMABLE = 1 << 62  # tag bit of a group of map chunks that its owner resumes (LOST)
 SUSPECT = 1 << 61  # tag bit of a group holding items charged with a worker's death
+LIMITED = 1 << 60  # tag bit of a group of one task with a time limit: never for the root
 
 HELLO = b"H"
 WELCOME = b"W"
@@ -122,6 +128,7 @@ JOIN = b"J"
 ASSIGN = b"A"
 PING = b"P"
 PONG = b"O"
+TIMEOUT = b"Z"
 
 KIND_NAMES = {value: name for name, value in list(globals().items())
               if name.isupper() and isinstance(value, bytes) and len(value) == 1}
@@ -178,7 +185,7 @@ class Parcel:
 
 def returned_tag(wid: int, n: int) -> int:
     """The fid of the ``n``-th part of a group that worker ``wid`` hands back (RETURN);
-    see the tag layout in the module doc (``wid`` < 2**29, ``n`` < 2**32)."""
+    see the tag layout in the module doc (``wid`` < 2**28, ``n`` < 2**32)."""
     return RETURNED | (wid << 32) | n
 
 

@@ -56,6 +56,7 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from . import _protocol as P
+from ._errors import TaskTimeoutError, WorkerLostError
 
 log = logging.getLogger("scoop.broker")
 
@@ -98,17 +99,20 @@ class Send(NamedTuple):
 
 
 class Fail(NamedTuple):
-    """The tasks ``tids`` of a group fail with ``WorkerLostError(reason)``: the loop sends
-    their errors to the group's owner (worker ``owner``, connection ``to``) as RESULTS."""
+    """The tasks ``tids`` of a group fail with ``error(reason)`` (WorkerLostError unless
+    said): the loop sends their errors to the group's owner (worker ``owner``,
+    connection ``to``) as RESULTS."""
 
     to: bytes
     owner: int
     tids: list[int]
     reason: str
+    error: type[Exception] = WorkerLostError
 
 
 class AskSandbox(NamedTuple):
-    """Ask the launcher to start a sandbox worker with id ``wid``."""
+    """Ask the launcher to start worker ``wid``: a sandbox worker (its id is in
+    ``Roster.sandbox_wids``), or a worker that replaces one a task's time limit ended."""
 
     wid: int
 
@@ -220,9 +224,14 @@ class Roster:
 
     def sandbox_wid(self) -> int:
         """A fresh id for a sandbox worker: one no worker ever had or will be assigned."""
+        wid = self.fresh_wid()
+        self.sandbox_wids.add(wid)
+        return wid
+
+    def fresh_wid(self) -> int:
+        """An id no worker ever had or will be assigned (a worker the launcher starts)."""
         wid = max(self.next_free_wid, max(self.seen, default=0) + 1)
         self.next_free_wid = wid + 1
-        self.sandbox_wids.add(wid)
         return wid
 
     def silent(self, now: float) -> list[tuple[int, float]]:
@@ -282,7 +291,7 @@ class Schedule:
             log.warning("broker: refused a worker: %s", reason)
             return [Send(ident, P.REFUSED, body={"reason": reason})]
         peer = self.roster.add(ident, body)
-        if peer.sandbox:
+        if peer.wid:  # a worker that can take stranded groups (maybe the one asked for)
             self.recovery.sandbox_asked = None
         log.debug("broker: worker %d joined (pid %s on %s)", peer.wid, peer.pid, peer.host)
         return [Send(ident, P.WELCOME, parcels=tuple(self.consts),
@@ -301,6 +310,17 @@ class Schedule:
         if wid == 0 and self.time_up:
             return [Send(ident, P.PONG, body={"time_up": True})]
         return [Send(ident, P.PONG)]
+
+    def timed_out(self, ident: bytes, wid: int, body: dict | None, now: float) -> list[Out]:
+        """A task of worker ``wid`` ran past its time limit (its watchdog says so, on
+        connection ``ident``): see :meth:`Recovery.timed_out`; STOP answers the watchdog,
+        whose worker then ends."""
+        peer = self.roster.by_wid.get(wid)
+        if peer is None or self.stopping:
+            return [Send(ident, P.STOP)]
+        self.roster.remove(peer)
+        return ([Send(ident, P.STOP)] + self.recovery.timed_out(peer, body or {})
+                + self._stranded("its worker ran a task past its time limit", now))
 
     def bye(self, peer: Peer) -> list[Out]:
         """A worker leaves on purpose."""
@@ -438,15 +458,17 @@ class Schedule:
 
     def _take(self, peer: Peer, n: int) -> list[P.Parcel]:
         """Up to ``n`` queued groups for ``peer``, first in line first; for the root, only
-        groups that killed no worker (not SUSPECT); for a sandbox worker, only those."""
+        groups that killed no worker (not SUSPECT) and have no time limit (not LIMITED):
+        its death would end the job; for a sandbox worker, only SUSPECT ones."""
         queue = self.queue
         if peer.wid != 0 and not peer.sandbox:
             return [queue.popleft() for _ in range(min(n, len(queue)))]
         taken = []
+        barred = 0 if peer.sandbox else P.SUSPECT | P.LIMITED
         for parcel in queue:
             if len(taken) == n:
                 break
-            if bool(parcel.tag & P.SUSPECT) == peer.sandbox:
+            if bool(parcel.tag & P.SUSPECT) == peer.sandbox and not parcel.tag & barred:
                 taken.append(parcel)
         for parcel in taken:
             queue.remove(parcel)
@@ -493,13 +515,55 @@ class Recovery:
         self.losses: dict[Key, tuple[int, int]] = {}
         # Sandbox workers the launcher may still start (0: it cannot), and when the last
         # one was asked for (None: none is on its way).
-        self.sandbox_budget = 0
+        self._budget = 0
         self.sandbox_asked: float | None = None
+        # Whether the launcher starts workers (it was ever given a sandbox budget): then a
+        # worker that a time limit ended is replaced, and a limited task stranded with
+        # the root alone gets a worker.
+        self.replaces = False
 
-    def lost(self, peer: Peer, how: str) -> list[Out]:
+    @property
+    def sandbox_budget(self) -> int:
+        return self._budget
+
+    @sandbox_budget.setter
+    def sandbox_budget(self, n: int) -> None:
+        self._budget = n
+        self.replaces |= n > 0
+
+    def timed_out(self, peer: Peer, body: dict) -> list[Out]:
+        """A task of ``peer`` ran past its time limit: that task fails (TaskTimeoutError
+        to its owner; for a map chunk, LOST ``timeouts``: its owner keeps the results
+        that came); ``peer`` ends itself, and what else it held runs again elsewhere,
+        charged no attempt (``lost(blame=False)``); the launcher is asked for a worker
+        in its place."""
+        error = str(body.get("error", "a task exceeded its task_timeout"))
+        try:
+            key, tid = (int(body["owner"]), int(body["fid"])), int(body["tid"])
+        except (KeyError, TypeError, ValueError):  # not from this version: end it anyway
+            key, tid = None, 0
+        parcel = peer.held.pop(key, None)  # None: it finished meanwhile
+        owner = self.roster.by_wid.get(parcel.peer) if parcel is not None else None
+        out: list[Out] = []
+        if owner is not None and parcel.tag & P.RESUMABLE:
+            out.append(Send(owner.ident, P.LOST, body={
+                "how": error, "groups": [], "timeouts": [[tid, error]]}))
+        elif owner is not None:
+            out.append(Fail(owner.ident, owner.wid, P.task_ids(parcel).tolist(), error,
+                            TaskTimeoutError))
+        out += self.lost(peer, f"ended: {error}", blame=False)
+        if self.replaces:
+            wid = self.roster.fresh_wid()
+            log.info("broker: asked for worker %d in place of worker %d", wid, peer.wid)
+            out.append(AskSandbox(wid))
+        return out
+
+    def lost(self, peer: Peer, how: str, blame: bool = True) -> list[Out]:
         """Queue again (first in line) what a dead worker held; fail what keeps killing;
-        tell the owners of map chunks, which resume them."""
-        running = next(iter(peer.held), None)  # its oldest unfinished group
+        tell the owners of map chunks, which resume them. Without ``blame`` (a time
+        limit ended it: what killed it is known) no group is charged an attempt or
+        marked SUSPECT; a group is still charged as held (a bound on loops)."""
+        running = next(iter(peer.held), None) if blame else None  # its oldest unfinished
         requeued = []
         out: list[Out] = []
         chunks: dict[int, list] = {}  # owner -> [[running, tids], ...]
@@ -512,7 +576,7 @@ class Recovery:
             ran, held = ran + (key == running), held + 1
             # Which group killed it is a guess (its last messages may have died with it):
             # the root runs none of them, nor what is handed back of them.
-            parcel.tag |= P.SUSPECT
+            parcel.tag |= P.SUSPECT if blame else 0
             self.losses[(parcel.peer, parcel.tag)] = (ran, held)
             if ran < self.max_attempts and held < HELD_FACTOR * self.max_attempts:
                 requeued.append(parcel)
@@ -522,31 +586,44 @@ class Recovery:
         for owner_wid, groups in chunks.items():
             owner = self.roster.by_wid.get(owner_wid)
             if owner is not None:
-                out.append(Send(owner.ident, P.LOST, body={"how": how, "groups": groups}))
+                out.append(Send(owner.ident, P.LOST, body={"how": how, "groups": groups,
+                                                           "blameless": not blame}))
         log.warning("broker: worker %d (pid %s on %s) is gone (%s); %d task group(s) it "
                     "held will run again", peer.wid, peer.pid, peer.host, how,
                     len(requeued) + sum(len(g) for g in chunks.values()))
         return out
 
     def stranded(self, how: str, now: float) -> list[Out]:
-        """Suspect groups, once no worker but the root is left to run them: a sandbox
-        worker the launcher starts runs them (its death ends nothing), or, when it cannot
-        start one (any more), they fail with WorkerLostError and the program goes on."""
+        """Suspect or limited groups, once no worker but the root is left to run them: a
+        worker the launcher starts runs them (a sandbox for suspect ones: its death ends
+        nothing), or, when it cannot start one (any more), they fail with
+        WorkerLostError and the program goes on."""
+        barred = P.SUSPECT | P.LIMITED
         if (any(wid != 0 for wid in self.roster.by_wid)
                 or not self.roster.all_started  # workers still starting will take them
-                or not any(p.tag & P.SUSPECT for p in self.queue)):
+                or not any(p.tag & barred for p in self.queue)):
             return []
         if self.sandbox_asked is not None and now - self.sandbox_asked < SANDBOX_JOIN_S:
             return []  # one is on its way
-        if self.sandbox_budget > 0:
+        if self.replaces and any((p.tag & barred) == P.LIMITED for p in self.queue):
+            self.sandbox_asked = now
+            wid = self.roster.fresh_wid()
+            log.info("broker: asked for worker %d: the root never runs a task with a "
+                     "time limit", wid)
+            return [AskSandbox(wid)]
+        if self.sandbox_budget > 0 and any(p.tag & P.SUSPECT for p in self.queue):
             self.sandbox_budget -= 1
             self.sandbox_asked = now
             wid = self.roster.sandbox_wid()
             log.info("broker: asked for sandbox worker %d, for tasks that may kill it", wid)
             return [AskSandbox(wid)]
         out: list[Out] = []
-        for parcel in [p for p in self.queue if p.tag & P.SUSPECT]:
+        for parcel in [p for p in self.queue if p.tag & barred]:
             self.queue.remove(parcel)
+            if not parcel.tag & P.SUSPECT:
+                out += self._fail(parcel, 0, 0, "no worker but the root is left to run it, "
+                                  "and the root never runs a task with a time limit")
+                continue
             ran, held = self.losses.get((parcel.peer, parcel.tag), (1, 1))
             out += self._fail(parcel, max(ran, 1), held, f"{how}; no worker but the root is "
                               "left to run it, and the root never runs a task that may have "
@@ -558,6 +635,8 @@ class Recovery:
         owner = self.roster.by_wid.get(parcel.peer)
         if owner is None:
             return []
+        if not ran and not held:
+            return [Fail(owner.ident, owner.wid, P.task_ids(parcel).tolist(), how)]
         what = f"{ran} workers died running this task"
         if held > ran:
             what += f" ({held} holding it)"

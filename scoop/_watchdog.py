@@ -1,4 +1,5 @@
-"""A worker's watchdog: a thread that ends the process when the broker is gone.
+"""A worker's watchdog: a thread that ends the process when the broker is gone, or when
+a task runs past its time limit.
 
 A worker on another host cannot rely on its parent or its ssh connection to learn that
 the job is over (the launcher may be SIGKILLed, its host may vanish). Its hub cannot
@@ -11,6 +12,12 @@ thread per worker, not two, and the worker's ``close`` ends the watchdog too (it
 raises ``zmq.ContextTerminated``, then it closes its socket, which lets the context
 end). ZeroMQ's I/O thread runs without the GIL, so a task that holds the interpreter
 delays the watchdog as it did with a context of its own.
+
+*Time limits* (``scoop._limits``): the watchdog also wakes at the earliest deadline of
+the limited calls running here. Past one, it tells the broker (TIMEOUT, on its own
+socket: the hub's is busy with the task), waits for the broker's STOP (the broker has
+failed that task and taken back this worker's other work), ends what the tasks started,
+and ends the process.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import zmq
 
 from . import _protocol as P
 from . import _reaper, _shm
+from ._limits import Deadlines
 from ._runtime.link import Link
 from ._transport import Credentials
 
@@ -34,6 +42,16 @@ PING_PERIOD_S = 1.0
 # Silence after which the broker counts as gone: long enough to ride out a loaded machine
 # or network hiccup, short enough that orphans vanish quickly.
 BROKER_TIMEOUT_S = 10.0
+# How often the watchdog looks at the deadlines of the limited calls (s): a call is ended
+# this late at most past its limit, on an idle machine; each look is a wakeup of the
+# thread (a poll and a lock), nothing sent.
+DEADLINE_POLL_S = 0.1
+# How long a worker whose task timed out waits for the broker's answer before it ends
+# anyway: the broker answers at once unless it is gone (then its work is lost anyway).
+TIMEOUT_ACK_S = 5.0
+# The exit status of a worker ended because a task ran past its time limit.
+EXIT_TASK_TIMEOUT = 3
+
 
 
 class Watchdog(threading.Thread):
@@ -44,7 +62,8 @@ class Watchdog(threading.Thread):
 
     def __init__(self, address: str, creds: Credentials, wid: int, on_lost=None,
                  timeout: float = BROKER_TIMEOUT_S, period: float = PING_PERIOD_S,
-                 ctx: zmq.Context | None = None, on_time_up=None) -> None:
+                 ctx: zmq.Context | None = None, on_time_up=None,
+                 deadlines: Deadlines | None = None) -> None:
         super().__init__(name="scoop-watchdog", daemon=True)
         self.address = address
         self.wid = wid
@@ -52,6 +71,7 @@ class Watchdog(threading.Thread):
         self.period = period
         self.on_lost = on_lost or self._exit
         self.on_time_up = on_time_up
+        self.deadlines = deadlines  # of the worker's limited calls (None: none)
         self._stop_event = threading.Event()
         # The socket is made here, in the worker's thread, not in run(): the thread then
         # never touches the shared context itself, which the worker may be ending at any
@@ -63,16 +83,23 @@ class Watchdog(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
+        link = self.link
         heard = time.monotonic()
         try:
             while not self._stop_event.is_set():
-                for msg in self.link.request(P.PING, self.period):
-                    if msg.kind == P.PONG:
-                        heard = time.monotonic()
-                        if msg.body and msg.body.get("time_up") and self.on_time_up:
-                            self.on_time_up()
-                            self.on_time_up = None  # once
-                    # then keep listening until the period is over: one PING per period
+                link.send(P.PING)
+                end = time.monotonic() + self.period
+                # listen until the period is over (one PING per period), looking at the
+                # deadlines between waits
+                while (left := end - time.monotonic()) > 0:
+                    for msg in link.drain(int(self._slice(left) * 1000) + 1):
+                        if msg.kind == P.PONG:
+                            heard = time.monotonic()
+                            self._told(msg.body)
+                    late = self.deadlines and self.deadlines.expired(time.monotonic())
+                    if late:
+                        self._time_out(link, late)
+                        return
                 if time.monotonic() - heard > self.timeout:
                     self.on_lost(time.monotonic() - heard)
                     return
@@ -80,6 +107,31 @@ class Watchdog(threading.Thread):
             pass  # the worker ended the shared context: it is leaving, and so is this thread
         finally:
             self.link.close(0)
+
+    def _told(self, body: dict | None) -> None:
+        """What a PONG says besides "alive": the job's time is up (to the root only)."""
+        if body and body.get("time_up") and self.on_time_up:
+            self.on_time_up()
+            self.on_time_up = None  # once
+
+    def _slice(self, left: float) -> float:
+        """How long to wait for the broker before looking at the deadlines again: until
+        the earliest one, and DEADLINE_POLL_S at most (a task may start meanwhile)."""
+        if self.deadlines is None:
+            return left
+        due = self.deadlines.next_due()
+        wait = min(left, DEADLINE_POLL_S)
+        return wait if due is None else min(wait, max(0.001, due - time.monotonic()))
+
+    def _time_out(self, link: Link, body: dict) -> None:
+        """A task ran past its time limit: tell the broker, then end this worker."""
+        log.error("worker %d: %s; ending this worker (its other tasks run elsewhere)",
+                  self.wid, body["error"])
+        for msg in link.request(P.TIMEOUT, TIMEOUT_ACK_S, body=body):
+            if msg.kind == P.STOP:
+                break
+        _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+        os._exit(EXIT_TASK_TIMEOUT)
 
     def _exit(self, silence: float) -> None:
         log.error("worker %d: the broker at %s has not answered for %.0f s; the job is gone, "

@@ -32,17 +32,19 @@ from concurrent.futures import (
 )
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import _chunks, _mapping, _progress, _serialize, _worker
+from . import _chunks, _limits, _mapping, _progress, _serialize, _worker
 from ._errors import (
     BrokenJobError,
     CancelledError,
     RemoteError,
     RemoteTraceback,
     SerializationError,
+    TaskTimeoutError,
     TimeoutError,
     WorkerLostError,
 )
 from ._future import Future
+from ._limits import with_options
 from ._retry import retrying
 
 if TYPE_CHECKING:
@@ -52,8 +54,8 @@ __all__ = [
     "map", "map_as_completed", "submit", "wait", "as_completed", "mapReduce", "mapScan",
     "shutdown", "Future", "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "CancelledError", "TimeoutError", "RemoteError", "RemoteTraceback", "BrokenJobError",
-    "SerializationError", "WorkerLostError", "DoneAndNotDoneFutures", "Executor",
-    "retrying",
+    "SerializationError", "WorkerLostError", "TaskTimeoutError", "DoneAndNotDoneFutures",
+    "Executor", "retrying", "with_options",
 ]
 
 _builtin_map = map
@@ -112,7 +114,7 @@ def _run_chunk(func: Callable, chunk: list, star: bool, fine: bool = False) -> t
     out: list = []
     rt = _worker.current()
     try:
-        stream = _chunks.Stream.of(rt, fine)
+        stream = _chunks.Stream.of(rt, fine, _limits.limit_of_func(func) is not None)
         if stream is None:
             out.extend(_calls(func, chunk, star))  # keeps the results before a failure
         else:
@@ -122,8 +124,10 @@ def _run_chunk(func: Callable, chunk: list, star: bool, fine: bool = False) -> t
     return out, None
 
 
-# Chunk runners: errors name the mapped function, their first argument, not the runner.
+# Chunk runners: errors name the mapped function, their first argument, not the runner;
+# a time limit on the mapped function is the chunk's.
 _serialize.register_runner(_run_chunk, _serialize.Runner(results="chunk"))
+_limits.register_chunk_runner(_run_chunk)
 
 
 def _warn_unknown(name: str, kwargs: dict) -> None:
@@ -143,7 +147,8 @@ def _left(deadline: float | None) -> float | None:
 def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
         chunksize: int | None = None, buffersize: int | None = None,
         checkpoint: str | os.PathLike | None = None, retries: int = 0,
-        retry_on: type[BaseException] | tuple = Exception, **kwargs: Any) -> Iterator:
+        retry_on: type[BaseException] | tuple = Exception,
+        task_timeout: float | None = None, **kwargs: Any) -> Iterator:
     """Apply ``func`` to every item in parallel; a lazy iterator of the results, in order.
 
     Like the built-in ``map``: several iterables are zipped (the shortest wins) and any
@@ -185,8 +190,14 @@ def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
         retries: a call that raises one of ``retry_on`` is tried again, where it ran,
             up to this many times before its exception is delivered (a worker's death
             is retried by the job itself, see ``--max-attempts``). For ``submit``, use
-            :func:`retrying`.
+            :func:`with_options` (or :func:`retrying`).
         retry_on: the exception class (or tuple of them) that is retried.
+        task_timeout: seconds each item may run on a worker, from its start (each
+            attempt, with ``retries``); past them the worker running it is ended (and
+            replaced) and the item fails with ``TaskTimeoutError``, naming ``func`` and
+            the limit, at its place. Such items never run on the root; each chunk
+            reports every result as it comes (a message per item). None: no limit.
+            For ``submit``, use :func:`with_options`. See docs/guarantees.md.
         **kwargs: accepted for programs written for old SCOOP versions; ignored with a
             warning.
 
@@ -194,11 +205,12 @@ def map(func: Callable, *iterables: Iterable, timeout: float | None = None,
         An iterator of ``func(*items)``, in the order of the items.
 
     Raises:
-        ValueError: ``chunksize`` or ``buffersize`` below 1.
-        TypeError: ``buffersize`` is not an integer.
+        ValueError: ``chunksize`` or ``buffersize`` below 1, ``task_timeout`` not above 0.
+        TypeError: ``buffersize`` is not an integer, ``task_timeout`` not a number.
     """
     _warn_unknown("map", kwargs)
-    return _map(retrying(func, retries, retry_on), iterables, timeout, chunksize,
+    return _map(with_options(func, task_timeout=task_timeout, retries=retries,
+                             retry_on=retry_on), iterables, timeout, chunksize,
                 buffersize, ordered=True, checkpoint=checkpoint, key_of=func)
 
 
@@ -206,7 +218,7 @@ def map_as_completed(func: Callable, *iterables: Iterable, timeout: float | None
                      chunksize: int | None = None, buffersize: int | None = None,
                      checkpoint: str | os.PathLike | None = None, retries: int = 0,
                      retry_on: type[BaseException] | tuple = Exception,
-                     **kwargs: Any) -> Iterator:
+                     task_timeout: float | None = None, **kwargs: Any) -> Iterator:
     """Like :func:`map`, but yield each result as soon as it is available.
 
     Results come in completion order (within a chunk, in item order); the input is read
@@ -215,7 +227,8 @@ def map_as_completed(func: Callable, *iterables: Iterable, timeout: float | None
     is raised when its result would have been yielded.
     """
     _warn_unknown("map_as_completed", kwargs)
-    return _map(retrying(func, retries, retry_on), iterables, timeout, chunksize,
+    return _map(with_options(func, task_timeout=task_timeout, retries=retries,
+                             retry_on=retry_on), iterables, timeout, chunksize,
                 buffersize, ordered=False, checkpoint=checkpoint, key_of=func)
 
 

@@ -6,7 +6,9 @@ what the broker must answer to all of them, in order, as short lines::
     "w1 TASKS a b"   TASKS to worker 1 with groups a and b ("TASKS!": run them even on
                      standby); "w0 LOST *m1 m2": map groups for their owner (* running)
     "w0 FAIL a"      the tasks of group a fail with WorkerLostError, sent to owner 0
-    "sandbox 2"      the launcher is asked for sandbox worker 2
+                     ("FAIL-TIMEOUT": with TaskTimeoutError); "w0 LOST ~m1": map group
+                     m1 ran past its time limit
+    "sandbox 2"      the launcher is asked for worker 2 (a sandbox, or a replacement)
 
 then the queue left (and, where a case says so, the groups held, the attempts charged,
 the suspect groups). Groups are named; a worker's id is its connection's name.
@@ -20,6 +22,7 @@ from typing import NamedTuple
 import pytest
 
 from scoop import _protocol as P
+from scoop._errors import TaskTimeoutError
 from scoop._schedule import (
     BROKER_PAUSE_S,
     HELD_FACTOR,
@@ -74,8 +77,9 @@ class World:
 
     def play(self, op: str, *a) -> list:
         s, now = self.s, self.now
-        if op in ("tasks", "map"):  # owner, "names": submitted (map: RESUMABLE chunks)
-            flags = P.RESUMABLE if op == "map" else 0
+        if op in ("tasks", "map", "limited"):  # owner, "names": submitted (map: RESUMABLE
+            # chunks; limited: tasks with a time limit)
+            flags = {"tasks": 0, "map": P.RESUMABLE, "limited": P.LIMITED}[op]
             return s.tasks(self.peer(a[0]), [self.parcel(n, flags) for n in a[1].split()])
         if op == "ready":  # wid, n
             return s.ready(self.peer(a[0]), a[1])
@@ -94,6 +98,13 @@ class World:
             return s.join(b"j.%d" % a[0], a[0])
         if op == "ping":  # wid: its watchdog pings
             return s.ping(b"h%d.0" % a[0], a[0], now)
+        if op == "timeout":  # wid, name: its watchdog says that group's task timed out
+            body = {"owner": [], "error": "garbled"}  # (name None)
+            if a[1] is not None:
+                parcel = self.groups[a[1]]
+                body = {"owner": parcel.peer, "fid": parcel.tag, "error": "f() exceeded "
+                        "its task_timeout of 3 s", "tid": P.task_ids(parcel)[0]}
+            return s.timed_out(b"h%d.0" % a[0], a[0], body, now)
         if op == "wait":  # seconds pass
             self.now += a[0]
             return []
@@ -110,13 +121,16 @@ class World:
         who = P.peer_name(out.to).decode()
         if isinstance(out, Fail):
             self.reasons.append(out.reason)
-            return f"{who} FAIL {self.names[tuple(out.tids)]}"
+            kind = "-TIMEOUT" if out.error is TaskTimeoutError else ""
+            return f"{who} FAIL{kind} {self.names[tuple(out.tids)]}"
         assert isinstance(out, Send)
         words = [who, P.KIND_NAMES[out.kind] + ("!" if out.kind == P.TASKS and out.arg else "")]
         words += [bytes(p.frames[1]).decode() for p in out.parcels]
         if out.kind == P.LOST:
             words += ["*" * running + self.names[tuple(tids)]
                       for running, tids in out.body["groups"]]
+            words += ["~" + next(n for t, n in self.names.items() if tid in t)
+                      for tid, _ in out.body.get("timeouts", ())]
         if out.kind == P.ASSIGN:
             words.append(str(out.body["wid"]))
         return " ".join(words)
@@ -218,6 +232,29 @@ CASES = [
          [("map", 0, "m1 m2"), ("tasks", 2, "a"), ("ready", 1, 3), ("dispatch",),
           ("lost", 1)],
          ["w1 TASKS m1 m2 a", "w0 LOST *m1 m2"], queue="a", losses={"a": (0, 1)}),
+    Case("a task past its time limit fails (TaskTimeoutError); its worker's other groups "
+         "go back first in line, charged only as held, not suspect; a worker replaces it",
+         [("limited", 0, "a"), ("tasks", 0, "b c"), ("ready", 1, 3), ("dispatch",),
+          ("timeout", 1, "a"), ("ready", 2, 2), ("dispatch",)],
+         ["w1 TASKS a b c", "h1 STOP", "w0 FAIL-TIMEOUT a", "sandbox 3", "w2 TASKS b c"],
+         sandboxes=1, losses={"b": (0, 1), "c": (0, 1)}, suspect="", reason="exceeded"),
+    Case("a map chunk past its time limit: its owner is told (LOST ~); the worker's other "
+         "chunks are resumed by their owner, uncharged; no replacement where none can start",
+         [("map", 0, "m1 m2"), ("ready", 1, 2), ("dispatch",), ("timeout", 1, "m1"),
+          ("timeout", 1, "m1")],
+         ["w1 TASKS m1 m2", "h1 STOP", "w0 LOST ~m1", "w0 LOST m2", "h1 STOP"], held={},
+         suspect=""),
+    Case("a garbled TIMEOUT still ends its worker, whose groups run again",
+         [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("timeout", 1, None)],
+         ["w1 TASKS a", "h1 STOP"], queue="a", losses={"a": (0, 1)}),
+    Case("the root never gets a limited group; with the root alone, a worker is asked "
+         "for, which takes it",
+         [("limited", 0, "a"), ("tasks", 0, "b"), ("ready", 0, 5), ("dispatch",),
+          ("tick",), ("tick",), ("hello", 1), ("ready", 1, 1), ("dispatch",)],
+         ["w0 TASKS b", "sandbox 1", "w1 WELCOME", "w1 TASKS a"], workers=1, sandboxes=1),
+    Case("where no worker can be started, a limited group with the root alone fails",
+         [("limited", 0, "a"), ("ready", 0, 5), ("tick",)],
+         ["w0 FAIL a"], workers=1, reason="never runs a task with a time limit"),
     Case("results go to their owner; a finished group is neither held nor run again",
          [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("results", 1, "a", "r", 0),
           ("lost", 1)],

@@ -284,7 +284,8 @@ class Launcher:
         requests = self.broker.sandbox_requests
         while not requests.empty():
             wid = requests.get_nowait()
-            log.info("starting sandbox worker %d", wid)
+            sandbox = wid in self.broker.schedule.roster.sandbox_wids  # else a replacement
+            log.info("starting %s worker %d", "sandbox" if sandbox else "a new", wid)
             self.procs[wid] = self._spawn(wid)
 
     # -- stopping --------------------------------------------------------------------------

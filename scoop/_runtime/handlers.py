@@ -9,7 +9,8 @@
     RESULTS  check, unpickle -> complete the futures (a map chunk's partial results are
              kept until its last one comes: scoop._chunks)
     LOST     a worker died holding map chunks of ours: cut what they had not finished
-             into pieces and send them back, first in line (scoop._chunks)
+             into pieces and send them back, first in line (scoop._chunks); ``timeouts``:
+             chunks that ran past their time limit fail at their item (scoop._limits)
     CONST    shared constants -> the runtime's table (consts.py); wake getConst
     STOP     the job is over: stop the runtime (parked greenlets raise JobStopped)
 """
@@ -118,6 +119,10 @@ class Handlers:
         rt = self.rt
         body = msg.body or {}
         how = str(body.get("how", "?"))
+        for tid, error in body.get("timeouts", ()):
+            fut = rt.pending.get(tid)
+            if fut is not None and fut._chunk is not None and not fut._chunk.resumed:
+                rt.complete(fut, True, _chunks.timed_out(fut._chunk, str(error)))
         subs: list[Future] = []
         for running, tids in body.get("groups", ()):
             first = bool(running)  # its first unfinished chunk is the one that ran
@@ -129,7 +134,9 @@ class Handlers:
                 if ch.parent is not None and ch.parent._state >= FINISHED:
                     rt.complete(fut, True, ([], None))  # nobody needs it any more
                     continue
-                ch.suspect = True  # which of them killed it is a guess: never the root
+                # which of them killed it is a guess: never the root (unless a time limit
+                # ended that worker: then it is known)
+                ch.suspect |= not body.get("blameless")
                 subs += _chunks.resume(rt, fut, first or bool(ch.parts), how)
                 first = False
         if subs:

@@ -159,6 +159,7 @@ class Hub:
     def _execute(self, entry) -> None:
         group, tid, (fn, args, kwargs) = entry
         self.running_entry = entry  # a map chunk streams its results to group.owner
+        getcurrent().scoop_task = entry  # whose deadline a limited call notes (_limits)
         ok, value = _call(fn, args, kwargs)
         rt = self.rt
         if group.owner == rt.wid:

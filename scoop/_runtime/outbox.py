@@ -8,6 +8,7 @@ credit requests, and the tasks it hands back.
             no broker: the run queue (all of it)
             keep_first: the first group stays in the run queue (no pickle, no round trip)
             the rest: guided groups (policy.guided_groups), one pickle each -> TASKS
+                      (a task with a time limit: never kept, alone, tag LIMITED)
                       (the first message carries one group, the next SHIP_BATCH each)
     flush(): ship; then the results of tasks run for others, one parcel per owner, the
              groups finished, and the credit request (policy.want) -> RESULTS or READY
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 from .. import _chunks, _serialize, _shm
 from .. import _protocol as P
 from .._errors import SerializationError
+from .._limits import limit_of
 from . import policy
 from .hub import Group
 
@@ -78,7 +80,7 @@ class Shipper:
         batch: list[P.Parcel] = []
         sent_first = False
         for group in self._groups(futs):
-            if keep:
+            if keep and limit_of(group[0]._call) is None:  # a limited task never stays
                 self._keep(group)
                 keep = False
                 continue
@@ -98,7 +100,8 @@ class Shipper:
     def _groups(self, futs: list[Future]):
         weights = [f._weight for f in futs]
         plain = [f._chunk is None for f in futs]
-        for start, stop in policy.guided_groups(weights, plain, self.rt.size):
+        alone = [limit_of(f._call) is not None for f in futs]
+        for start, stop in policy.guided_groups(weights, plain, self.rt.size, alone):
             yield futs[start:stop]
 
     def _pack_group(self, futs: list[Future]) -> P.Parcel | None:
@@ -125,14 +128,15 @@ class Shipper:
                 for f in futs:
                     self.leases[f._id] = lease
         codec = self.rt.link.codec
+        limit = P.LIMITED if limit_of(futs[0]._call) is not None else 0  # alone if so
         if futs[0]._chunk is not None:  # map chunks: kept, to be resumed if they are lost
-            tag = next(self._fids) | P.RESUMABLE
+            tag = next(self._fids) | P.RESUMABLE | limit
             if any(f._chunk.charged(len(f._call[1][1])) for f in futs):
                 tag |= P.SUSPECT  # items that may have killed a worker: never for the root
             return codec.parcel([tids, *frames], tag=tag)
         for f in futs:
             f._drop_arguments()
-        return codec.parcel([tids, *frames], tag=next(self._fids))
+        return codec.parcel([tids, *frames], tag=next(self._fids) | limit)
 
     def _pool(self) -> _shm.Pool:
         if self.pool is None or self.pool.job != self.rt.shm:

@@ -154,16 +154,20 @@ class Policy:
         return away < IN_FLIGHT_PER_WORKER * self.size
 
 
-def guided_groups(weights: Sequence[int], plain: Sequence[bool],
-                  size: int) -> Iterator[tuple[int, int]]:
+def guided_groups(weights: Sequence[int], plain: Sequence[bool], size: int,
+                  alone: Sequence[bool] | None = None) -> Iterator[tuple[int, int]]:
     """Cut futures of these ``weights`` into groups: ``(start, stop)`` index ranges, in
-    order. ``plain``: a future that is not a map chunk (the two never share a group)."""
+    order. ``plain``: a future that is not a map chunk (the two never share a group);
+    ``alone``: a future with a time limit, a group of its own (its timeout fails its
+    group: no other task may share that fate)."""
     remaining = sum(weights)
     i, n = 0, len(weights)
+    alone = alone or [False] * n
     while i < n:
         target = min(MAX_GROUP_WEIGHT, -(-remaining // (GROUP_SPLIT * size)))
         j, weight, kind = i, 0, plain[i]
-        while j < n and (j == i or (weight + weights[j] <= target and plain[j] == kind)):
+        while j < n and (j == i or (weight + weights[j] <= target and plain[j] == kind
+                                    and not alone[i] and not alone[j])):
             weight += weights[j]
             j += 1
         remaining -= weight
@@ -192,11 +196,12 @@ def return_tag(fid: int, remaining: int, n: int, chunks: bool, fresh: int) -> in
     fid, and the broker drops this worker's hold on it. Otherwise (part of it runs here,
     or the owner kept it without the broker: ``fid`` 0) a group of its own, ``fresh``
     (see ``_protocol.returned_tag``), so that the broker tracks both: RESUMABLE if it
-    holds map chunks, SUSPECT if the group was (it killed a worker: never for the root).
+    holds map chunks, SUSPECT if the group was (it killed a worker: never for the root),
+    LIMITED if it was (a task with a time limit: never for the root either).
     """
     if fid and remaining <= n:
         return fid
     tag = fresh
     if fid & P.RESUMABLE or (not fid and chunks):
         tag |= P.RESUMABLE
-    return tag | (fid & P.SUSPECT)
+    return tag | (fid & (P.SUSPECT | P.LIMITED))

@@ -28,6 +28,7 @@ from greenlet import getcurrent
 from .. import _protocol as P
 from .._errors import BrokenJobError, TimeoutError
 from .._future import FINISHED, PENDING, Future
+from .._limits import Deadlines, limit_of
 from .consts import Constants
 from .handlers import Handlers
 from .hub import Hub, Waiter
@@ -107,6 +108,7 @@ class Worker:
         self.hub = Hub(self)
         self.handlers = Handlers(self)
         self.constants = Constants(self)
+        self.deadlines = Deadlines()  # of the limited calls running here (the watchdog's)
         # The tables the pieces share (the same objects, named here for short).
         self.outbox, self.pending, self.away = (
             self.shipper.outbox, self.shipper.pending, self.shipper.away)
@@ -154,7 +156,7 @@ class Worker:
         hub = self.hub
         if (timeout is None and fut._state == PENDING and fut._id in self.outbox
                 and hub.inline_depth < MAX_INLINE_DEPTH and getcurrent() is not hub.glet
-                and self.policy.runs_tasks):
+                and self.policy.runs_tasks and limit_of(fut._call) is None):
             del self.outbox[fut._id]
             if self.policy.ships_on_inline(len(self.away)):
                 self.shipper.ship()  # the others leave now, so idle workers can take them
