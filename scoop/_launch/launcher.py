@@ -279,8 +279,7 @@ class Launcher:
         self._start_sandboxes()
 
     def _start_sandboxes(self) -> None:
-        """Start the sandbox workers the broker asked for (see
-        scoop._schedule.Recovery.stranded)."""
+        """Start the workers the broker asked for (sandboxes, replacements: see Recovery)."""
         requests = self.broker.sandbox_requests
         while not requests.empty():
             wid = requests.get_nowait()
