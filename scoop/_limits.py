@@ -3,7 +3,9 @@
 A task that runs past its limit cannot be interrupted inside its process (a greenlet,
 a C call, a ``time.sleep``): it is stopped by ending the worker process that runs it.
 So a task with a limit only ever runs where that costs nothing else: never inline,
-never kept by its owner, never on the root (whose death ends the job) or a client.
+never kept by its owner, never on the root (whose death ends the job) or a client. The
+limit is enforced only in a task the broker knows as limited (tag LIMITED): a limited
+function called directly, from another task or outside a job, runs without it.
 ::
 
     owner                          broker                          worker W (not the root)
