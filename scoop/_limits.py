@@ -3,7 +3,9 @@
 A task that runs past its limit cannot be interrupted inside its process (a greenlet,
 a C call, a ``time.sleep``): it is stopped by ending the worker process that runs it.
 So a task with a limit only ever runs where that costs nothing else: never inline,
-never kept by its owner, never on the root (whose death ends the job) or a client.
+never kept by its owner, never on the root (whose death ends the job) or a client. The
+limit is enforced only in a task the broker knows as limited (tag LIMITED): a limited
+function called directly, from another task or outside a job, runs without it.
 ::
 
     owner                          broker                          worker W (not the root)
@@ -44,6 +46,7 @@ from typing import Any
 
 from greenlet import getcurrent
 
+from . import _protocol as P
 from ._retry import Retrying, retrying
 
 # The ids of the runners of map chunks (``futures._run_chunk``, registered by
@@ -77,8 +80,10 @@ class Limited:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         entry = getattr(getcurrent(), "scoop_task", None)  # set by the hub (Hub._execute)
-        if entry is None or not entry[0].fid:
-            _not_enforced()  # not run for the broker (plain python): nobody can stop it
+        if entry is None or not entry[0].fid & P.LIMITED:
+            # Not a task the broker knows as limited (plain python, or a direct call from
+            # another task, maybe on the root): ending its worker could end the job.
+            _not_enforced()
             return self.func(*args, **kwargs)
         from . import _worker
 
@@ -100,9 +105,10 @@ def _not_enforced() -> None:
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn("task_timeout is not enforced outside a job (a task runs in this "
-                      "process, which scoop cannot end): start the program with "
-                      "`python -m scoop`", RuntimeWarning, stacklevel=3)
+        warnings.warn("task_timeout is not enforced outside a job, nor on a call made "
+                      "directly (not submitted or mapped): scoop could not end it without "
+                      "ending more. Submit it (futures.submit, futures.map) in a job "
+                      "started with `python -m scoop`", RuntimeWarning, stacklevel=3)
 
 
 def limited(func: Callable, seconds: float | None) -> Callable:

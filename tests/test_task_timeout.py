@@ -177,7 +177,17 @@ ROOT_ONLY = """
     def hang(x):
         time.sleep(3600)
 
+    def outer(x):
+        # a limited function called directly, in a task that runs on the root: ending
+        # its worker would end the job, so the limit is not enforced there
+        return futures.with_options(slow, task_timeout=0.2)(x)
+
+    def slow(x):
+        time.sleep(0.5)
+        return x
+
     if __name__ == "__main__":
+        print("direct", list(futures.map(outer, range(3))))
         print("unlimited", sorted(set(futures.map(where, range(8)))))
         print("limited", sorted(set(futures.map(where, range(8), task_timeout=30))))
         try:
@@ -193,10 +203,12 @@ def test_the_root_never_runs_a_limited_task_a_worker_is_started_for_it(tmp_path)
     proc = run_scoop("-n", "1", write_program(tmp_path, ROOT_ONLY % LIMIT), timeout=90)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "unlimited [0]"
-    assert lines[1] == "limited [1]"
-    assert lines[2] == f"raised hang() exceeded its task_timeout of {LIMIT:g} s"
-    assert lines[3] == "after [2]"  # the one the limit ended was replaced
+    assert lines[0] == "direct [0, 1, 2]"
+    assert "task_timeout is not enforced" in proc.stderr
+    assert lines[1] == "unlimited [0]"
+    assert lines[2] == "limited [1]"
+    assert lines[3] == f"raised hang() exceeded its task_timeout of {LIMIT:g} s"
+    assert lines[4] == "after [2]"  # the one the limit ended was replaced
 
 
 def test_with_options_checks_its_arguments_and_pickles():
@@ -221,7 +233,8 @@ def test_outside_a_job_the_limit_is_not_enforced_and_says_so(monkeypatch):
         warnings.simplefilter("always")
         f = futures.with_options(divmod, task_timeout=1)
         assert f(7, 2) == (3, 1)
-    assert any("task_timeout is not enforced outside a job" in str(w.message)
+    assert any("task_timeout is not enforced outside a job, nor on a call made directly"
+               in str(w.message)
                for w in seen)
 
 
