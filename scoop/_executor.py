@@ -245,7 +245,8 @@ class Executor(cf.Executor):
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int | None = None, buffersize: int | None = None,
             checkpoint: str | os.PathLike | None = None, retries: int = 0,
-            retry_on: type[BaseException] | tuple = Exception) -> Iterator:
+            retry_on: type[BaseException] | tuple = Exception,
+            task_timeout: float | None = None) -> Iterator:
         """Like ``Executor.map``: ``fn`` over the zipped iterables, results in order.
 
         The map of :func:`scoop.futures.map`, on this pool: the input is read as the
@@ -277,16 +278,22 @@ class Executor(cf.Executor):
             retries: a call that raises one of ``retry_on`` is tried again, where it
                 ran, up to this many times before its exception is delivered.
             retry_on: the exception class (or tuple of them) that is retried.
+            task_timeout: seconds each item may run, as in :func:`scoop.futures.map`:
+                past them its worker is ended (and replaced) and the item raises
+                ``TaskTimeoutError`` at its place.
 
         Raises:
-            ValueError: ``chunksize`` or ``buffersize`` below 1.
-            TypeError: ``buffersize`` is not an integer.
+            ValueError: ``chunksize`` or ``buffersize`` below 1, ``task_timeout`` not
+                above 0.
+            TypeError: ``buffersize`` is not an integer, ``task_timeout`` not a number.
             RuntimeError: after :meth:`shutdown`.
         """
         from . import futures  # (futures imports this module on first use)
 
         _mapping.check_sizes(chunksize, buffersize)
-        func = self._initialized(futures.retrying(fn, retries, retry_on))
+        # the limit outside the initializer's wrapper: the broker must see it
+        func = futures.with_options(self._initialized(fn), task_timeout=task_timeout,
+                                    retries=retries, retry_on=retry_on)
         return futures._map(func, iterables, timeout, chunksize, buffersize, ordered=True,
                             checkpoint=checkpoint, key_of=fn, rt=_MapClient(self))
 

@@ -284,6 +284,26 @@ def test_executor_submit_with_options_times_out_and_the_pool_goes_on(tmp_path):
             divmod(x, 3) for x in range(4)]
 
 
+@pytest.mark.parametrize("initializer", [None, len])
+def test_executor_map_with_a_task_timeout_fails_the_hung_item_only(initializer):
+    import scoop
+
+    kw = {} if initializer is None else {"initializer": initializer, "initargs": ((),)}
+    with scoop.Executor(2, **kw) as pool:
+        results = pool.map(_hang_on_3, range(6), task_timeout=LIMIT)
+        assert [next(results) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(futures.TaskTimeoutError, match=r"_hang_on_3\(\) exceeded its "
+                           r"task_timeout of 3 s"):
+            next(results)
+        assert list(pool.map(abs, range(-3, 3), task_timeout=60)) == [3, 2, 1, 0, 1, 2]
+
+
+def _hang_on_3(x):
+    if x == 3:
+        _hang(x)
+    return x
+
+
 def _hang(x):
     import time
 
