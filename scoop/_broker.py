@@ -77,6 +77,7 @@ TICK_S = 0.5
 # What each kind of connection sends first (worker, joiner, watchdog): once one has come,
 # signed, its connection is the job's (see _transport.Gate, the bound on unproven ones).
 _FIRST_KINDS = frozenset((P.HELLO, P.JOIN, P.PING))
+_WATCHDOG_KINDS = frozenset((P.PING, P.LEAVE))  # what a watchdog connection sends
 # The broker reads and writes a message's frames itself, with plain int flags: pyzmq's
 # recv_multipart asks ZeroMQ for RCVMORE after every frame and send_multipart ORs an enum
 # flag for every frame, together about three times the ZeroMQ work for the few small
@@ -102,6 +103,22 @@ class Drain(NamedTuple):
 
 class Stop(NamedTuple):
     """Control command: STOP every worker and end the loop."""
+
+
+def _handlers(s: Schedule) -> dict:
+    """The Schedule's handler of each kind of worker message: (ident, peer, msg) -> outs."""
+    return {
+        P.HELLO: lambda ident, peer, m: s.hello(ident, m.sender, m.body),
+        P.TASKS: lambda ident, peer, m: s.tasks(peer, m.parcels),
+        P.READY: lambda ident, peer, m: s.ready(peer, m.arg),
+        P.RETURN: lambda ident, peer, m: s.returned(peer, m.parcels, time.monotonic()),
+        P.WITHDRAW: lambda ident, peer, m: s.withdraw(peer, bool(m.arg)),
+        P.RESULTS: lambda ident, peer, m: s.results(peer, m.parcels, m.done, m.arg),
+        P.CONST: lambda ident, peer, m: s.const(peer, m.parcels),
+        P.SHUTDOWN: lambda ident, peer, m: s.shutdown(
+            peer, m.arg if m.arg < 2**31 else m.arg - 2**32),  # u32 on the wire
+        P.BYE: lambda ident, peer, m: s.bye(peer),
+    }
 
 
 class Broker:
@@ -143,19 +160,7 @@ class Broker:
         self.finished = threading.Event()  # the loop has ended
         self._thread: threading.Thread | None = None
         self._bad_peers: set[bytes] = set()
-        s = self.schedule
-        self._handlers = {  # (ident, peer, msg) -> what to do
-            P.HELLO: lambda ident, peer, m: s.hello(ident, m.sender, m.body),
-            P.TASKS: lambda ident, peer, m: s.tasks(peer, m.parcels),
-            P.READY: lambda ident, peer, m: s.ready(peer, m.arg),
-            P.RETURN: lambda ident, peer, m: s.returned(peer, m.parcels, time.monotonic()),
-            P.WITHDRAW: lambda ident, peer, m: s.withdraw(peer, bool(m.arg)),
-            P.RESULTS: lambda ident, peer, m: s.results(peer, m.parcels, m.done, m.arg),
-            P.CONST: lambda ident, peer, m: s.const(peer, m.parcels),
-            P.SHUTDOWN: lambda ident, peer, m: s.shutdown(
-                peer, m.arg if m.arg < 2**31 else m.arg - 2**32),  # u32 on the wire
-            P.BYE: lambda ident, peer, m: s.bye(peer),
-        }
+        self._handlers = _handlers(self.schedule)
 
     # -- what the launcher reads -----------------------------------------------------------
     @property
@@ -312,7 +317,9 @@ class Broker:
         schedule = self.schedule
         if msg.kind == P.JOIN and name.startswith(b"j") and msg.sender == P.ANY_WORKER:
             return schedule.join(ident, msg.seq)
-        if msg.kind == P.PING and name == b"h%d" % msg.sender:
+        if msg.kind in _WATCHDOG_KINDS and name == b"h%d" % msg.sender:
+            if msg.kind == P.LEAVE:
+                return schedule.leaving(msg.sender, bool(msg.arg), time.monotonic())
             return schedule.ping(ident, msg.sender, time.monotonic())
         peer = schedule.roster.peers.get(ident)
         if peer is None and msg.kind != P.HELLO and name == b"w%d" % msg.sender:

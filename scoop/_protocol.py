@@ -77,7 +77,12 @@ Messages (w: worker, b: broker)::
     CONST    w->b, b->w  parcels: shared constants (shared.setConst)
     SHUTDOWN w->b  arg=exit status: the root's program ended; stop the job
     STOP     b->w  leave now (the job is over)
-    BYE      w->b  the sender leaves on purpose (never read as a crash)
+    BYE      w->b  the sender leaves on purpose (never read as a crash): the groups the
+                   broker sent it that it never took are queued again first, uncharged
+    LEAVE    w->b  from a worker's watchdog connection (routing id "h<wid>"): arg=0:
+                   the worker leaves (SIGTERM): no more work to it, and what it holds
+                   when it goes runs again uncharged; arg=1: it goes now, its grace
+                   over with a task still running, which runs again elsewhere
     JOIN     w->b  from a worker started by another launcher (routing id "j<random>",
                    sender ANY_WORKER): which worker id may I take?
     ASSIGN   b->w  body {wid}: take this id, then reconnect as "w<wid>" and say HELLO
@@ -118,6 +123,7 @@ CONST = b"C"
 SHUTDOWN = b"Q"
 STOP = b"S"
 BYE = b"B"
+LEAVE = b"V"
 JOIN = b"J"
 ASSIGN = b"A"
 PING = b"P"

@@ -120,7 +120,7 @@ class Peer:
     """What the broker knows of one connected worker."""
 
     __slots__ = ("wid", "ident", "credit", "standby", "forced", "held", "pid", "host",
-                 "sandbox")
+                 "sandbox", "leaving")
 
     def __init__(self, wid: int, ident: bytes, pid: int = 0, host: str = "?") -> None:
         self.wid = wid
@@ -134,6 +134,7 @@ class Peer:
         self.pid = pid
         self.host = host
         self.sandbox = False  # started to run only suspect groups
+        self.leaving = False  # it leaves on purpose (LEAVE): gets no work, charged nothing
 
     def __repr__(self) -> str:
         return f"<Peer {self.wid} credit={self.credit} held={len(self.held)}>"
@@ -264,6 +265,9 @@ class Schedule:
         self.consts: list[P.Parcel] = []
         self.stopping = False  # STOP sent; workers that join now are stopped at once
         self.draining = False  # the job's time is up: start nothing more (see dispatch)
+        # An elastic job: results forwarded to a worker carry how many workers there are
+        # now (arg), so that its maps cut chunks for the pool as it is, not as it started.
+        self.report_size = False
         self.exit_status: int | None = None
         self._all_standby_since: float | None = None
         self._last_tick: float | None = None
@@ -298,8 +302,23 @@ class Schedule:
         return [Send(ident, P.PONG)]
 
     def bye(self, peer: Peer) -> list[Out]:
-        """A worker leaves on purpose."""
+        """A worker leaves on purpose: what it was sent and never took (still on its way
+        when it said goodbye) goes first in line again, no attempt charged."""
         self.roster.remove(peer)
+        self.queue.extendleft(reversed(list(peer.held.values())))
+        return []
+
+    def leaving(self, wid: int, gone: bool, now: float) -> list[Out]:
+        """Worker ``wid`` leaves (SIGTERM; its watchdog says so): it gets no more work,
+        and what it holds when it goes runs again, uncharged. ``gone``: it goes now, its
+        grace over with a task still running."""
+        peer = self.roster.by_wid.get(wid)
+        if peer is None:
+            return []
+        peer.leaving = True
+        self.roster.set_credit(peer, 0)
+        if gone:
+            return self.lost(wid, "it left (SIGTERM) before its running task ended", now)
         return []
 
     def shutdown(self, peer: Peer, status: int) -> list[Out]:
@@ -327,6 +346,8 @@ class Schedule:
         return []
 
     def ready(self, peer: Peer, n: int) -> list[Out]:
+        if peer.leaving:  # a READY sent before its LEAVE came
+            return []
         self.roster.set_credit(peer, peer.credit + n)
         self.roster.set_standby(peer, False)
         return []
@@ -359,12 +380,13 @@ class Schedule:
             peer.forced.discard(key)
             self.recovery.losses.pop(key, None)
         out: list[Out] = []
+        size = len(self.roster.peers) if self.report_size else 0
         for parcel in parcels:
             owner = self.roster.by_wid.get(parcel.peer)
             if owner is None:
                 log.debug("broker: results for departed worker %d dropped", parcel.peer)
                 continue
-            out.append(Send(owner.ident, P.RESULTS, parcels=(parcel,)))
+            out.append(Send(owner.ident, P.RESULTS, arg=size, parcels=(parcel,)))
         return out
 
     def const(self, peer: Peer, parcels: Sequence[P.Parcel]) -> list[Out]:
@@ -493,8 +515,10 @@ class Recovery:
 
     def lost(self, peer: Peer, how: str) -> list[Out]:
         """Queue again (first in line) what a dead worker held; fail what keeps killing;
-        tell the owners of map chunks, which resume them."""
-        running = next(iter(peer.held), None)  # its oldest unfinished group
+        tell the owners of map chunks, which resume them. A worker that was leaving
+        (LEAVE) was not killed by its work: nothing is charged or marked SUSPECT."""
+        clean = peer.leaving
+        running = None if clean else next(iter(peer.held), None)  # its oldest unfinished
         requeued = []
         out: list[Out] = []
         chunks: dict[int, list] = {}  # owner -> [[running, tids], ...]
@@ -502,6 +526,9 @@ class Recovery:
             if parcel.tag & P.RESUMABLE:
                 chunks.setdefault(parcel.peer, []).append(
                     [int(key == running), P.task_ids(parcel).tolist()])
+                continue
+            if clean:
+                requeued.append(parcel)
                 continue
             ran, held = self.losses.pop(key, (0, 0))
             ran, held = ran + (key == running), held + 1
@@ -517,7 +544,8 @@ class Recovery:
         for owner_wid, groups in chunks.items():
             owner = self.roster.by_wid.get(owner_wid)
             if owner is not None:
-                out.append(Send(owner.ident, P.LOST, body={"how": how, "groups": groups}))
+                out.append(Send(owner.ident, P.LOST,
+                                body={"how": how, "groups": groups, "clean": clean}))
         log.warning("broker: worker %d (pid %s on %s) is gone (%s); %d task group(s) it "
                     "held will run again", peer.wid, peer.pid, peer.host, how,
                     len(requeued) + sum(len(g) for g in chunks.values()))

@@ -6,6 +6,11 @@ check either while a long task runs. So every worker process runs this thread, w
 own socket (ZeroMQ sockets are not shared between threads): it sends a signed PING every
 ``PING_PERIOD_S`` and exits the process if no PONG has come for ``BROKER_TIMEOUT_S``.
 
+It also speaks for a worker that leaves (SIGTERM, :meth:`Watchdog.leave`) while its
+hub cannot, a task running: LEAVE at once (the broker sends it no more work), and, if
+the task still runs when the grace is over, LEAVE "gone" (the task runs again elsewhere,
+uncharged) and the process exits 0.
+
 Its socket lives in the worker link's ZeroMQ context (a context is thread-safe): one I/O
 thread per worker, not two, and the worker's ``close`` ends the watchdog too (its wait
 raises ``zmq.ContextTerminated``). ZeroMQ's I/O thread runs without the GIL, so a task
@@ -33,6 +38,11 @@ PING_PERIOD_S = 1.0
 # Silence after which the broker counts as gone: long enough to ride out a loaded machine
 # or network hiccup, short enough that orphans vanish quickly.
 BROKER_TIMEOUT_S = 10.0
+# How long a worker that leaves (SIGTERM) lets its running task finish before it goes
+# anyway (the task then runs again elsewhere): within the notice a preemption gives
+# (SLURM's GraceTime, a cloud's spot notice, Kubernetes' 30 s), long enough for most
+# tasks. SCOOP_LEAVE_GRACE (seconds) overrides it.
+LEAVE_GRACE_S = 20.0
 
 
 class Watchdog(threading.Thread):
@@ -50,9 +60,17 @@ class Watchdog(threading.Thread):
         self.period = period
         self.on_lost = on_lost or self._exit
         self._stop_event = threading.Event()
+        self._leave_by: float | None = None  # leaving: when to go, task or not
+        self._told = False  # the broker knows it leaves
 
     def stop(self) -> None:
         self._stop_event.set()
+
+    def leave(self, grace: float | None = None) -> None:
+        """The worker leaves (from a signal handler: sets a time, nothing more)."""
+        if grace is None:
+            grace = float(os.environ.get("SCOOP_LEAVE_GRACE", LEAVE_GRACE_S))
+        self._leave_by = time.monotonic() + grace
 
     def run(self) -> None:
         try:
@@ -74,6 +92,8 @@ class Watchdog(threading.Thread):
         heard = time.monotonic()
         try:
             while not self._stop_event.is_set():
+                if self._leave_by is not None:
+                    self._speak_for_leaving(link)
                 for msg in link.request(P.PING, self.period):
                     if msg.kind == P.PONG:
                         heard = time.monotonic()
@@ -83,6 +103,18 @@ class Watchdog(threading.Thread):
                     return
         finally:
             link.close(0)
+
+    def _speak_for_leaving(self, link: Link) -> None:
+        if not self._told:
+            self._told = True
+            link.send(P.LEAVE, arg=0)
+        elif time.monotonic() >= self._leave_by:
+            log.warning("worker %d: its task still runs at the end of its grace to leave; "
+                        "it leaves anyway (the task runs again elsewhere)", self.wid)
+            link.send(P.LEAVE, arg=1)
+            link.close(1000)  # the message leaves before the process does
+            _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+            os._exit(0)
 
     def _exit(self, silence: float) -> None:
         log.error("worker %d: the broker at %s has not answered for %.0f s; the job is gone, "

@@ -85,6 +85,8 @@ class Handlers:
 
     def handle_results(self, msg: P.Message) -> None:
         rt = self.rt
+        if msg.arg:  # an elastic job's pool, as it is now: new maps cut chunks for it
+            rt.size = msg.arg
         for parcel in self._authentic(msg, "a result parcel"):
             try:
                 results, broken = _serialize.loads_items(parcel.frames)
@@ -117,6 +119,7 @@ class Handlers:
         rt = self.rt
         body = msg.body or {}
         how = str(body.get("how", "?"))
+        clean = bool(body.get("clean"))  # it left on purpose: nothing to charge
         subs: list[Future] = []
         for running, tids in body.get("groups", ()):
             first = bool(running)  # its first unfinished chunk is the one that ran
@@ -128,8 +131,8 @@ class Handlers:
                 if ch.parent is not None and ch.parent._state >= FINISHED:
                     rt.complete(fut, True, ([], None))  # nobody needs it any more
                     continue
-                ch.suspect = True  # which of them killed it is a guess: never the root
-                subs += _chunks.resume(rt, fut, first or bool(ch.parts), how)
+                ch.suspect |= not clean  # which of them killed it is a guess: not the root
+                subs += _chunks.resume(rt, fut, (first or bool(ch.parts)) and not clean, how)
                 first = False
         if subs:
             rt.shipper.send_pieces(subs)
