@@ -217,6 +217,7 @@ class Feed:
     def fill(self, keep_first: bool = False) -> None:
         """Read and submit chunks while the window has room; ship them."""
         submitted = False
+        self.ahead = max(self.ahead, CHUNKS_AHEAD * self.rt.size)  # an elastic job grew
         while self.items is not None:
             # Automatic chunks are CHUNKS_AHEAD per worker at most, whatever the window:
             # before they grow, a window of items would be one chunk (message) each.

@@ -1,0 +1,229 @@
+"""Elastic jobs (issue 13): workers join a running job at any time (python -m scoop.join,
+no fixed count) and leave it cleanly on SIGTERM, handing their work back; real processes.
+
+Every execution of a mapped item is counted in a file of its own process, so that the
+tests can tell an item computed once from one computed twice."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import write_program
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftovers")]
+
+# Items of a few ms; each execution appends its item to this process's count file.
+MAP_LOOP = """
+    import os, sys, time
+    import scoop
+    from scoop import futures
+    COUNTS = sys.argv[1]
+    def square(x):
+        with open(os.path.join(COUNTS, f"{scoop.worker}-{os.getpid()}"), "a") as f:
+            f.write(f"{x}\\n")
+        time.sleep(0.02)
+        return x * x
+    if __name__ == "__main__":
+        got = list(futures.map(square, range(400), chunksize=4))
+        print("OK" if got == [x * x for x in range(400)] else f"WRONG {got}", flush=True)
+"""
+
+
+def start_job(tmp_path, source: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """An elastic job (its job file alone makes it so) running ``source``."""
+    prog = write_program(tmp_path, source)
+    job_file = str(tmp_path / "job.json")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "scoop", "-n", "1", "--job-file", job_file,
+         "--broker-hostname", "127.0.0.1", prog, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: os.path.exists(job_file) or launcher.poll() is not None,
+             "the job file")
+    assert launcher.poll() is None, launcher.communicate()
+    return launcher, job_file
+
+
+def join(job_file: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "scoop.join", job_file],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(check, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def executions(counts) -> dict[str, collections.Counter]:
+    """Per count file (worker-pid): how many times each item ran there."""
+    out = {}
+    for path in counts.iterdir():
+        out[path.name] = collections.Counter(int(x) for x in path.read_text().split())
+    return out
+
+
+def total(counts) -> int:
+    return sum(sum(c.values()) for c in executions(counts).values())
+
+
+def finish(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def test_workers_join_and_leave_mid_map(tmp_path):
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    launcher, job_file = start_job(tmp_path, MAP_LOOP, str(counts))
+    procs = [launcher]
+    try:
+        first, second = join(job_file), join(job_file)
+        procs += [first, second]
+        # Both at work (each ran items), then the first leaves mid-map.
+        wait_for(lambda: len(executions(counts)) >= 3, "both joiners to run items")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0, first.communicate()
+        assert launcher.poll() is None, "the map ended before the leave: make it longer"
+        third = join(job_file)
+        procs.append(third)
+        out, err = launcher.communicate(timeout=90)
+        assert launcher.returncode == 0, err
+        assert out.strip() == "OK"
+        for p in (second, third):
+            assert p.wait(30) == 0, p.communicate()
+        runs = executions(counts)
+        merged = sum(runs.values(), collections.Counter())
+        assert sorted(merged) == list(range(400))
+        twice = {x: n for x, n in merged.items() if n != 1}
+        assert not twice, f"items computed more than once: {twice}"
+        assert len(runs) >= 3, f"the joiners did no work: {list(runs)}"
+    finally:
+        finish(procs)
+
+
+# Items past the first few wait on the root until a joined worker ran one: the job
+# starts with no worker but the root, and must hand work to one that joins later.
+LATE_JOINER = """
+    import os, sys, time
+    import scoop
+    from scoop import futures
+    MARK = sys.argv[1]
+    def work(x):
+        if scoop.worker != 0:
+            open(MARK, "a").close()
+        elif x >= 3:
+            deadline = time.time() + 60
+            while not os.path.exists(MARK) and time.time() < deadline:
+                time.sleep(0.02)
+        return x + 1
+    if __name__ == "__main__":
+        got = list(futures.map(work, range(40), chunksize=1))
+        print(scoop.SIZE, got == [x + 1 for x in range(40)], os.path.exists(MARK),
+              flush=True)
+"""
+
+
+def test_a_job_with_no_joiner_gets_one_later(tmp_path):
+    mark = tmp_path / "joiner-ran"
+    launcher, job_file = start_job(tmp_path, LATE_JOINER, str(mark))
+    procs = [launcher]
+    try:
+        time.sleep(0.5)  # the map has started on the root alone
+        assert launcher.poll() is None
+        joiner = join(job_file)
+        procs.append(joiner)
+        out, err = launcher.communicate(timeout=90)
+        assert launcher.returncode == 0, err
+        assert "python -m scoop.join" in err  # where joiners are pointed to
+        assert out.split() == ["1", "True", "True"]  # scoop.SIZE: the workers at start
+        assert joiner.wait(30) == 0, joiner.communicate()
+        # The job is over: its job file says so, without the key, and a late worker
+        # exits at once, with status 0 and a line that says why.
+        late = subprocess.run([sys.executable, "-m", "scoop.join", job_file],
+                              capture_output=True, text=True, timeout=30)
+        assert late.returncode == 0, late.stderr
+        assert "has ended" in late.stderr
+        assert "key" not in open(job_file).read()
+    finally:
+        finish(procs)
+
+
+# One long task per worker: a SIGTERM while it runs lets it finish (no item runs twice);
+# a grace shorter than the task hands the task back (it runs again elsewhere, uncharged).
+LONG_TASKS = """
+    import os, sys, time
+    import scoop
+    from scoop import futures
+    COUNTS, SECONDS = sys.argv[1], float(sys.argv[2])
+    def slow(x):
+        with open(os.path.join(COUNTS, f"{scoop.worker}-{os.getpid()}"), "a") as f:
+            f.write(f"{x}\\n")
+        time.sleep(SECONDS)
+        return -x
+    if __name__ == "__main__":
+        got = list(futures.map(slow, range(6), chunksize=1))
+        print(got == [-x for x in range(6)], flush=True)
+"""
+
+
+@pytest.mark.parametrize(("grace", "seconds"), [("30", "2"), ("0.5", "4")])
+def test_a_running_task_finishes_or_is_handed_back(tmp_path, grace, seconds):
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    launcher, job_file = start_job(tmp_path, LONG_TASKS, str(counts), seconds)
+    procs = [launcher]
+    try:
+        env = dict(os.environ, SCOOP_LEAVE_GRACE=grace)
+        leaver = join(job_file, env=env)
+        procs.append(leaver)
+        wait_for(lambda: any(n.endswith(str(leaver.pid)) for n in os.listdir(counts)),
+                 "the joiner to start a task")
+        leaver.send_signal(signal.SIGTERM)
+        assert leaver.wait(30) == 0, leaver.communicate()
+        ran = {n: c for n, c in executions(counts).items() if n.endswith(str(leaver.pid))}
+        out, err = launcher.communicate(timeout=90)
+        assert launcher.returncode == 0, err
+        assert out.strip() == "True"
+        merged = sum(executions(counts).values(), collections.Counter())
+        again = {x: n for x, n in merged.items() if n > 1}
+        if grace == "30":
+            assert not again, f"a clean leave ran items twice: {again}"
+        else:  # the task it ran (longer than the grace) went back and ran again once
+            assert again == {x: 2 for c in ran.values() for x in c}, (again, ran)
+    finally:
+        finish(procs)
+
+
+LOCAL = MAP_LOOP.replace("range(400)", "range(300)")
+
+
+def test_a_local_worker_terminated_from_outside_leaves_cleanly(tmp_path):
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    prog = write_program(tmp_path, LOCAL)
+    launcher = subprocess.Popen([sys.executable, "-m", "scoop", "-n", "3", prog, str(counts)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(n.startswith("1-") for n in os.listdir(counts)),
+                 "worker 1 to run items")
+        pid = int(next(n for n in os.listdir(counts) if n.startswith("1-"))[2:])
+        os.kill(pid, signal.SIGTERM)
+        out, err = launcher.communicate(timeout=90)
+        assert launcher.returncode == 0, err
+        assert out.strip() == "OK"
+        assert "ended early" not in err  # a clean leave is no failure
+        merged = sum(executions(counts).values(), collections.Counter())
+        assert sorted(merged) == list(range(300))
+        assert set(merged.values()) == {1}, "a clean leave ran items twice"
+    finally:
+        finish([launcher])
