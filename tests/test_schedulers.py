@@ -23,6 +23,8 @@ import re
 import shlex
 import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 from test_remote import WHERE
@@ -260,6 +262,60 @@ def test_usr1_before_the_time_limit_reaches_the_scoop_launcher(slurm, tmp_path):
     signal_batch(slurm, job, "USR1")
     state = wait_job(slurm, job, ENDED, 30)
     assert state["ExitCode"] == "75:0", state
+
+
+CHECKPOINTED_MAP = """
+    import os, sys, time
+    from scoop import futures
+    COUNTS = sys.argv[1]
+    def slow(i):
+        with open(os.path.join(COUNTS, str(os.getpid())), "a") as f:
+            f.write(f"{i}\\n")  # one line per execution of item i
+        time.sleep(0.05)
+        return i * i
+    if __name__ == "__main__":
+        print("run", os.environ.get("SLURM_RESTART_COUNT", "0"), flush=True)
+        got = list(futures.map(slow, range(300), chunksize=5,
+                               checkpoint=os.path.join(COUNTS, os.pardir, "run.db")))
+        print("result", got == [i * i for i in range(300)], flush=True)
+"""
+
+
+def test_the_requeue_loop_resumes_a_drained_checkpointed_map(slurm, tmp_path):
+    """examples/submit_files/slurm_requeue.sh, end to end: USR1 (what --signal=B:USR1@N
+    sends) drains the first run, the launcher exits 75, the script requeues its job, and
+    the second run computes only what the first did not record: every item runs at most
+    once more than it finished."""
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    prog = write_program(tmp_path, CHECKPOINTED_MAP)
+    example = (Path(REPO) / "examples" / "submit_files" / "slurm_requeue.sh").read_text()
+    command = (f"{shlex.quote(sys.executable)} -m scoop --launcher ssh -n 2 --grace 2 "
+               f"{shlex.quote(prog)} {shlex.quote(str(counts))}")
+    script = example.replace("python -m scoop --grace 90 my_long_map.py", command)
+    assert script != example, "the example's command line changed: update this test"
+    job = submit_with_signal(slurm, script, tmp_path, extra=("--nodes=1", "--ntasks=2"))
+    out = tmp_path / "job.out"
+    wait_output(out, r"run 0")
+    deadline = time.monotonic() + 60
+    while sum(len(p.read_text().split()) for p in counts.iterdir()) < 30:
+        assert time.monotonic() < deadline, out.read_text() if out.exists() else "no output"
+        time.sleep(0.05)
+    signal_batch(slurm, job, "USR1")
+    wait_output(out, r"time is up: requeueing \(run 0\)", timeout=60)
+    state = wait_job(slurm, job, ("PENDING",), 60)
+    assert state["Restarts"] == "1", state
+    # as in test_signal_and_requeue_reach_the_batch_process: lift the requeue's hold
+    r = slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=20)
+    assert r.returncode == 0, r.stderr
+    text = wait_output(out, r"result \w+", timeout=90)
+    state = wait_job(slurm, job, ENDED, 60)
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), (state, text)
+    assert "result True" in text and "run 1" in text, text
+    runs = Counter(int(x) for p in counts.iterdir() for x in p.read_text().split())
+    assert sorted(runs) == list(range(300)), text
+    assert max(runs.values()) <= 2, {i: n for i, n in runs.items() if n > 2}
+    assert sum(runs.values()) < 2 * 300, "the second run did not resume"
 
 
 # ----------------------------------------------------------------------------- Grid Engine
