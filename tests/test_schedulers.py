@@ -294,7 +294,7 @@ def test_the_requeue_loop_resumes_a_drained_checkpointed_map(slurm, tmp_path):
                f"{shlex.quote(prog)} {shlex.quote(str(counts))}")
     script = example.replace("python -m scoop --grace 90 my_long_map.py", command)
     assert script != example, "the example's command line changed: update this test"
-    job = submit_with_signal(slurm, script, tmp_path, extra=("--nodes=1", "--ntasks=2"))
+    job = submit_with_signal(slurm, script, tmp_path, extra=("--nodes=1", "--ntasks-per-node=2"))
     out = tmp_path / "job.out"
     wait_output(out, r"run 0")
     deadline = time.monotonic() + 60
