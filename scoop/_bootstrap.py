@@ -273,8 +273,9 @@ def start(cfg: dict) -> bool:
         os.environ[_reaper.JOB] = cfg["job"]  # a joining worker was not started with it
     tag = _reaper.mark_worker(wid)
     watchdog = Watchdog(cfg["address"], creds, wid, ctx=worker.link.ctx)
+    parent = cfg.get("ppid") if cfg.get("die_with_parent") else None
     signal.signal(signal.SIGTERM, _end_on_sigterm if root else _leave_on_sigterm(
-        worker, watchdog))
+        worker, watchdog, parent))
     watchdog.start()
     try:
         if root:
@@ -338,13 +339,15 @@ def _end_on_sigterm(signum: int, frame) -> None:
     os.kill(os.getpid(), signum)
 
 
-def _leave_on_sigterm(worker: _worker.Worker, watchdog: Watchdog):
+def _leave_on_sigterm(worker: _worker.Worker, watchdog: Watchdog, parent: int | None):
     """The SIGTERM handler of a worker other than the root: the first one makes it leave
     the job cleanly (its queued work goes back, its running task finishes within the
-    watchdog's grace, then BYE and exit 0: ``Hub.leave``); a second one, or one once the
-    job is over, ends it as :func:`_end_on_sigterm` does."""
+    watchdog's grace, then BYE and exit 0: ``Hub.leave``); a second one, one once the
+    job is over, or the parent-death signal (its launcher ``parent`` died) ends it as
+    :func:`_end_on_sigterm` does."""
     def handler(signum: int, frame) -> None:
-        if worker.policy.leaving or worker.flags.stopped or worker.link is None:
+        if (worker.policy.leaving or worker.flags.stopped or worker.link is None
+                or (parent is not None and os.getppid() != parent)):
             _end_on_sigterm(signum, frame)
             return
         worker.policy.leaving = True  # the hub sees it at its next turn
