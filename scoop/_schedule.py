@@ -325,7 +325,7 @@ class Schedule:
         """The root's program ended with ``status``: stop every worker."""
         self.exit_status = status
         log.debug("broker: the root ended with status %d; stopping", status)
-        self.bye(peer)  # the root closes its socket right after
+        self.roster.remove(peer)  # the root closes its socket right after
         return self.stop_workers()
 
     def stop_workers(self) -> list[Out]:
