@@ -31,7 +31,10 @@ MAP_LOOP = """
         time.sleep(0.02)
         return x * x
     if __name__ == "__main__":
-        got = list(futures.map(square, range(400), chunksize=4))
+        if sys.argv[2:] == ["submit"]:  # groups of plain futures, not map chunks
+            got = [f.result() for f in [futures.submit(square, x) for x in range(400)]]
+        else:
+            got = list(futures.map(square, range(400), chunksize=4))
         print("OK" if got == [x * x for x in range(400)] else f"WRONG {got}", flush=True)
 """
 
@@ -81,10 +84,11 @@ def finish(procs) -> None:
         p.communicate()
 
 
-def test_workers_join_and_leave_mid_map(tmp_path):
+@pytest.mark.parametrize("how", ["map", "submit"])
+def test_workers_join_and_leave_mid_map(tmp_path, how):
     counts = tmp_path / "counts"
     counts.mkdir()
-    launcher, job_file = start_job(tmp_path, MAP_LOOP, str(counts))
+    launcher, job_file = start_job(tmp_path, MAP_LOOP, str(counts), how)
     procs = [launcher]
     try:
         first, second = join(job_file), join(job_file)
@@ -227,3 +231,45 @@ def test_a_local_worker_terminated_from_outside_leaves_cleanly(tmp_path):
         assert set(merged.values()) == {1}, "a clean leave ran items twice"
     finally:
         finish([launcher])
+
+
+# Tasks that wait on their own children: a worker that leaves while one of them waits
+# hands the children back and leaves once the parent has its results and returned.
+NESTED = """
+    import os, sys, time
+    import scoop
+    from scoop import futures
+    COUNTS = sys.argv[1]
+    def child(i):
+        time.sleep(0.2)
+        return i
+    def parent(x):
+        with open(os.path.join(COUNTS, f"{scoop.worker}-{os.getpid()}"), "a") as f:
+            f.write(f"{x}\\n")
+        return sum(futures.map(child, range(10 * x, 10 * x + 6), chunksize=1))
+    if __name__ == "__main__":
+        got = list(futures.map(parent, range(6), chunksize=1))
+        print(got == [sum(range(10 * x, 10 * x + 6)) for x in range(6)], flush=True)
+"""
+
+
+def test_a_worker_leaves_while_its_task_waits_on_children(tmp_path):
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    launcher, job_file = start_job(tmp_path, NESTED, str(counts))
+    procs = [launcher]
+    try:
+        leaver, stayer = join(job_file), join(job_file)
+        procs += [leaver, stayer]
+        wait_for(lambda: any(n.endswith(f"-{leaver.pid}") for n in os.listdir(counts)),
+                 "the joiner to start a parent task")
+        leaver.send_signal(signal.SIGTERM)
+        assert leaver.wait(60) == 0, leaver.communicate()
+        out, err = launcher.communicate(timeout=90)
+        assert launcher.returncode == 0, err
+        assert out.strip() == "True"
+        assert stayer.wait(30) == 0, stayer.communicate()
+        merged = sum(executions(counts).values(), collections.Counter())
+        assert merged == collections.Counter(range(6)), "a parent ran twice (or never)"
+    finally:
+        finish(procs)

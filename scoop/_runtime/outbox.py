@@ -13,7 +13,7 @@ credit requests, and the tasks it hands back.
              groups finished, and the credit request (policy.want) -> RESULTS or READY
     give_back(): unstarted tasks of the run queue -> RETURN (policy.give_back,
                  return_tag), while this worker may not run them (all of them when it
-                 leaves); a group none of whose tasks is left here is done
+                 leaves)
     send_pieces(): the pieces of a lost map chunk -> RETURN, first in line
 
 A group's call list is pickled once, when it leaves; its futures then drop their
@@ -188,11 +188,6 @@ class Shipper:
                                     first is not None and first._chunk is not None,
                                     P.returned_tag(rt.wid, next(self._returned)))
             group.remaining -= len(items)
-            if group.fid and tag != group.fid and not group.remaining:
-                # The rest of a group went back under a fresh id, and what ran of it here
-                # has finished: the broker holds it no more (a worker that leaves would
-                # otherwise have it queued again whole).
-                self.done_out.append((group.owner, group.fid))
             tids = P.task_ids_frame(tid for tid, _ in items)
             parcels.append(link.codec.parcel([tids, *frames], tag=tag, peer=group.owner))
         if parcels:
