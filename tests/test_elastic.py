@@ -273,3 +273,27 @@ def test_a_worker_leaves_while_its_task_waits_on_children(tmp_path):
         assert merged == collections.Counter(range(6)), "a parent ran twice (or never)"
     finally:
         finish(procs)
+
+
+def test_elastic_without_a_job_file_says_where_it_is(tmp_path):
+    """--elastic alone: the job file goes to ~/.scoop/jobs/ and its path is printed."""
+    mark = tmp_path / "joiner-ran"
+    prog = write_program(tmp_path, LATE_JOINER)
+    env = dict(os.environ, HOME=str(tmp_path))
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "scoop", "-n", "1", "--elastic", "--broker-hostname",
+         "127.0.0.1", prog, str(mark)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    procs = [launcher]
+    try:
+        line = launcher.stderr.readline()
+        assert "python -m scoop.join " in line, line
+        job_file = line.split("python -m scoop.join ", 1)[1].strip()
+        assert job_file.startswith(str(tmp_path / ".scoop" / "jobs")), job_file
+        procs.append(join(job_file, env=env))
+        out, err = launcher.communicate(timeout=90)
+        assert launcher.returncode == 0, err
+        assert out.split() == ["1", "True", "True"]
+        assert procs[1].wait(30) == 0, procs[1].communicate()
+    finally:
+        finish(procs)
