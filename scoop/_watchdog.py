@@ -62,15 +62,14 @@ class Watchdog(threading.Thread):
         self._stop_event = threading.Event()
         self._leave_by: float | None = None  # leaving: when to go, task or not
         self._told = False  # the broker knows it leaves
+        self.leave_grace = leave_grace()
 
     def stop(self) -> None:
         self._stop_event.set()
 
-    def leave(self, grace: float | None = None) -> None:
+    def leave(self) -> None:
         """The worker leaves (from a signal handler: sets a time, nothing more)."""
-        if grace is None:
-            grace = float(os.environ.get("SCOOP_LEAVE_GRACE", LEAVE_GRACE_S))
-        self._leave_by = time.monotonic() + grace
+        self._leave_by = time.monotonic() + self.leave_grace
 
     def run(self) -> None:
         try:
@@ -121,6 +120,17 @@ class Watchdog(threading.Thread):
                   "exiting", self.wid, self.address, silence)
         _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
         os._exit(1)
+
+
+def leave_grace() -> float:
+    """SCOOP_LEAVE_GRACE (seconds), else :data:`LEAVE_GRACE_S`."""
+    text = os.environ.get("SCOOP_LEAVE_GRACE", "")
+    try:
+        return max(0.0, float(text)) if text else LEAVE_GRACE_S
+    except ValueError:
+        log.warning("SCOOP_LEAVE_GRACE=%r is not a number of seconds; using %g", text,
+                    LEAVE_GRACE_S)
+        return LEAVE_GRACE_S
 
 
 def _terminating(ctx: zmq.Context) -> bool:
