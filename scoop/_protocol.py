@@ -56,7 +56,7 @@ takes its bytes with :func:`buffer_of`.
 Messages (w: worker, b: broker)::
 
     HELLO    w->b  body {version, wid, pid, host}: join the job
-    WELCOME  b->w  body {size, ...}; parcels: the shared constants set so far
+    WELCOME  b->w  body {size, max_attempts, elastic}; parcels: the shared constants so far
     REFUSED  b->w  body {reason}: wrong protocol version or duplicate worker id
     TASKS    w->b  parcels (tag=fid): task groups submitted by the sender
              b->w  parcels (tag=fid, peer=owner): task groups to run; arg=1: run them
@@ -73,7 +73,8 @@ Messages (w: worker, b: broker)::
                    back itself (see scoop._chunks); the broker does not queue them again
     RESULTS  w->b  parcels (peer=owner): results for that owner; done: finished groups;
                    arg=n: as READY n (a credit request riding along)
-             b->w  parcels: results of the receiver's futures
+             b->w  parcels: results of the receiver's futures; arg (an elastic job's): the
+                   number of workers connected now
     CONST    w->b, b->w  parcels: shared constants (shared.setConst)
     SHUTDOWN w->b  arg=exit status: the root's program ended; stop the job
     STOP     b->w  leave now (the job is over)

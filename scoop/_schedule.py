@@ -287,7 +287,8 @@ class Schedule:
             self.recovery.sandbox_asked = None
         log.debug("broker: worker %d joined (pid %s on %s)", peer.wid, peer.pid, peer.host)
         return [Send(ident, P.WELCOME, parcels=tuple(self.consts),
-                     body={"size": self.roster.size, "max_attempts": self.max_attempts})]
+                     body={"size": self.roster.size, "max_attempts": self.max_attempts,
+                           "elastic": self.report_size})]
 
     def join(self, ident: bytes, seq: int) -> list[Out]:
         """A worker started by another launcher asks for an id: the next free one (raises
