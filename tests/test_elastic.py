@@ -39,13 +39,14 @@ MAP_LOOP = """
 """
 
 
-def start_job(tmp_path, source: str, *args: str) -> tuple[subprocess.Popen, str]:
+def start_job(tmp_path, source: str, *args: str,
+              opts: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """An elastic job (its job file alone makes it so) running ``source``."""
     prog = write_program(tmp_path, source)
     job_file = str(tmp_path / "job.json")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "scoop", "-n", "1", "--job-file", job_file,
-         "--broker-hostname", "127.0.0.1", prog, *args],
+         "--broker-hostname", "127.0.0.1", *opts, prog, *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: os.path.exists(job_file) or launcher.poll() is not None,
              "the job file")
@@ -184,7 +185,9 @@ LONG_TASKS = """
 def test_a_running_task_finishes_or_is_handed_back(tmp_path, grace, seconds):
     counts = tmp_path / "counts"
     counts.mkdir()
-    launcher, job_file = start_job(tmp_path, LONG_TASKS, str(counts), seconds)
+    # --max-attempts 1: a task handed back charged as a crash would fail at once
+    launcher, job_file = start_job(tmp_path, LONG_TASKS, str(counts), seconds,
+                                   opts=("--max-attempts", "1"))
     procs = [launcher]
     try:
         env = dict(os.environ, SCOOP_LEAVE_GRACE=grace)
