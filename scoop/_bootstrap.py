@@ -272,7 +272,7 @@ def start(cfg: dict) -> bool:
     if cfg.get("job"):
         os.environ[_reaper.JOB] = cfg["job"]  # a joining worker was not started with it
     tag = _reaper.mark_worker(wid)
-    watchdog = Watchdog(cfg["address"], creds, wid, ctx=worker.link.ctx)
+    watchdog = worker.watchdog = Watchdog(cfg["address"], creds, wid, ctx=worker.link.ctx)
     parent = cfg.get("ppid") if cfg.get("die_with_parent") else None
     signal.signal(signal.SIGTERM, _end_on_sigterm if root else _leave_on_sigterm(
         worker, watchdog, parent))

@@ -93,6 +93,7 @@ class Worker:
         self.where = _where(wid)
         self.codec = codec
         self.link: Link | None = None  # the broker; None: in-process
+        self.watchdog = None  # the thread that pings the broker on the link's context
         # scoop.Executor's: replaces the socket's poll in the hub's idle wait (Link.drain)
         self.idle_wait: Callable[[int], bool] | None = None
         self.flags = Flags()
@@ -321,5 +322,7 @@ class Worker:
     def close(self) -> None:
         """Close the link to the broker (the runtime is in-process afterwards)."""
         if self.link is not None:
+            if self.watchdog is not None:  # first: see Watchdog._leaving
+                self.watchdog.stop()
             self.link.close()
             self.link = None
