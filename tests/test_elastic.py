@@ -322,3 +322,40 @@ def test_an_elastic_map_cuts_chunks_for_workers_to_come():
     assert fixed[0] == 400 and len(fixed) == _mapping.CHUNKS_AHEAD
     assert elastic[0] == 800 // (_mapping.CHUNK_SPLIT * _mapping.ELASTIC_POOL)
     assert len(elastic) == _mapping.CHUNKS_AHEAD * _mapping.ELASTIC_POOL
+
+
+UNTIL_THREE_SEEN = """
+    import time, scoop
+    from scoop import futures
+    def who(_):
+        time.sleep(0.02)
+        return scoop.worker
+    if __name__ == "__main__":
+        seen, deadline = set(), time.time() + 60
+        while len(seen) < 3 and time.time() < deadline:
+            seen |= set(futures.map(who, range(20), chunksize=1))
+        print(scoop.SIZE, sorted(seen), flush=True)
+"""
+
+
+def test_external_n_also_takes_workers_beyond_n(tmp_path):
+    """--external 1: one joiner is counted in scoop.SIZE; a second one is welcome too."""
+    prog = write_program(tmp_path, UNTIL_THREE_SEEN)
+    job_file = str(tmp_path / "job.json")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "scoop", "-n", "1", "--external", "1", "--job-file",
+         job_file, "--broker-hostname", "127.0.0.1", prog],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [launcher]
+    try:
+        wait_for(lambda: os.path.exists(job_file) or launcher.poll() is not None,
+                 "the job file")
+        procs += [join(job_file), join(job_file)]
+        out, err = launcher.communicate(timeout=90)
+        assert launcher.returncode == 0, err
+        assert out.strip() == "2 [0, 1, 2]"
+        for p in procs[1:]:
+            assert p.wait(30) == 0, p.communicate()
+        assert not os.path.exists(job_file), "--external keeps removing its job file"
+    finally:
+        finish(procs)
