@@ -233,11 +233,13 @@ def _read_line(fd: int) -> bytes:
     return data
 
 
-def start(cfg: dict) -> None:
-    """Set this process up as the worker ``cfg`` describes and run it until the job ends.
+def start(cfg: dict) -> bool:
+    """Set this process up as the worker ``cfg`` describes and run it until the job ends;
+    False if the job had ended before it could join.
 
     ``cfg["wid"]`` None: the worker was started by another launcher (python -m
-    scoop.join) and takes the id the broker gives it.
+    scoop.join) and takes the id the broker gives it (``cfg["job_file"]``: where it read
+    its config, marked once an elastic job ended).
     """
     if cfg.get("die_with_parent"):
         _die_with_parent(cfg.get("ppid", 0))
@@ -263,8 +265,10 @@ def start(cfg: dict) -> None:
         enter_job(worker, cfg["address"], creds, debug=bool(cfg.get("debug")),
                   hosts=cfg.get("hosts", []), timeout=timeout)
     except JobOver:
-        return  # started too late to matter: leave quietly
+        return False  # started too late to matter: leave quietly
     except BrokenJobError as exc:
+        if _job_file_ended(cfg):
+            return False
         print(f"scoop: {worker.where}: {exc}. If this host cannot reach that address, "
               "start the job with --broker-hostname ADDRESS (one it can reach) or -e; "
               "if it runs another scoop version than the launcher's, install the same.",
@@ -274,9 +278,13 @@ def start(cfg: dict) -> None:
     if cfg.get("job"):
         os.environ[_reaper.JOB] = cfg["job"]  # a joining worker was not started with it
     tag = _reaper.mark_worker(wid)
-    signal.signal(signal.SIGTERM, _end_on_sigterm)
-    Watchdog(cfg["address"], creds, wid, ctx=worker.link.ctx,
-             on_time_up=_signal_time_up if root else None, deadlines=worker.deadlines).start()
+    watchdog = Watchdog(
+        cfg["address"], creds, wid, ctx=worker.link.ctx, deadlines=worker.deadlines,
+        on_time_up=_signal_time_up if root else None)
+    parent = cfg.get("ppid") if cfg.get("die_with_parent") else None
+    signal.signal(signal.SIGTERM, _end_on_sigterm if root else _leave_on_sigterm(
+        worker, watchdog, parent))
+    watchdog.start()
     try:
         if root:
             sys.exit(_run_root(worker, cfg))
@@ -284,6 +292,14 @@ def start(cfg: dict) -> None:
     finally:
         _reaper.end_marked(_reaper.WORKER, tag)  # what the tasks started ends with us
         _shm.sweep_own(worker.shm)  # the job is over: nobody maps them any more
+    return True
+
+
+def _job_file_ended(cfg: dict) -> bool:
+    """Whether the job file a joining worker read now says that its job ended."""
+    from .join import job_has_ended  # joining workers only
+
+    return bool(cfg.get("job_file")) and job_has_ended(cfg["job_file"])
 
 
 def set_job_globals(worker: _worker.Worker | None, debug: bool = False,
@@ -334,6 +350,23 @@ def _end_on_sigterm(signum: int, frame) -> None:
         _shm.sweep_own(os.environ.get(_reaper.JOB))
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+
+
+def _leave_on_sigterm(worker: _worker.Worker, watchdog: Watchdog, parent: int | None):
+    """The SIGTERM handler of a worker other than the root: the first one makes it leave
+    the job cleanly (its queued work goes back, its running task finishes within the
+    watchdog's grace, then BYE and exit 0: ``Hub.leave``); a second one, one once the
+    job is over, or the parent-death signal (its launcher ``parent`` died) ends it as
+    :func:`_end_on_sigterm` does."""
+    def handler(signum: int, frame) -> None:
+        if (worker.policy.leaving or worker.flags.stopped or worker.link is None
+                or (parent is not None and os.getppid() != parent)):
+            _end_on_sigterm(signum, frame)
+            return
+        worker.policy.leaving = True  # the hub sees it at its next turn
+        watchdog.leave()
+
+    return handler
 
 
 def _time_is_up(signum: int, frame) -> None:

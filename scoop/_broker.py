@@ -77,10 +77,12 @@ TICK_S = 0.5
 # signed, its connection is the job's (see _transport.Gate, the bound on unproven ones).
 _FIRST_KINDS = frozenset((P.HELLO, P.JOIN, P.PING))
 # What a worker's watchdog connection sends: PING (alive?), TIMEOUT (a task ran past its
-# time limit: the worker ends itself once answered, see Schedule.timed_out).
+# time limit: the worker ends itself once answered, see Schedule.timed_out), LEAVE
+# (it is leaving: no more work for it).
 _WATCHDOG_KINDS = {
     P.PING: lambda s, ident, m, now: s.ping(ident, m.sender, now),
     P.TIMEOUT: lambda s, ident, m, now: s.timed_out(ident, m.sender, m.body, now),
+    P.LEAVE: lambda s, ident, m, now: s.leaving(m.sender, bool(m.arg), now),
 }
 # The broker reads and writes a message's frames itself, with plain int flags: pyzmq's
 # recv_multipart asks ZeroMQ for RCVMORE after every frame and send_multipart ORs an enum
@@ -113,8 +115,7 @@ class Stop(NamedTuple):
 
 
 def _handlers(s: Schedule) -> dict:
-    """What the broker does with each kind of message from a proven worker: a function of
-    (ident, peer, msg) giving the schedule's answers."""
+    """The Schedule's handler of each kind of worker message: (ident, peer, msg) -> outs."""
     return {
         P.HELLO: lambda ident, peer, m: s.hello(ident, m.sender, m.body),
         P.TASKS: lambda ident, peer, m: s.tasks(peer, m.parcels),

@@ -69,6 +69,11 @@ MAX_CHUNK = 32_768
 # ... and a map holds at most this many items in flight by default (a few MB of small
 # items): a job with more workers cuts smaller chunks, rather than reading further ahead.
 MAX_IN_FLIGHT = 2 * CHUNKS_AHEAD * MAX_CHUNK
+# In an elastic job (workers join at any time), automatic chunks are cut for at least this
+# many workers: a map begun on the root alone would otherwise keep half its input in one
+# chunk, which no worker that joins later could share. A lone root pays a few more
+# chunks (messages) per map.
+ELASTIC_POOL = 8
 # Chunks of an explicit (small) chunksize in flight by default, at most: enough that the
 # consumer seldom finds the next one unfinished (each wait costs this worker a few
 # messages), few enough that their futures cost little memory.
@@ -147,6 +152,12 @@ def input_length(iterables: tuple) -> tuple[int | None, bool]:
     return min(lengths, default=0), exact
 
 
+def pool_size(rt) -> int:
+    """The workers a map cuts its automatic chunks for: the job's (in an elastic job, as
+    it is now, and at least :data:`ELASTIC_POOL`)."""
+    return max(rt.size, ELASTIC_POOL) if rt.policy.elastic else rt.size
+
+
 class Feed:
     """One map: reads the input as it goes, submits ``runner(*prefix, chunk, star)`` for
     each chunk, keeps the window (see the module docstring) and hands out the chunks'
@@ -187,8 +198,7 @@ class Feed:
         self.error: Exception | None = None  # raised by the input, raised in turn later
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.buffersize = buffersize
-        self.ahead = CHUNKS_AHEAD * rt.size  # the most chunks in flight
-        # room for CHUNKS_AHEAD chunks per worker in the window
+        self.ahead = CHUNKS_AHEAD * pool_size(rt)  # the most chunks in flight
         self.cap = max(1, min(MAX_CHUNK, (buffersize or MAX_IN_FLIGHT) // self.ahead))
         self.fixed = None if chunksize is None else min(chunksize, buffersize or chunksize)
         if chunksize is not None and buffersize is None:
@@ -220,6 +230,7 @@ class Feed:
     def fill(self, keep_first: bool = False) -> None:
         """Read and submit chunks while the window has room; ship them."""
         submitted = False
+        self.ahead = max(self.ahead, CHUNKS_AHEAD * pool_size(self.rt))  # the pool grew
         while self.items is not None:
             # Automatic chunks are CHUNKS_AHEAD per worker at most, whatever the window:
             # before they grow, a window of items would be one chunk (message) each.
@@ -280,7 +291,7 @@ class Feed:
         """The size of the next chunk."""
         if self.fixed is not None:
             return self.fixed
-        size = self.rt.size
+        size = pool_size(self.rt)
         if self.length is not None and self.length > self.read:
             unread = self.length - self.read
             smallest = self.length // (MIN_CHUNK_SPLIT * size)

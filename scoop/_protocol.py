@@ -58,7 +58,7 @@ takes its bytes with :func:`buffer_of`.
 Messages (w: worker, b: broker)::
 
     HELLO    w->b  body {version, wid, pid, host}: join the job
-    WELCOME  b->w  body {size, ...}; parcels: the shared constants set so far
+    WELCOME  b->w  body {size, max_attempts, elastic}; parcels: the shared constants so far
     REFUSED  b->w  body {reason}: wrong protocol version or duplicate worker id
     TASKS    w->b  parcels (tag=fid): task groups submitted by the sender
              b->w  parcels (tag=fid, peer=owner): task groups to run; arg=1: run them
@@ -75,11 +75,17 @@ Messages (w: worker, b: broker)::
                    back itself (see scoop._chunks); the broker does not queue them again
     RESULTS  w->b  parcels (peer=owner): results for that owner; done: finished groups;
                    arg=n: as READY n (a credit request riding along)
-             b->w  parcels: results of the receiver's futures
+             b->w  parcels: results of the receiver's futures; arg (an elastic job's): the
+                   number of workers connected now
     CONST    w->b, b->w  parcels: shared constants (shared.setConst)
     SHUTDOWN w->b  arg=exit status: the root's program ended; stop the job
     STOP     b->w  leave now (the job is over)
-    BYE      w->b  the sender leaves on purpose (never read as a crash)
+    BYE      w->b  the sender leaves on purpose (never read as a crash): the groups the
+                   broker sent it that it never took are queued again first, uncharged
+    LEAVE    w->b  from a worker's watchdog connection (routing id "h<wid>"): arg=0:
+                   the worker leaves (SIGTERM): no more work to it, and what it holds
+                   when it goes runs again uncharged; arg=1: it goes now, its grace
+                   over with a task still running, which runs again elsewhere
     JOIN     w->b  from a worker started by another launcher (routing id "j<random>",
                    sender ANY_WORKER): which worker id may I take?
     ASSIGN   b->w  body {wid}: take this id, then reconnect as "w<wid>" and say HELLO
@@ -104,7 +110,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from ._errors import AuthError
 
-VERSION = 4  # 4: TIMEOUT and the LIMITED tag bit (issue 13)
+VERSION = 4  # 4: TIMEOUT, LEAVE and the LIMITED tag bit (issue 13)
 ANY_WORKER = 0xFFFFFFFE  # the sender id of a JOIN: the worker has no id yet
 RETURNED = 1 << 63  # tag bit of the part of a group a worker handed back (RETURN)
 RESUMABLE = 1 << 62  # tag bit of a group of map chunks that its owner resumes (LOST)
@@ -124,6 +130,7 @@ CONST = b"C"
 SHUTDOWN = b"Q"
 STOP = b"S"
 BYE = b"B"
+LEAVE = b"V"
 JOIN = b"J"
 ASSIGN = b"A"
 PING = b"P"

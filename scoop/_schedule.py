@@ -124,7 +124,7 @@ class Peer:
     """What the broker knows of one connected worker."""
 
     __slots__ = ("wid", "ident", "credit", "standby", "forced", "held", "pid", "host",
-                 "sandbox")
+                 "sandbox", "leaving")
 
     def __init__(self, wid: int, ident: bytes, pid: int = 0, host: str = "?") -> None:
         self.wid = wid
@@ -138,6 +138,7 @@ class Peer:
         self.pid = pid
         self.host = host
         self.sandbox = False  # started to run only suspect groups
+        self.leaving = False  # it leaves on purpose (LEAVE): gets no work, charged nothing
 
     def __repr__(self) -> str:
         return f"<Peer {self.wid} credit={self.credit} held={len(self.held)}>"
@@ -255,7 +256,48 @@ class Roster:
         return len(self.seen) >= self.size
 
 
-class Schedule:
+class _WatchdogTalk:
+    """What a worker's watchdog connection says, besides being alive (part of
+    :class:`Schedule`): PING, TIMEOUT (a task ran past its time limit), LEAVE."""
+
+    roster: Roster
+    recovery: Recovery
+    stopping: bool
+    time_up: bool
+
+    def ping(self, ident: bytes, wid: int, now: float) -> list[Out]:
+        """A worker's watchdog asks whether the broker lives; note when it last asked."""
+        self.roster.last_ping[wid] = now
+        if wid == 0 and self.time_up:
+            return [Send(ident, P.PONG, body={"time_up": True})]
+        return [Send(ident, P.PONG)]
+
+    def timed_out(self, ident: bytes, wid: int, body: dict | None, now: float) -> list[Out]:
+        """A task of worker ``wid`` ran past its time limit (its watchdog says so, on
+        connection ``ident``): see :meth:`Recovery.timed_out`; STOP answers the watchdog,
+        whose worker then ends."""
+        peer = self.roster.by_wid.get(wid)
+        if peer is None or self.stopping:
+            return [Send(ident, P.STOP)]
+        self.roster.remove(peer)
+        return ([Send(ident, P.STOP)] + self.recovery.timed_out(peer, body or {})
+                + self._stranded("its worker ran a task past its time limit", now))
+
+    def leaving(self, wid: int, gone: bool, now: float) -> list[Out]:
+        """Worker ``wid`` leaves (SIGTERM; its watchdog says so): it gets no more work,
+        and what it holds when it goes runs again, uncharged. ``gone``: it goes now, its
+        grace over with a task still running."""
+        peer = self.roster.by_wid.get(wid)
+        if peer is None:
+            return []
+        peer.leaving = True
+        self.roster.set_credit(peer, 0)
+        if gone:
+            return self.lost(wid, "it left (SIGTERM) before its running task ended", now)
+        return []
+
+
+class Schedule(_WatchdogTalk):
     """The broker's state and decisions for one job; every method returns what to do.
 
     Args:
@@ -276,6 +318,9 @@ class Schedule:
         self.stopping = False  # STOP sent; workers that join now are stopped at once
         self.draining = False  # the job's time is up: start nothing more (see dispatch)
         self.time_up = False  # and the root's program must stop (told with its PONGs)
+        # An elastic job: results forwarded to a worker carry how many workers there are
+        # now (arg), so that its maps cut chunks for the pool as it is, not as it started.
+        self.report_size = False
         self.exit_status: int | None = None
         self._all_standby_since: float | None = None
         self._last_tick: float | None = None
@@ -295,7 +340,8 @@ class Schedule:
             self.recovery.sandbox_asked = None
         log.debug("broker: worker %d joined (pid %s on %s)", peer.wid, peer.pid, peer.host)
         return [Send(ident, P.WELCOME, parcels=tuple(self.consts),
-                     body={"size": self.told_size, "max_attempts": self.max_attempts})]
+                     body={"size": self.told_size, "max_attempts": self.max_attempts,
+                           "elastic": self.report_size})]
 
     def join(self, ident: bytes, seq: int) -> list[Out]:
         """A worker started by another launcher asks for an id: the next free one (raises
@@ -304,34 +350,18 @@ class Schedule:
             return [Send(ident, P.STOP)]
         return [Send(ident, P.ASSIGN, body={"wid": self.roster.assign(seq)})]
 
-    def ping(self, ident: bytes, wid: int, now: float) -> list[Out]:
-        """A worker's watchdog asks whether the broker lives; note when it last asked."""
-        self.roster.last_ping[wid] = now
-        if wid == 0 and self.time_up:
-            return [Send(ident, P.PONG, body={"time_up": True})]
-        return [Send(ident, P.PONG)]
-
-    def timed_out(self, ident: bytes, wid: int, body: dict | None, now: float) -> list[Out]:
-        """A task of worker ``wid`` ran past its time limit (its watchdog says so, on
-        connection ``ident``): see :meth:`Recovery.timed_out`; STOP answers the watchdog,
-        whose worker then ends."""
-        peer = self.roster.by_wid.get(wid)
-        if peer is None or self.stopping:
-            return [Send(ident, P.STOP)]
-        self.roster.remove(peer)
-        return ([Send(ident, P.STOP)] + self.recovery.timed_out(peer, body or {})
-                + self._stranded("its worker ran a task past its time limit", now))
-
     def bye(self, peer: Peer) -> list[Out]:
-        """A worker leaves on purpose."""
+        """A worker leaves on purpose: what it was sent and never took (still on its way
+        when it said goodbye) goes first in line again, no attempt charged."""
         self.roster.remove(peer)
+        self.queue.extendleft(reversed(list(peer.held.values())))
         return []
 
     def shutdown(self, peer: Peer, status: int) -> list[Out]:
         """The root's program ended with ``status``: stop every worker."""
         self.exit_status = status
         log.debug("broker: the root ended with status %d; stopping", status)
-        self.bye(peer)  # the root closes its socket right after
+        self.roster.remove(peer)  # the root closes its socket right after
         return self.stop_workers()
 
     def stop_workers(self) -> list[Out]:
@@ -352,6 +382,8 @@ class Schedule:
         return []
 
     def ready(self, peer: Peer, n: int) -> list[Out]:
+        if peer.leaving:  # a READY sent before its LEAVE came
+            return []
         self.roster.set_credit(peer, peer.credit + n)
         self.roster.set_standby(peer, False)
         return []
@@ -384,12 +416,13 @@ class Schedule:
             peer.forced.discard(key)
             self.recovery.losses.pop(key, None)
         out: list[Out] = []
+        size = len(self.roster.peers) if self.report_size else 0
         for parcel in parcels:
             owner = self.roster.by_wid.get(parcel.peer)
             if owner is None:
                 log.debug("broker: results for departed worker %d dropped", parcel.peer)
                 continue
-            out.append(Send(owner.ident, P.RESULTS, parcels=(parcel,)))
+            out.append(Send(owner.ident, P.RESULTS, arg=size, parcels=(parcel,)))
         return out
 
     def const(self, peer: Peer, parcels: Sequence[P.Parcel]) -> list[Out]:
@@ -562,8 +595,10 @@ class Recovery:
         """Queue again (first in line) what a dead worker held; fail what keeps killing;
         tell the owners of map chunks, which resume them. Without ``blame`` (a time
         limit ended it: what killed it is known) no group is charged an attempt or
-        marked SUSPECT; a group is still charged as held (a bound on loops)."""
-        running = next(iter(peer.held), None) if blame else None  # its oldest unfinished
+        marked SUSPECT; a group is still charged as held (a bound on loops). A worker
+        that was leaving (LEAVE) was not killed by its work: nothing is charged at all."""
+        clean = peer.leaving
+        running = next(iter(peer.held), None) if blame and not clean else None
         requeued = []
         out: list[Out] = []
         chunks: dict[int, list] = {}  # owner -> [[running, tids], ...]
@@ -571,6 +606,12 @@ class Recovery:
             if parcel.tag & P.RESUMABLE:
                 chunks.setdefault(parcel.peer, []).append(
                     [int(key == running), P.task_ids(parcel).tolist()])
+                continue
+            if clean:
+                requeued.append(parcel)
+                continue
+            if clean:
+                requeued.append(parcel)
                 continue
             ran, held = self.losses.pop(key, (0, 0))
             ran, held = ran + (key == running), held + 1
@@ -586,8 +627,8 @@ class Recovery:
         for owner_wid, groups in chunks.items():
             owner = self.roster.by_wid.get(owner_wid)
             if owner is not None:
-                out.append(Send(owner.ident, P.LOST, body={"how": how, "groups": groups,
-                                                           "blameless": not blame}))
+                out.append(Send(owner.ident, P.LOST, body={
+                    "how": how, "groups": groups, "blameless": not blame, "clean": clean}))
         log.warning("broker: worker %d (pid %s on %s) is gone (%s); %d task group(s) it "
                     "held will run again", peer.wid, peer.pid, peer.host, how,
                     len(requeued) + sum(len(g) for g in chunks.values()))

@@ -7,6 +7,11 @@ check either while a long task runs. So every worker process runs this thread, w
 own socket (ZeroMQ sockets are not shared between threads): it sends a signed PING every
 ``PING_PERIOD_S`` and exits the process if no PONG has come for ``BROKER_TIMEOUT_S``.
 
+It also speaks for a worker that leaves (SIGTERM, :meth:`Watchdog.leave`) while its
+hub cannot, a task running: LEAVE at once (the broker sends it no more work), and, if
+the task still runs when the grace is over, LEAVE "gone" (the task runs again elsewhere,
+uncharged) and the process exits 0.
+
 Its socket lives in the worker link's ZeroMQ context (a context is thread-safe): one I/O
 thread per worker, not two, and the worker's ``close`` ends the watchdog too (its wait
 raises ``zmq.ContextTerminated``, then it closes its socket, which lets the context
@@ -51,6 +56,11 @@ DEADLINE_POLL_S = 0.1
 TIMEOUT_ACK_S = 5.0
 # The exit status of a worker ended because a task ran past its time limit.
 EXIT_TASK_TIMEOUT = 3
+# How long a worker that leaves (SIGTERM) lets its running task finish before it goes
+# anyway (the task then runs again elsewhere): within the notice a preemption gives
+# (SLURM's GraceTime, a cloud's spot notice, Kubernetes' 30 s), long enough for most
+# tasks. SCOOP_LEAVE_GRACE (seconds) overrides it.
+LEAVE_GRACE_S = 20.0
 
 
 
@@ -73,6 +83,9 @@ class Watchdog(threading.Thread):
         self.on_time_up = on_time_up
         self.deadlines = deadlines  # of the worker's limited calls (None: none)
         self._stop_event = threading.Event()
+        self._leave_by: float | None = None  # leaving: when to go, task or not
+        self._leave_said = False  # the broker knows it leaves
+        self.leave_grace = leave_grace()
         # The socket is made here, in the worker's thread, not in run(): the thread then
         # never touches the shared context itself, which the worker may be ending at any
         # moment (a socket made while zmq_ctx_term runs fails, and one made just after it
@@ -82,11 +95,17 @@ class Watchdog(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
 
+    def leave(self) -> None:
+        """The worker leaves (from a signal handler: sets a time, nothing more)."""
+        self._leave_by = time.monotonic() + self.leave_grace
+
     def run(self) -> None:
         link = self.link
         heard = time.monotonic()
         try:
             while not self._stop_event.is_set():
+                if self._leave_by is not None:
+                    self._speak_for_leaving(link)
                 link.send(P.PING)
                 end = time.monotonic() + self.period
                 # listen until the period is over (one PING per period), looking at the
@@ -114,6 +133,18 @@ class Watchdog(threading.Thread):
             self.on_time_up()
             self.on_time_up = None  # once
 
+    def _speak_for_leaving(self, link: Link) -> None:
+        if not self._leave_said:
+            self._leave_said = True
+            link.send(P.LEAVE, arg=0)
+        elif time.monotonic() >= self._leave_by:
+            log.warning("worker %d: its task still runs at the end of its grace to leave; "
+                        "it leaves anyway (the task runs again elsewhere)", self.wid)
+            link.send(P.LEAVE, arg=1)
+            link.close(1000)  # the message leaves before the process does
+            _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+            os._exit(0)
+
     def _slice(self, left: float) -> float:
         """How long to wait for the broker before looking at the deadlines again: until
         the earliest one, and DEADLINE_POLL_S at most (a task may start meanwhile)."""
@@ -140,3 +171,14 @@ class Watchdog(threading.Thread):
         _shm.sweep_own(os.environ.get(_reaper.JOB))  # no launcher is left to sweep them
         os._exit(1)
 
+
+
+def leave_grace() -> float:
+    """SCOOP_LEAVE_GRACE (seconds), else :data:`LEAVE_GRACE_S`."""
+    text = os.environ.get("SCOOP_LEAVE_GRACE", "")
+    try:
+        return max(0.0, float(text)) if text else LEAVE_GRACE_S
+    except ValueError:
+        log.warning("SCOOP_LEAVE_GRACE=%r is not a number of seconds; using %g", text,
+                    LEAVE_GRACE_S)
+        return LEAVE_GRACE_S

@@ -111,6 +111,7 @@ class World:
         plain = {"dispatch": lambda: s.dispatch(now), "tick": lambda: s.tick(now),
                  "stop": s.stop_workers, "lost": lambda: s.lost(a[0], "killed", now),
                  "bye": lambda: s.bye(self.peer(a[0])),
+                 "leave": lambda: s.leaving(a[0], a[1], now),
                  "shutdown": lambda: s.shutdown(self.peer(a[0]), a[1])}
         return plain[op]()
 
@@ -263,6 +264,23 @@ CASES = [
          [("tasks", 2, "a"), ("ready", 1, 1), ("dispatch",), ("bye", 2),
           ("results", 1, "a", "r", 2)],
          ["w1 TASKS a"]),
+    Case("a worker that says goodbye: what it was sent and never took goes first in line "
+         "again, uncharged",
+         [("tasks", 0, "a b c"), ("ready", 1, 2), ("dispatch",), ("bye", 1)],
+         ["w1 TASKS a b"], queue="a b c", losses={}, suspect=""),
+    Case("a leaving worker (LEAVE) gets no more work, a READY sent before it included",
+         [("tasks", 0, "a b"), ("leave", 1, False), ("ready", 1, 2), ("ready", 2, 1),
+          ("dispatch",)],
+         ["w2 TASKS a"], queue="b", held={1: "", 2: "a"}),
+    Case("a leaving worker gone with its task running: it runs again, uncharged, not "
+         "suspect (the root may take it)",
+         [("tasks", 0, "a b"), ("ready", 1, 2), ("dispatch",), ("leave", 1, True),
+          ("ready", 0, 1), ("dispatch",)],
+         ["w1 TASKS a b", "w0 TASKS a"], queue="b", losses={}, suspect=""),
+    Case("map chunks of a worker that left: their owner resumes them, none charged",
+         [("map", 0, "m1 m2"), ("ready", 1, 2), ("dispatch",), ("leave", 1, False),
+          ("lost", 1)],
+         ["w1 TASKS m1 m2", "w0 LOST m1 m2"], losses={}),
     Case("a silent worker counts as lost at the next tick; the root never does",
          [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("ping", 0), ("ping", 1),
           ("wait", WORKER_SILENCE_S + 1), ("tick",)],

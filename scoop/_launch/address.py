@@ -7,7 +7,7 @@ where they run. The cases are rows of :data:`ROUTES`, the first whose test holds
     srun      --launcher srun               0.0.0.0        --broker-hostname, else this
                                                            machine's address toward the
                                                            second host (the first's)
-    external  --external N                  0.0.0.0        --broker-hostname, else toward
+    external  --external N, --elastic       0.0.0.0        --broker-hostname, else toward
                                                            the first remote host, else
                                                            this machine's FQDN
     tunnel    remote hosts and -e           127.0.0.1      the same loopback port, which
@@ -82,7 +82,8 @@ class Route(NamedTuple):
 ROUTES: tuple[Route, ...] = (
     Route("srun", lambda job: job.launcher == "srun", ANY,
           lambda job: _toward(job, [name for name, _ in job.hosts[1:2] or job.hosts[:1]])),
-    Route("external", lambda job: job.external > 0, ANY, lambda job: _toward(job, job.remote)),
+    Route("external", lambda job: job.external > 0 or job.elastic, ANY,
+          lambda job: _toward(job, job.remote)),
     Route("tunnel", lambda job: bool(job.remote) and job.tunnel, LOOPBACK, None),
     Route("direct", lambda job: bool(job.remote), ANY, lambda job: _toward(job, job.remote)),
     Route("local", lambda job: True, LOOPBACK, None),

@@ -77,6 +77,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "workers, time left (also SCOOP_PROGRESS=1)")
 
 
+def _add_join_options(p: argparse.ArgumentParser) -> None:
+    """The options about workers another launcher starts (``python -m scoop.join``)."""
+    p.add_argument("--external", type=int, metavar="N", default=0,
+                   help="N more workers will be started by another launcher (srun, mpirun, "
+                        "a container) with `python -m scoop.join JOBFILE`; more may join "
+                        "later")
+    p.add_argument("--elastic", action="store_true",
+                   help="workers join (`python -m scoop.join JOBFILE`) and leave (SIGTERM) "
+                        "at any time, none awaited: the program starts on the root alone; "
+                        "implied by --job-file without --external")
+    p.add_argument("--job-file", metavar="FILE", default=None,
+                   help="where to write the job file joining workers read (default: "
+                        "~/.scoop/jobs/; it holds the job key and is made readable only "
+                        "by you)")
+
+
 def build_parser(prog: str = "python -m scoop") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, usage="%(prog)s [options] (program.py | -m module) [args ...]",
@@ -106,13 +122,7 @@ def build_parser(prog: str = "python -m scoop") -> argparse.ArgumentParser:
                    help="how workers start on other hosts: ssh, or srun (default inside a "
                         "SLURM allocation when srun is on PATH, where ssh between nodes is "
                         "often forbidden)")
-    p.add_argument("--external", type=int, metavar="N", default=0,
-                   help="N more workers will be started by another launcher (srun, mpirun, "
-                        "a container) with `python -m scoop.join JOBFILE`")
-    p.add_argument("--job-file", metavar="FILE", default=None,
-                   help="where to write the job file joining workers read (default: "
-                        "~/.scoop/jobs/; it holds the job key and is made readable only "
-                        "by you)")
+    _add_join_options(p)
     p.add_argument("--max-attempts", type=int, metavar="N", default=_broker.MAX_ATTEMPTS,
                    help="workers that may die running a task before it fails with "
                         f"WorkerLostError (default: {_broker.MAX_ATTEMPTS})")
@@ -342,10 +352,17 @@ def main(argv: list[str] | None = None) -> int:
                         log_level=level, log_file=ns.log and os.path.abspath(ns.log),
                         ssh=ns.ssh, broker_hostname=ns.broker_hostname, prolog=ns.prolog,
                         tunnel=ns.tunnel, external=ns.external, job_file=ns.job_file,
+                        elastic=_elastic(ns),
                         launcher=ns.launcher or _default_launcher(ns),
                         max_attempts=ns.max_attempts, encrypt=ns.encrypt, module=ns.module,
                         progress=ns.progress)
     return _run(launcher, hosts, WallClock(launcher, ns.grace, ns.walltime))
+
+
+def _elastic(ns: argparse.Namespace) -> bool:
+    """--elastic, or a --job-file given with nobody to read it otherwise."""
+    return ns.elastic or (ns.job_file is not None and not ns.external
+                          and (ns.launcher or _default_launcher(ns)) != "srun")
 
 
 def _run(launcher: Launcher, hosts: list[tuple[str, int]], clock: WallClock) -> int:
@@ -354,6 +371,9 @@ def _run(launcher: Launcher, hosts: list[tuple[str, int]], clock: WallClock) -> 
     try:
         launcher.start()
         clock.start()
+        if launcher.job.elastic:
+            print(f"scoop: workers join this job with: python -m scoop.join "
+                  f"{launcher.job_file}", file=sys.stderr, flush=True)
         log.info("started %d workers on %s; broker at %s", launcher.n,
                  " ".join(f"{h}:{c}" for h, c in hosts), launcher.broker.address)
         status = launcher.wait()

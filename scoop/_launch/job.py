@@ -31,6 +31,9 @@ from typing import NamedTuple
 from .. import _broker, _reaper
 from .._hosts import is_local
 
+# The key of the mark an elastic job leaves in its job file when it ends (scoop.join).
+ENDED = "ended"
+
 
 class Placement(NamedTuple):
     """Workers started together: on ``host``, ``how`` ("local", "ssh" or "srun")."""
@@ -47,7 +50,10 @@ class Job:
     Attributes:
         hosts: (name, workers) pairs of the workers this launcher places, the first
             running the root; hosts with no worker are left out.
-        external: workers another launcher starts (``python -m scoop.join``).
+        external: workers another launcher starts (``python -m scoop.join``), waited
+            for at start (counted in ``size``).
+        elastic: workers may join (``python -m scoop.join``) and leave at any time, none
+            waited for: the job file is written and the broker listens for them.
         launcher: how remote workers start: "ssh" (one agent per host) or "srun" (one
             step of every worker but the root).
         id: marks every process of the job (see :mod:`scoop._reaper`).
@@ -65,6 +71,7 @@ class Job:
     log_level: int = logging.WARNING
     log_file: str | None = None
     external: int = 0
+    elastic: bool = False
     launcher: str = "ssh"
     ssh: str = "ssh"
     broker_hostname: str | None = None
@@ -92,10 +99,15 @@ class Job:
         return [name for name, _ in self.hosts if not is_local(name)]
 
     @property
+    def accepts_joiners(self) -> bool:
+        """Whether workers started elsewhere may join (a job file is written for them)."""
+        return bool(self.joiners) or self.elastic
+
+    @property
     def shm(self) -> str | None:
         """The job's id if every worker runs on this host (no remote host, no joining
         worker): then large frames go through shared memory (scoop._shm); else None."""
-        return None if self.remote or self.joiners else self.id
+        return None if self.remote or self.accepts_joiners else self.id
 
     @property
     def joiners(self) -> int:
@@ -129,8 +141,8 @@ class Job:
         }
 
 
-def wants_encryption(encrypt: bool | None, hosts: list[tuple[str, int]], external: int,
-                     tunnel: bool, launcher: str) -> bool:
+def wants_encryption(encrypt: bool | None, hosts: list[tuple[str, int]],
+                     external: int | bool, tunnel: bool, launcher: str) -> bool:
     """Whether a job's traffic is encrypted: as asked, or by default whenever a worker may
     connect from another machine other than through an ssh tunnel.
 
@@ -141,6 +153,6 @@ def wants_encryption(encrypt: bool | None, hosts: list[tuple[str, int]], externa
     """
     if encrypt is not None:
         return encrypt
-    if external or launcher == "srun":
+    if external or launcher == "srun":  # external: a count, or True for an elastic job
         return True  # workers connect to the broker's port from anywhere
     return not tunnel and any(not is_local(name) for name, _ in hosts)

@@ -33,7 +33,6 @@ A :class:`Launcher` can also make the calling interpreter the root worker
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ from .._errors import LaunchError
 from .._files import write_atomically
 from .._transport import Credentials
 from . import address, remote
-from .job import Job, Placement, wants_encryption
+from .job import ENDED, Job, Placement, wants_encryption
 from .template import Template
 
 log = logging.getLogger("scoop")
@@ -87,8 +86,9 @@ class Launcher:
         log_file: where the workers write their log records (None: stderr).
         encrypt: encrypt the job's traffic with ZeroMQ CURVE (see ``_transport``); None:
             whenever a worker may connect from another machine (:func:`wants_encryption`).
-        ssh, broker_hostname, prolog, tunnel, external, job_file, launcher, max_attempts,
-        progress: as the command line's options of the same names (see :mod:`.cli`).
+        ssh, broker_hostname, prolog, tunnel, external, elastic, job_file, launcher,
+        max_attempts, progress: as the command line's options of the same names (see
+            :mod:`.cli`).
     """
 
     def __init__(self, n: int | None = None, program: str | None = None,
@@ -100,18 +100,20 @@ class Launcher:
                  prolog: str | None = None, tunnel: bool = False, external: int = 0,
                  job_file: str | None = None, launcher: str = "ssh",
                  max_attempts: int = _broker.MAX_ATTEMPTS, encrypt: bool | None = None,
-                 module: str | None = None, progress: bool = False) -> None:
+                 module: str | None = None, progress: bool = False,
+                 elastic: bool = False) -> None:
         self.job = Job(
             hosts=tuple(hosts if hosts is not None else [("127.0.0.1", n or 1)]),
             program=program, module=module, args=tuple(args or ()), python=python,
             cwd=cwd or os.getcwd(), pythonpath=pythonpath, nice=nice, debug=debug,
-            log_level=log_level, log_file=log_file, external=external, launcher=launcher,
+            log_level=log_level, log_file=log_file, external=external, elastic=elastic,
+            launcher=launcher,
             ssh=ssh, broker_hostname=broker_hostname, prolog=prolog, tunnel=tunnel,
             max_attempts=max_attempts, progress=progress)
         self.job_file = job_file
         self._wrote_job_file = False
         self.creds = Credentials.new(wants_encryption(
-            encrypt, list(self.job.hosts), external, tunnel, launcher))
+            encrypt, list(self.job.hosts), external or elastic, tunnel, launcher))
         self.broker: _broker.Broker | None = None
         self.worker_address = ""  # what workers connect to (see address.ROUTES)
         self.procs: dict[int, subprocess.Popen] = {}  # local workers by id
@@ -120,8 +122,7 @@ class Launcher:
         self.agents: dict[str, remote.RemoteHost] = {}  # remote hosts by name
         self.root_worker: _worker.Worker | None = None
         self._reported: set[int] = set()
-        # scoop.Executor's relays of the workers' output: more Popen arguments for local
-        # workers, and where remote hosts' stdout goes (None: fd 1; see RemoteHost).
+        # scoop.Executor's output relays: Popen arguments, remote stdout (None: fd 1)
         self.worker_popen: dict = {}
         self.remote_stdout: TextIO | None = None
         self.clients = 0  # processes of the job that run no task (scoop.Executor's caller)
@@ -141,12 +142,10 @@ class Launcher:
         """Start the broker and the workers; with ``root_in_process``, join as the root."""
         job = self.job
         route = address.route(job)
-        self.broker = _broker.Broker(
-            self.creds, size=job.size, host=route.bind, max_attempts=job.max_attempts,
-            first_free_wid=job.size - job.joiners, clients=self.clients).start()
+        self.broker = _start_broker(job, self.creds, route.bind, self.clients)
         try:
             self.worker_address = address.worker_address(route, job, self.broker.address)
-            if job.joiners:
+            if job.accepts_joiners:
                 self.write_job_file()
             if self.forks_workers:
                 self.template = _template(job, root_in_process)
@@ -269,8 +268,9 @@ class Launcher:
         for wid, proc in self.procs.items():
             code = proc.poll()
             if wid and code is not None and wid not in self._reported:
-                self._reported.add(wid)
-                log.warning("%s", _agent.death_message(wid, proc.pid, code))
+                self._reported.add(wid)  # status 0: it left (SIGTERM), its work handed back
+                log.log(logging.INFO if code == 0 else logging.WARNING, "%s",
+                        _agent.death_message(wid, proc.pid, code))
                 self.broker.worker_lost(wid, _agent.describe_status(code))
         for agent in self.agents.values():
             if any(w in self.broker.seen for w in agent.wids):
@@ -311,14 +311,37 @@ class Launcher:
             self.broker.stop()
         if self._wrote_job_file:
             self._wrote_job_file = False
-            with contextlib.suppress(OSError):
-                os.unlink(self.job_file)
+            _end_job_file(self.job_file, self.job)
 
     def __enter__(self) -> Launcher:
         return self.start(root_in_process=True) if self.root_worker is None else self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _start_broker(job: Job, creds: Credentials, host: str, clients: int) -> _broker.Broker:
+    """The job's broker, its loop running; in an elastic job it tells the workers how
+    many there are now as it forwards their results (``scoop._schedule``). ``clients``:
+    the job's processes that run no task (``scoop.Executor``'s caller)."""
+    broker = _broker.Broker(creds, size=job.size, host=host, max_attempts=job.max_attempts,
+                            first_free_wid=job.size - job.joiners if job.joiners else None,
+                            clients=clients)
+    broker.schedule.report_size = job.elastic
+    return broker.start()
+
+
+def _end_job_file(path: str, job: Job) -> None:
+    """The job is over: remove its job file, or, in an elastic job (workers may still be
+    started with it: a job array, a later sbatch), replace it with a mark that the job
+    ended, without the key, so that they exit at once, saying so."""
+    try:
+        if job.elastic:
+            write_atomically(path, json.dumps({ENDED: True, "job": job.id}))
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _template(job: Job, root_in_process: bool) -> Template | None:

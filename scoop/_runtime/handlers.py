@@ -86,6 +86,8 @@ class Handlers:
 
     def handle_results(self, msg: P.Message) -> None:
         rt = self.rt
+        if msg.arg:  # an elastic job's pool, as it is now: new maps cut chunks for it
+            rt.size = msg.arg
         for parcel in self._authentic(msg, "a result parcel"):
             try:
                 results, broken = _serialize.loads_items(
@@ -123,6 +125,7 @@ class Handlers:
             fut = rt.pending.get(tid)
             if fut is not None and fut._chunk is not None and not fut._chunk.resumed:
                 rt.complete(fut, True, _chunks.timed_out(fut._chunk, str(error)))
+        clean = bool(body.get("clean"))  # it left on purpose: nothing to charge
         subs: list[Future] = []
         for running, tids in body.get("groups", ()):
             first = bool(running)  # its first unfinished chunk is the one that ran
@@ -135,9 +138,9 @@ class Handlers:
                     rt.complete(fut, True, ([], None))  # nobody needs it any more
                     continue
                 # which of them killed it is a guess: never the root (unless a time limit
-                # ended that worker: then it is known)
-                ch.suspect |= not body.get("blameless")
-                subs += _chunks.resume(rt, fut, first or bool(ch.parts), how)
+                # ended that worker: then it is known; or it left on purpose)
+                ch.suspect |= not (clean or body.get("blameless"))
+                subs += _chunks.resume(rt, fut, (first or bool(ch.parts)) and not clean, how)
                 first = False
         if subs:
             rt.shipper.send_pieces(subs)

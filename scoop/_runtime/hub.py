@@ -20,6 +20,10 @@ waits for; completing a future notifies its waiters, and a waiter whose count is
 greenlet resumes with its futures unfinished (a timeout). Meanwhile the worker starts no
 task (see ``policy.py``, standby).
 
+*Leaving.* A worker told to leave (SIGTERM, ``Policy.leaving``) starts no task and hands
+its queue back at once; once its running tasks have finished it sends their results and
+BYE, and the loop ends (:meth:`Hub.leave`).
+
 *The end.* When the runtime stops (the job ended or broke), every parked greenlet
 resumes and raises BrokenJobError. In-process (no broker), a hub with nothing to run and
 no timer can never see a result come: every parked greenlet resumes with a deadlock
@@ -40,7 +44,7 @@ from greenlet import GreenletExit, getcurrent, greenlet
 
 from .. import _protocol as P
 from .. import _serialize
-from .._errors import BrokenJobError
+from .._errors import BrokenJobError, JobStopped
 
 if TYPE_CHECKING:
     from .._future import Future
@@ -110,6 +114,8 @@ class Hub:
         self._seq = itertools.count()
         self.inline_depth = 0
         self.running_entry = None  # (group, tid, call) of the task started last
+        self.active = 0  # task greenlets started and not finished (running or parked)
+        self._withdrawn = False  # leaving: the broker was told to send no more work
         self.thread = threading.get_ident()
         self.main = getcurrent()
         self.glet = greenlet(self.loop, parent=self.main)
@@ -119,6 +125,8 @@ class Hub:
         rt, runq, wakeups, flags = self.rt, self.runq, self.wakeups, self.rt.flags
         shipper = rt.shipper
         while not flags.stopped:
+            if rt.policy.leaving and self.leave():
+                break
             while wakeups:
                 g = wakeups.popleft()
                 if g is self.main:
@@ -160,7 +168,11 @@ class Hub:
         group, tid, (fn, args, kwargs) = entry
         self.running_entry = entry  # a map chunk streams its results to group.owner
         getcurrent().scoop_task = entry  # whose deadline a limited call notes (_limits)
-        ok, value = _call(fn, args, kwargs)
+        self.active += 1
+        try:
+            ok, value = _call(fn, args, kwargs)
+        finally:
+            self.active -= 1
         rt = self.rt
         if group.owner == rt.wid:
             if not ok:
@@ -175,6 +187,26 @@ class Hub:
         group.remaining -= 1
         if group.remaining == 0 and group.fid:
             rt.shipper.done_out.append((group.owner, group.fid))
+
+    def leave(self) -> bool:
+        """One turn of leaving the job: no more work (WITHDRAW), the queue handed back;
+        once no task of this worker runs any more, its results and BYE go, and the
+        runtime stops. Whether it has left (the loop ends)."""
+        rt = self.rt
+        if rt.link is None or rt.wid == 0:  # the root never leaves: its end is the job's
+            rt.policy.leaving = False
+            return False
+        if not self._withdrawn:
+            self._withdrawn = True
+            rt.link.send(P.WITHDRAW)
+        rt.shipper.give_back()
+        if self.active or self.wakeups:
+            return False  # running tasks finish first (the watchdog bounds how long)
+        rt.shipper.flush()
+        rt.link.send(P.BYE)
+        log.info("%s left the job (SIGTERM): its queued work went back", rt.where)
+        rt.stop(JobStopped("this worker left the job"))
+        return True
 
     def _wait_for_events(self) -> None:
         timeout_ms = IDLE_POLL_MS

@@ -13,7 +13,8 @@ credit requests, and the tasks it hands back.
     flush(): ship; then the results of tasks run for others, one parcel per owner, the
              groups finished, and the credit request (policy.want) -> RESULTS or READY
     give_back(): unstarted tasks of the run queue -> RETURN (policy.give_back,
-                 return_tag), while this worker may not run them
+                 return_tag), while this worker may not run them (all of them when it
+                 leaves)
     send_pieces(): the pieces of a lost map chunk -> RETURN, first in line
 
 A group's call list is pickled once, when it leaves; its futures then drop their
@@ -200,7 +201,7 @@ class Shipper:
         runq, link = rt.runq, rt.link
         if not runq or link is None:
             return
-        stay, groups = policy.give_back(runq)
+        stay, groups = policy.give_back(runq, everything=rt.policy.leaving)
         runq.clear()
         runq.extend(stay)
         parcels = []

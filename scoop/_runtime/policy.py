@@ -71,7 +71,7 @@ class Policy:
     """The credit and standby state of one worker, and the decisions made from it."""
 
     __slots__ = ("size", "credit_out", "standby", "forced_since", "avg_slice_s",
-                 "timed_waits", "runs_tasks")
+                 "timed_waits", "runs_tasks", "leaving", "elastic")
 
     def __init__(self, size: int = 1) -> None:
         self.size = size  # workers of the job
@@ -84,11 +84,16 @@ class Policy:
         # False: a client that submits and waits but never runs a task (scoop.Executor's
         # runtime thread): no credit, nothing kept or run inline, never on standby.
         self.runs_tasks = True
+        # This worker leaves the job (SIGTERM): it starts no task and hands back what it
+        # holds, forced groups too (see Hub.leave).
+        self.leaving = False
+        self.elastic = False  # workers join at any time: maps cut chunks for more
 
     def may_run(self) -> bool:
         """Whether the hub may start tasks now (not while a wait has a deadline, unless
-        this is the job's only worker)."""
-        return self.runs_tasks and (not self.timed_waits or self.size == 1)
+        this is the job's only worker; never once it leaves)."""
+        return (self.runs_tasks and not self.leaving
+                and (not self.timed_waits or self.size == 1))
 
     def task_took(self, seconds: float) -> None:
         """A task slice ran this long: a slow one stops prefetching at once."""
@@ -175,14 +180,15 @@ def guided_groups(weights: Sequence[int], plain: Sequence[bool], size: int,
         i = j
 
 
-def give_back(runq: Iterable[tuple]) -> tuple[list, list[tuple[object, list]]]:
+def give_back(runq: Iterable[tuple], everything: bool = False
+              ) -> tuple[list, list[tuple[object, list]]]:
     """Split a run queue of ``(group, tid, call)`` entries: those that stay (groups the
-    broker forced on this worker run anyway) and, per group, the ``(tid, call)`` items
-    that go back to the broker."""
+    broker forced on this worker run anyway, unless ``everything`` goes: the worker
+    leaves) and, per group, the ``(tid, call)`` items that go back to the broker."""
     stay = []
     groups: dict[int, tuple[object, list]] = {}
     for group, tid, call in runq:
-        if group.forced:
+        if group.forced and not everything:
             stay.append((group, tid, call))
         else:
             groups.setdefault(id(group), (group, []))[1].append((tid, call))

@@ -299,6 +299,7 @@ class Worker:
             raise
         self.size = int(welcome.body.get("size", self.size))
         self.max_attempts = int(welcome.body.get("max_attempts", self.max_attempts))
+        self.policy.elastic = bool(welcome.body.get("elastic"))
         self.handlers.handle_const(welcome)
         return welcome.body
 
