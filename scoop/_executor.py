@@ -409,6 +409,8 @@ class _MapClient:
     thread with one wake-up, and no callback can be added after the thread took it.
     """
 
+    elastic = False  # an Executor's pool has the workers it started with
+
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
         self._batch: list[_WorkItem] = []

@@ -155,7 +155,7 @@ def input_length(iterables: tuple) -> tuple[int | None, bool]:
 def pool_size(rt) -> int:
     """The workers a map cuts its automatic chunks for: the job's (in an elastic job, as
     it is now, and at least :data:`ELASTIC_POOL`)."""
-    return max(rt.size, ELASTIC_POOL) if rt.policy.elastic else rt.size
+    return max(rt.size, ELASTIC_POOL) if rt.elastic else rt.size
 
 
 class Feed:

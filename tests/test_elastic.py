@@ -310,7 +310,7 @@ def test_an_elastic_map_cuts_chunks_for_workers_to_come():
 
     def first_chunks(elastic: bool) -> list[int]:
         rt = Worker(0)
-        rt.policy.elastic = elastic
+        rt.elastic = elastic
         _worker.install(rt)
         try:
             feed = _mapping.Feed(abs, (), (range(800),))

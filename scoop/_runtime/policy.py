@@ -71,7 +71,7 @@ class Policy:
     """The credit and standby state of one worker, and the decisions made from it."""
 
     __slots__ = ("size", "credit_out", "standby", "forced_since", "avg_slice_s",
-                 "timed_waits", "runs_tasks", "leaving", "elastic")
+                 "timed_waits", "runs_tasks", "leaving")
 
     def __init__(self, size: int = 1) -> None:
         self.size = size  # workers of the job
@@ -87,7 +87,6 @@ class Policy:
         # This worker leaves the job (SIGTERM): it starts no task and hands back what it
         # holds, forced groups too (see Hub.leave).
         self.leaving = False
-        self.elastic = False  # workers join at any time: maps cut chunks for more
 
     def may_run(self) -> bool:
         """Whether the hub may start tasks now (not while a wait has a deadline, unless

@@ -100,6 +100,7 @@ class Worker:
         self.policy = Policy(max(1, size))
         self.max_attempts = MAX_ATTEMPTS
         self.shm: str | None = None  # large frames' segments are this job's (scoop._shm)
+        self.elastic = False  # workers join at any time: maps cut chunks for more (_mapping)
         # Called by submit while set: _bootstrap looks for a program that calls futures
         # outside its `if __name__ == "__main__":` guard.
         self.submit_hook: Callable[[], None] | None = None
@@ -299,7 +300,7 @@ class Worker:
             raise
         self.size = int(welcome.body.get("size", self.size))
         self.max_attempts = int(welcome.body.get("max_attempts", self.max_attempts))
-        self.policy.elastic = bool(welcome.body.get("elastic"))
+        self.elastic = bool(welcome.body.get("elastic"))
         self.handlers.handle_const(welcome)
         return welcome.body
 
