@@ -38,7 +38,8 @@ Ownership: who frees what, when
       hands tasks back cannot know when they are done; the broker keeps constants for the
       whole job.
 
-Clean-up after a crash: names are ``scoop-<job id>-<pid>-<n>`` (:func:`segment_name`).
+Clean-up: names are ``scoop-<job id>-<pid>-<n>`` (:func:`segment_name`).
+    * A runtime that closes removes its pool, leased segments too (``Worker.close``).
     * The launcher removes every ``scoop-<job id>-*`` when the job ends, however it ends
       (``Launcher.stop``): what a SIGKILLed worker or an owner that died left.
     * A worker removes ``scoop-<job id>-<its pid>-*`` on its way out: at the end of the
