@@ -30,7 +30,7 @@ Ownership: who frees what, when
       completed there (a :class:`Lease`, released by ``Worker.complete``). Freed, they go
       back to the owner's :class:`Pool` and carry another group's arguments later: a
       fresh segment costs its pages' allocation (~5 ms per 10 MB here), a reused one a
-      copy (~0.3 ms). So a runner copies arguments out (~1 ms per 10 MB) instead of
+      copy (~1.5 ms). So a runner copies arguments out (~1-5 ms per 10 MB) instead of
       mapping them, and checks the segment's generation before and after: a late
       duplicate of a group already done fails to load (its results are dropped as
       duplicates anyway) instead of reading another group's data.
@@ -38,7 +38,8 @@ Ownership: who frees what, when
       hands tasks back cannot know when they are done; the broker keeps constants for the
       whole job.
 
-Clean-up after a crash: names are ``scoop-<job id>-<pid>-<n>`` (:func:`segment_name`).
+Clean-up: names are ``scoop-<job id>-<pid>-<n>`` (:func:`segment_name`).
+    * A runtime that closes removes its pool, leased segments too (``Worker.close``).
     * The launcher removes every ``scoop-<job id>-*`` when the job ends, however it ends
       (``Launcher.stop``): what a SIGKILLed worker or an owner that died left.
     * A worker removes ``scoop-<job id>-<its pid>-*`` on its way out: at the end of the
@@ -106,19 +107,11 @@ def _nbytes(frame) -> int:
     return len(b) if isinstance(b, bytes) else memoryview(b).nbytes
 
 
-def _create(job: str, size: int = 0) -> tuple[str, int]:
-    """A new segment of ``job`` (``size`` bytes allocated now, so that a full /dev/shm
-    fails here with ENOSPC and not later with SIGBUS); its name and open descriptor."""
+def _create(job: str) -> tuple[str, int]:
+    """A new, empty segment of ``job``: its name and open descriptor."""
     name = segment_name(job, os.getpid(), next(_counter))
-    path = os.path.join(DIR, name)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
-    try:
-        if size:
-            os.posix_fallocate(fd, 0, size)
-    except BaseException:
-        os.close(fd)
-        unlink([name])
-        raise
+    fd = os.open(os.path.join(DIR, name),
+                 os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
     return name, fd
 
 
@@ -216,21 +209,11 @@ def _generation(fd: int) -> int:
     return _HEADER.unpack(os.pread(fd, _HEADER.size, 0))[0]
 
 
-def _anonymous(size: int) -> mmap.mmap:
-    """Fresh private memory for a copy: writable like a bytearray, but asking for huge
-    pages (a bytearray's 4 KiB pages cost ~5 ms per 10 MB to fault in here, as much as
-    the copy itself)."""
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-    with contextlib.suppress(AttributeError, OSError):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    return buf
-
-
-def _copy(name: str, size: int, gen: int) -> mmap.mmap:
+def _copy(name: str, size: int, gen: int) -> bytearray:
     """A copy of the data of a pooled segment, if it still holds generation ``gen``."""
     fd = _open(name, size + _HEADER.size)
     try:
-        buf = _anonymous(size)
+        buf = bytearray(size)
         view = memoryview(buf)
         if _generation(fd) == gen:
             done = 0
@@ -277,40 +260,40 @@ def unlink(names) -> None:
 
 
 class _Segment:
-    """A pooled segment, mapped (shared) by its writer for as long as it lives."""
+    """A pooled segment: a generation, then the data of its latest frame."""
 
-    __slots__ = ("name", "capacity", "map")
+    __slots__ = ("name", "capacity")
 
     def __init__(self, job: str, capacity: int) -> None:
         self.capacity = capacity
-        self.name, fd = _create(job, _HEADER.size + capacity)
-        try:
-            self.map = mmap.mmap(fd, _HEADER.size + capacity)
-        except BaseException:
-            unlink([self.name])
-            raise
-        finally:
-            os.close(fd)
+        self.name, fd = _create(job)
+        os.close(fd)
 
     def write(self, frame) -> list:
+        # pwrite, not a mapping: no page to fault in (a fresh shared mapping costs ~11 ms
+        # per 10 MB here, more than its data's allocation) and a full /dev/shm is an
+        # OSError here, not a SIGBUS later.
         view = _view(frame)
         gen = next(_generations)
-        m = self.map
-        _HEADER.pack_into(m, 0, 0)  # readers that copy meanwhile see a changed generation
-        m[_HEADER.size:_HEADER.size + view.nbytes] = view
-        _HEADER.pack_into(m, 0, gen)
+        fd = os.open(os.path.join(DIR, self.name), os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.pwrite(fd, _HEADER.pack(0), 0)  # a reader copying meanwhile sees it changed
+            done = 0
+            while done < view.nbytes:
+                done += os.pwrite(fd, view[done:], _HEADER.size + done)
+            os.pwrite(fd, _HEADER.pack(gen), 0)
+        finally:
+            os.close(fd)
         return [self.name, view.nbytes, gen]
 
     def drop(self) -> None:
         unlink([self.name])
-        with contextlib.suppress(BufferError):  # never exported; if it were, GC unmaps it
-            self.map.close()
 
 
 class Pool:
     """The argument segments of one runtime: reused from group to group, because making
     a fresh one costs ~5 ms per 10 MB here (the kernel allocates its pages) and
-    writing into a mapped one ~0.3 ms. At most :data:`POOL_IDLE_MAX` bytes (and
+    overwriting one ~1.5 ms. At most :data:`POOL_IDLE_MAX` bytes (and
     :data:`POOL_IDLE_SHARE` of /dev/shm) stay idle."""
 
     def __init__(self, job: str) -> None:
