@@ -53,13 +53,18 @@ cleans up too. An ``atexit`` hook shuts every live executor down (waiting for it
 as the standard library does), and workers die with this process (``prctl``) or notice
 within seconds that their broker is gone: a notebook kernel's restart leaves nothing.
 
+*Map.* ``Executor.map`` is :func:`scoop.futures.map`'s engine (:class:`scoop._mapping.Feed`,
+in the caller's thread) driving this pool through a :class:`_MapClient`: each chunk is a
+work item of the backlog above, the chunks read by one fill posted together.
+
 Deliberate differences from ``ProcessPoolExecutor``: ``map``'s default ``chunksize``
-(None) batches a sized input by itself (a failing item still raises at its place, after
-the results before it); ``mp_context`` is accepted and ignored (scoop starts its own
-workers); ``initializer`` runs once per worker process, before its first task of this
-pool; the workers' ``sys.path`` gets the caller's extra folders (through PYTHONPATH);
-a lost worker does not break the pool (its tasks run again elsewhere), and a pool that
-does break raises :class:`~scoop.futures.BrokenJobError`.
+(None) batches by itself (a failing item still raises at its place, after the results
+before it) and its input is read as the results are consumed; ``mp_context`` is
+accepted and ignored (scoop starts its own workers); ``initializer`` runs once per
+worker process, before its first task of this pool; the workers' ``sys.path`` gets the
+caller's extra folders (through PYTHONPATH); a lost worker does not break the pool (its
+tasks run again elsewhere), and a pool that does break raises
+:class:`~scoop.futures.BrokenJobError`.
 
 Hooks this module uses outside itself: ``Worker.policy.runs_tasks``, ``Worker.idle_wait``
 (:mod:`scoop._worker`), and ``Launcher._join_as_root``, overridden to start the runtime

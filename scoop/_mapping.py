@@ -28,9 +28,11 @@ filled again once a quarter of it is free, so that refills leave in batches.
 *Chunk sizes.* When the input has a length (``len()`` of every iterable, or their length
 hints), the chunks keep the guided shape of an eager map: each takes a share of the
 items not read yet (big first, small last, for balance at the end). Without a length,
-they adapt: the first ones hold one item each, and each next one aims at
+they adapt: the first ones hold one item each (one per worker, until a result is
+back: more of them would only queue up behind the first), and each next one aims at
 :data:`TARGET_CHUNK_S` of work on one worker, at the time an item was seen to take
-lately, growing by :data:`GROWTH` at most. An explicit ``chunksize`` is used as given.
+lately (a chunk's time from its submission to the arrival of its result, per item),
+growing by :data:`GROWTH` at most. An explicit ``chunksize`` is used as given.
 
 *Stopping early* (the consumer closes or drops the iterator): the input is read no
 further and the chunks still in this worker's outbox are cancelled. The runtime cannot
@@ -158,6 +160,65 @@ def pool_size(rt) -> int:
     return max(rt.size, ELASTIC_POOL) if rt.elastic else rt.size
 
 
+class _Pace:
+    """The pace of one map's items, measured as its chunks come back: the size of its
+    next adaptive chunk (input without a length; see the module docstring).
+
+    Args:
+        func: the mapped function (its pace is remembered for its next map).
+        ahead: the most chunks in flight.
+    """
+
+    def __init__(self, func: Any, ahead: int) -> None:
+        self.func = func
+        self.last_step = 0  # the size of the last chunk submitted
+        now = time.monotonic()
+        self.marks = [(now, 0), (now, 0)]  # the rate window's start, and the next one
+        # Seconds per item from submission to result, of the last chunks handed out.
+        self.turnarounds: deque[float] = deque(maxlen=ahead)
+        self.arrivals: dict[int, float] = {}  # id(future) -> when its result arrived
+        pace = _pace_of(func)
+        if pace is not None:  # mapped before: start at its pace, not one item per chunk
+            self.turnarounds.append(pace)
+            self.last_step = max(1, int(TARGET_CHUNK_S / max(pace, 1e-9)) // GROWTH)
+
+    def step(self, size: int, done: int) -> int:
+        """The next chunk's size, for ``size`` workers, ``done`` items handed out."""
+        if not self.turnarounds:
+            return 1  # nothing measured yet
+        # Two bounds on the time an item takes on one worker, both high: the quickest
+        # recent chunk's turnaround per item (high by the time it was queued, and at
+        # first by the round trip), and the workers' share of the rate the map went at
+        # lately (high while the map warms up, or when the consumer is slower).
+        per_item = min(self.turnarounds)
+        now = time.monotonic()
+        if now - self.marks[1][0] >= RATE_WINDOW_S:
+            self.marks = [self.marks[1], (now, done)]
+        since, done_then = self.marks[0]
+        if done > done_then:
+            per_item = min(per_item, size * (now - since) / (done - done_then))
+        return min(GROWTH * self.last_step, int(TARGET_CHUNK_S / max(per_item, 1e-9)))
+
+    def arrived(self, fut: Any) -> None:
+        """A done-callback: the chunk's result is here (its consumer may take it later,
+        after the chunks before it: the turnaround ends now, not then)."""
+        if len(self.arrivals) > MAX_SMALL_CHUNKS:  # not taken back: timed too late
+            self.arrivals.clear()
+        self.arrivals[id(fut)] = time.monotonic()
+
+    def came_back(self, fut: Any, n: int, submitted: float) -> None:
+        """The consumer takes the result of a chunk of ``n`` items."""
+        arrived = self.arrivals.pop(id(fut), 0.0)
+        if arrived < submitted:  # not timed yet, or the time of a future gone (its id)
+            arrived = time.monotonic()
+        self.turnarounds.append((arrived - submitted) / n)
+
+    def remember(self) -> None:
+        """The map ends: its function's next map starts at the pace measured."""
+        if self.turnarounds:
+            _remember_pace(self.func, min(self.turnarounds))
+
+
 class Feed:
     """One map: reads the input as it goes, submits ``runner(*prefix, chunk, star)`` for
     each chunk, keeps the window (see the module docstring) and hands out the chunks'
@@ -208,16 +269,7 @@ class Feed:
         self.read = 0  # items read so far: the map index of the next one
         self.in_flight = 0  # items read and not yet handed to the consumer
         self.finished = 0  # items handed to the consumer
-        self.last_step = 0  # the size of the last chunk submitted
-        now = time.monotonic()
-        self.marks = [(now, 0), (now, 0)]  # the rate window's start, and the next one
-        # Seconds per item from submission to result, of the last chunks handed out.
-        self.turnarounds: deque[float] = deque(maxlen=self.ahead)
-        self.func = prefix[0] if prefix else runner  # the mapped function
-        pace = _pace_of(self.func)
-        if pace is not None:  # mapped before: start at its pace, not one item per chunk
-            self.turnarounds.append(pace)
-            self.last_step = max(1, int(TARGET_CHUNK_S / max(pace, 1e-9)) // GROWTH)
+        self.pace = _Pace(prefix[0] if prefix else runner, self.ahead)
         # The chunks in flight, (future, items, submitted at): in input order (ordered),
         # or by future, with a waiter that collects them as they complete.
         self.futs: deque[tuple] | dict[Any, tuple] = deque() if ordered else {}
@@ -231,11 +283,14 @@ class Feed:
         """Read and submit chunks while the window has room; ship them."""
         submitted = False
         self.ahead = max(self.ahead, CHUNKS_AHEAD * pool_size(self.rt))  # the pool grew
+        # Automatic chunks are CHUNKS_AHEAD per worker at most, whatever the window:
+        # before they grow, a window of items would be one chunk (message) each. Of
+        # unknown pace, one per worker: more 1-item chunks would only queue up.
+        ahead = self.ahead if self.length is not None or self.pace.turnarounds \
+            or self.fixed is not None else pool_size(self.rt)
         while self.items is not None:
-            # Automatic chunks are CHUNKS_AHEAD per worker at most, whatever the window:
-            # before they grow, a window of items would be one chunk (message) each.
             if ((self.buffersize is None or self.fixed is None)
-                    and len(self.futs) >= self.ahead):
+                    and len(self.futs) >= ahead):
                 break
             step = self._step()
             if self.buffersize is not None and self.in_flight + step > self.buffersize:
@@ -248,7 +303,7 @@ class Feed:
                 self.error = exc
             if chunk:
                 self._submit(chunk)
-                self.last_step = step
+                self.pace.last_step = step
                 submitted = True
             if len(chunk) < step:
                 self.items = None  # exhausted (or failed): let the input go
@@ -277,6 +332,8 @@ class Feed:
             fut.add_done_callback(functools.partial(self._record, layout))
         if self.waiter is None:
             self.futs.append(entry)
+            if fut is not None and self.fixed is None:  # (in order: taken late, maybe)
+                fut.add_done_callback(self.pace.arrived)
         elif fut is None:
             self.ready.append(entry)
         else:
@@ -297,24 +354,8 @@ class Feed:
             smallest = self.length // (MIN_CHUNK_SPLIT * size)
             step = max(1, smallest, -(-unread // (CHUNK_SPLIT * size)))
         else:
-            step = self._adaptive_step()
+            step = self.pace.step(size, self.finished)
         return max(1, min(self.cap, step))
-
-    def _adaptive_step(self) -> int:
-        if not self.turnarounds:
-            return 1  # nothing measured yet
-        # Two bounds on the time an item takes on one worker, both high: the quickest
-        # recent chunk's turnaround per item (high by the time it was queued, and at
-        # first by the round trip), and the workers' share of the rate the map went at
-        # lately (high while the map warms up, or when the consumer is slower).
-        per_item = min(self.turnarounds)
-        done, now = self.finished, time.monotonic()
-        if now - self.marks[1][0] >= RATE_WINDOW_S:
-            self.marks = [self.marks[1], (now, done)]
-        since, done_then = self.marks[0]
-        if done > done_then:
-            per_item = min(per_item, self.rt.size * (now - since) / (done - done_then))
-        return min(GROWTH * self.last_step, int(TARGET_CHUNK_S / max(per_item, 1e-9)))
 
     def _left(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -322,7 +363,7 @@ class Feed:
     def _came_back(self, entry: tuple) -> None:
         fut, n, submitted, _ = entry
         if fut is not None:
-            self.turnarounds.append((time.monotonic() - submitted) / n)
+            self.pace.came_back(fut, n, submitted)
 
     def _record(self, layout: list, fut) -> None:
         if not fut.cancelled() and fut.exception() is None:
@@ -349,8 +390,7 @@ class Feed:
     def cancel(self) -> None:
         """Read no more; cancel the chunks not shipped (those shipped run to their end)."""
         self.items = None
-        if self.turnarounds:
-            _remember_pace(self.func, min(self.turnarounds))
+        self.pace.remember()
         if self.count is not None:
             self.count.stopped_reading()
         if self.checkpoint is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import itertools
 import os
 import signal
@@ -131,6 +132,18 @@ def test_map_of_an_endless_input_returns_what_islice_takes(ex):
     read = data.read
     time.sleep(0.2)
     assert data.read == read  # dropped by islice: the map stopped reading
+
+
+def test_first_map_of_a_function_times_one_item_per_worker_first(ex):
+    f = functools.partial(abs)  # a function never mapped: its pace is unknown
+    data = Counted(range(5000))
+    results = ex.map(f, data)
+    assert data.read == ex.size  # one item per worker at the call: they time it
+    assert sum(results) == sum(range(5000))
+    data = Counted(range(5000))
+    results = ex.map(f, data)
+    assert data.read > 4 * ex.size  # its pace is known: bigger chunks, from the start
+    assert sum(results) == sum(range(5000))
 
 
 def test_map_has_a_len_where_its_input_has_one(ex):
