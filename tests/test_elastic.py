@@ -305,18 +305,14 @@ def test_elastic_without_a_job_file_says_where_it_is(tmp_path):
 def test_an_elastic_map_cuts_chunks_for_workers_to_come():
     """A map begun on the root alone of an elastic job keeps a small first chunk and
     queues many: workers that join take them (with a fixed pool: two halves)."""
-    from scoop import _mapping, _worker
+    from scoop import _mapping
     from scoop._runtime.worker import Worker
 
     def first_chunks(elastic: bool) -> list[int]:
         rt = Worker(0)
         rt.elastic = elastic
-        _worker.install(rt)
-        try:
-            feed = _mapping.Feed(abs, (), (range(800),))
-            return [n for _, n, *_ in feed.futs]
-        finally:
-            _worker.install(None)
+        feed = _mapping.Feed(abs, (), (range(800),), rt=rt)  # not the process's runtime
+        return [n for _, n, *_ in feed.futs]
 
     fixed, elastic = first_chunks(False), first_chunks(True)
     assert fixed[0] == 400 and len(fixed) == _mapping.CHUNKS_AHEAD
