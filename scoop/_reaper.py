@@ -71,6 +71,21 @@ def marked(variable: str, value: str, exclude: frozenset[int] = frozenset()) -> 
     return found
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not; one of another user does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie of another parent is dead
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def end_marked(variable: str, value: str, exclude: frozenset[int] = frozenset(),
                grace: float = TERM_GRACE_S) -> list[int]:
     """SIGTERM the processes marked ``variable=value``, SIGKILL those left after

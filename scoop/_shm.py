@@ -419,23 +419,13 @@ def sweep(job: str | None) -> list[str]:
         return []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale() -> list[str]:
     """Remove this user's segments of jobs that are over: their creator is dead and no
     live process is marked with their job."""
     uid = os.getuid()
     dead: dict[str, list[str]] = {}
     for name, job, pid in _segments():
-        if not _alive(pid):
+        if not _reaper.alive(pid):
             dead.setdefault(job, []).append(name)
     removed: list[str] = []
     for job, names in dead.items():

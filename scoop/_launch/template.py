@@ -139,7 +139,7 @@ class Template:
         if self.sock.fileno() >= 0:
             self.sock.close()
         for worker in self.workers.values():
-            if worker.returncode is None and not _alive(worker.pid):
+            if worker.returncode is None and not _reaper.alive(worker.pid):
                 worker.returncode = -signal.SIGTERM
 
     def close(self) -> None:
@@ -151,20 +151,6 @@ class Template:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie of another parent is dead
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 class Forked:
