@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from test_join import UNTIL_ALL_SEEN
 
 from conftest import write_program
 
@@ -320,27 +321,13 @@ def test_an_elastic_map_cuts_chunks_for_workers_to_come():
     assert len(elastic) == _mapping.CHUNKS_AHEAD * _mapping.ELASTIC_POOL
 
 
-UNTIL_THREE_SEEN = """
-    import time, scoop
-    from scoop import futures
-    def who(_):
-        time.sleep(0.02)
-        return scoop.worker
-    if __name__ == "__main__":
-        seen, deadline = set(), time.time() + 60
-        while len(seen) < 3 and time.time() < deadline:
-            seen |= set(futures.map(who, range(20), chunksize=1))
-        print(scoop.SIZE, sorted(seen), flush=True)
-"""
-
-
 def test_external_n_also_takes_workers_beyond_n(tmp_path):
     """--external 1: one joiner is counted in scoop.SIZE; a second one is welcome too."""
-    prog = write_program(tmp_path, UNTIL_THREE_SEEN)
+    prog = write_program(tmp_path, UNTIL_ALL_SEEN)
     job_file = str(tmp_path / "job.json")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "scoop", "-n", "1", "--external", "1", "--job-file",
-         job_file, "--broker-hostname", "127.0.0.1", prog],
+         job_file, "--broker-hostname", "127.0.0.1", prog, "3"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs = [launcher]
     try:

@@ -22,9 +22,11 @@ UNTIL_ALL_SEEN = """
         time.sleep(0.02)
         return scoop.worker
     if __name__ == "__main__":
+        # until every worker (or as many as the first argument says) has run a task
+        target = int(sys.argv[1]) if len(sys.argv) > 1 else scoop.SIZE
         seen, deadline = set(), time.time() + 40
-        while len(seen) < scoop.SIZE and time.time() < deadline:
-            seen |= set(futures.map(who, range(20)))
+        while len(seen) < target and time.time() < deadline:
+            seen |= set(futures.map(who, range(20), chunksize=1))
         print(scoop.SIZE, sorted(seen), flush=True)
 """
 

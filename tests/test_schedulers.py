@@ -26,6 +26,7 @@ import time
 
 import pytest
 from test_remote import WHERE
+from test_walltime import PROGRAM as CHECKPOINTED_MAP
 
 from conftest import REPO, computed, write_program
 
@@ -263,26 +264,12 @@ def test_usr1_before_the_time_limit_reaches_the_scoop_launcher(slurm, tmp_path):
 
 
 
-CHECKPOINTED_MAP = """
-    import sys, time
-    from scoop import futures
-    def slow(i):
-        time.sleep(0.05)
-        with open(sys.argv[1], "a") as f:
-            f.write(f"{i}\\n")
-        return i * i
-    if __name__ == "__main__":
-        out = list(futures.map(slow, range(300), checkpoint=sys.argv[2]))
-        print("result", out == [i * i for i in range(300)], len(out), flush=True)
-"""
-
-
 def test_the_requeue_example_resumes_a_checkpointed_map_until_it_finishes(slurm, tmp_path):
     """examples/submit_files/slurm_requeue.sh end to end: USR1 (as --signal=B:USR1@N sends
     it) drains the checkpointed map, the launcher exits 75, the script requeues the job,
     and its second run computes only what was left and finishes."""
     log, db = tmp_path / "computed", tmp_path / "run.db"
-    prog = write_program(tmp_path, CHECKPOINTED_MAP)
+    prog = write_program(tmp_path, CHECKPOINTED_MAP)  # 400 items of 20 ms
     example = open(os.path.join(REPO, "examples", "submit_files", "slurm_requeue.sh")).read()
     run_line = "python -m scoop --grace 90 my_long_map.py &"
     assert run_line in example
@@ -305,10 +292,10 @@ def test_the_requeue_example_resumes_a_checkpointed_map_until_it_finishes(slurm,
     said = (tmp_path / "job.out").read_text()
     assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), (
         state, said, slurm.log_tail(4000))
-    assert "result True 300" in said, said
+    assert "True 400\nfinally ran" in said, said
     total = computed(log)
-    assert set(total) == set(range(300)) and max(total.values()) <= 2, total
-    assert 40 <= sum(first.values()) < 300 and sum(total.values()) - sum(first.values()) < 300
+    assert set(total) == set(range(400)) and max(total.values()) <= 2, total
+    assert 40 <= sum(first.values()) < 400 and sum(total.values()) - sum(first.values()) < 400
 
 # ----------------------------------------------------------------------------- Grid Engine
 def _qsub(sge, tmp_path, *args: str, cwd=None, env=None, timeout: float = 90) -> str:
