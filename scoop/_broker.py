@@ -60,7 +60,13 @@ from ._schedule import (
     Schedule,
     Send,
 )
-from ._transport import MAX_UNPROVEN, Credentials, Gate, raise_open_file_limit
+from ._transport import (
+    MAX_UNPROVEN,
+    Credentials,
+    Gate,
+    raise_open_file_limit,
+    share_inproc,
+)
 
 log = logging.getLogger("scoop.broker")
 
@@ -88,6 +94,15 @@ _WATCHDOG_KINDS = {
 # frames of a message (bench/simulate.py: most of the broker's CPU went there).
 _SNDMORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
+
+
+def _source_fd(frame: zmq.Frame) -> int | None:
+    """The descriptor of the connection a frame came on; None for one in process
+    (inproc://: no descriptor, no handshake)."""
+    try:
+        return frame.get(zmq.SRCFD)
+    except zmq.ZMQError:
+        return None
 
 
 class Lost(NamedTuple):
@@ -153,6 +168,11 @@ class Broker:
         self.gate = Gate(self.ctx, creds, min(max(MAX_UNPROVEN, 4 * size), open_files // 2))
         self.router, self.address = creds.listen(self.ctx, host, port)
         self.gate.watch(self.router)
+        # For a worker of this process (the in-process root): no I/O thread, no kernel,
+        # no handshake (only this process reaches it); messages are checked as any other.
+        self.inproc_address = f"inproc://scoop-router-{id(self)}"
+        self.router.bind(self.inproc_address)
+        share_inproc(self.inproc_address, self.ctx)
         # Commands from other threads, and a socket that wakes the loop for each; both ends
         # made now: a socket made later could fail once a flood used up the descriptors.
         self._commands: _queue.SimpleQueue[Lost | StopWorkers | Drain | Stop] = _queue.SimpleQueue()
@@ -284,6 +304,7 @@ class Broker:
                 return False
 
     def _close(self) -> None:
+        share_inproc(self.inproc_address, None)
         with self._ctl_lock:
             self.finished.set()
             self._ctl_push.close(0)
@@ -313,7 +334,7 @@ class Broker:
                 self._reject(ident, exc)
                 continue
             if msg.kind in _FIRST_KINDS:
-                self.gate.proven(frames[1].get(zmq.SRCFD))
+                self.gate.proven(_source_fd(frames[1]))
             try:
                 self._carry_out(self._handle(ident, name, msg))
             except P.AuthError as exc:

@@ -33,6 +33,7 @@ import zmq
 
 from .. import _protocol as P
 from .._errors import AuthError, BrokenJobError, JobOver
+from .._transport import context_for
 
 if TYPE_CHECKING:
     from .._transport import Credentials
@@ -58,7 +59,8 @@ class Link:
         sender: the sender id of its messages (default ``wid``).
         linger_ms: how long closing waits for unsent messages.
         ctx: the ZeroMQ context of another link of this process to share (its I/O
-            thread serves both); None: a context of its own, ended with the link.
+            thread serves both); None: a context of its own, ended with the link (or,
+            for an inproc:// address, the broker's: ``_transport.context_for``).
     """
 
     def __init__(self, address: str, creds: Credentials, wid: int, role: bytes = b"w",
@@ -66,6 +68,7 @@ class Link:
                  ctx: zmq.Context | None = None) -> None:
         self.wid = wid
         self.codec = P.Codec(creds.key, wid if sender is None else sender)
+        ctx = ctx or context_for(address)  # a broker of this process: its own context
         self._own_ctx = ctx is None
         self.ctx = zmq.Context() if ctx is None else ctx
         self.sock = creds.connect(self.ctx, P.routing_id(role, wid), address,
