@@ -92,8 +92,8 @@ _WATCHDOG_KINDS = {
 # recv_multipart asks ZeroMQ for RCVMORE after every frame and send_multipart ORs an enum
 # flag for every frame, together about three times the ZeroMQ work for the few small
 # frames of a message (bench/simulate.py: most of the broker's CPU went there).
-_SNDMORE = int(zmq.SNDMORE)
-_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 def _source_fd(frame: zmq.Frame) -> int | None:
@@ -316,12 +316,11 @@ class Broker:
     # -- sockets ---------------------------------------------------------------------------
     def _drain(self) -> None:
         """Read, check and handle the messages waiting (at most MAX_DRAIN)."""
-        recv = self.router.recv
+        recv, get = self.router.recv, self.router.getsockopt
         for _ in range(MAX_DRAIN):
-            try:
-                frame = recv(_NOBLOCK, copy=False)
-            except zmq.Again:
+            if not get(_EVENTS) & _POLLIN:  # asking beats zmq.Again, an exception per turn
                 return
+            frame = recv(_NOBLOCK, copy=False)
             frames = [frame]
             while frame.more:  # the rest of a message is there with its first frame
                 frame = recv(_NOBLOCK, copy=False)
