@@ -55,3 +55,12 @@ def test_task_greenlets_are_kept_for_the_next_task():
     assert [f.result() for f in futs] == [33, 63, 93, 0, 1, 2, 3, 4]
     assert len(ran_on) == 14
     assert len({id(g) for g in ran_on}) < len(ran_on)  # greenlets were reused
+
+
+def test_a_timed_wait_that_ends_early_leaves_no_timer():
+    w = Worker(0)  # in-process, the job's only worker: it runs tasks while it waits
+    for i in range(50):
+        f = w.submit(abs, (-i,), {})
+        w.wait_many([f], 1, False, 60.0)
+        assert f.result() == i
+    assert w.hub.timers == []  # each kept its waiter and future alive for 60 s before
