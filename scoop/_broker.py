@@ -60,7 +60,13 @@ from ._schedule import (
     Schedule,
     Send,
 )
-from ._transport import MAX_UNPROVEN, Credentials, Gate, raise_open_file_limit
+from ._transport import (
+    MAX_UNPROVEN,
+    Credentials,
+    Gate,
+    raise_open_file_limit,
+    share_inproc,
+)
 
 log = logging.getLogger("scoop.broker")
 
@@ -88,8 +94,17 @@ _WATCHDOG_KINDS = {
 # recv_multipart asks ZeroMQ for RCVMORE after every frame and send_multipart ORs an enum
 # flag for every frame, together about three times the ZeroMQ work for the few small
 # frames of a message (bench/simulate.py: most of the broker's CPU went there).
-_SNDMORE = int(zmq.SNDMORE)
-_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def _source_fd(frame: zmq.Frame) -> int | None:
+    """The descriptor of the connection a frame came on; None for one in process
+    (inproc://: no descriptor, no handshake)."""
+    try:
+        return frame.get(zmq.SRCFD)
+    except zmq.ZMQError:
+        return None
 
 
 class Lost(NamedTuple):
@@ -154,6 +169,11 @@ class Broker:
         self.gate = Gate(self.ctx, creds, min(max(MAX_UNPROVEN, 4 * size), open_files // 2))
         self.router, self.address = creds.listen(self.ctx, host, port)
         self.gate.watch(self.router)
+        # For a worker of this process (the in-process root): no I/O thread, no kernel,
+        # no handshake (only this process reaches it); messages are checked as any other.
+        self.inproc_address = f"inproc://scoop-router-{id(self)}"
+        self.router.bind(self.inproc_address)
+        share_inproc(self.inproc_address, self.ctx)
         # Commands from other threads, and a socket that wakes the loop for each; both ends
         # made now: a socket made later could fail once a flood used up the descriptors.
         self._commands: _queue.SimpleQueue[Lost | StopWorkers | Drain | Stop] = _queue.SimpleQueue()
@@ -285,6 +305,7 @@ class Broker:
                 return False
 
     def _close(self) -> None:
+        share_inproc(self.inproc_address, None)
         with self._ctl_lock:
             self.finished.set()
             self._ctl_push.close(0)
@@ -296,12 +317,11 @@ class Broker:
     # -- sockets ---------------------------------------------------------------------------
     def _drain(self) -> None:
         """Read, check and handle the messages waiting (at most MAX_DRAIN)."""
-        recv = self.router.recv
+        recv, get = self.router.recv, self.router.getsockopt
         for _ in range(MAX_DRAIN):
-            try:
-                frame = recv(_NOBLOCK, copy=False)
-            except zmq.Again:
+            if not get(_EVENTS) & _POLLIN:  # asking beats zmq.Again, an exception per turn
                 return
+            frame = recv(_NOBLOCK, copy=False)
             frames = [frame]
             while frame.more:  # the rest of a message is there with its first frame
                 frame = recv(_NOBLOCK, copy=False)
@@ -314,7 +334,7 @@ class Broker:
                 self._reject(ident, exc)
                 continue
             if msg.kind in _FIRST_KINDS:
-                self.gate.proven(frames[1].get(zmq.SRCFD))
+                self.gate.proven(_source_fd(frames[1]))
             try:
                 self._carry_out(self._handle(ident, name, msg))
             except P.AuthError as exc:

@@ -66,6 +66,30 @@ MAX_LOGGED_PEERS = 32
 MAX_UNPROVEN = 256
 # The most file descriptors asked for when raising the soft limit to an unlimited hard one.
 MAX_OPEN_FILES = 1 << 20
+# The brokers' in-process endpoints (inproc://) and their contexts: inproc:// reaches only
+# sockets of the same context, so a link in the broker's own process (the launcher's
+# in-process root) connects through the broker's, and its messages skip both I/O threads
+# and the kernel (issue 12: each hop through them cost more than the Python on either end).
+_INPROC: dict[str, zmq.Context] = {}
+
+
+def share_inproc(address: str, ctx: zmq.Context | None) -> None:
+    """Make ``address`` (inproc://, bound in ``ctx``) reachable by :func:`context_for`;
+    None: no more."""
+    if ctx is None:
+        _INPROC.pop(address, None)
+    else:
+        _INPROC[address] = ctx
+
+
+def context_for(address: str) -> zmq.Context | None:
+    """The context a link to ``address`` must use (an in-process broker's), or None."""
+    if not address.startswith("inproc://"):
+        return None
+    try:
+        return _INPROC[address]
+    except KeyError:
+        raise ValueError(f"no broker of this process listens at {address}") from None
 
 
 def raise_open_file_limit() -> int:
@@ -260,8 +284,9 @@ class Gate:
             fd = next(iter(self._unproven))
             self._hang_up(fd, self._unproven.pop(fd))
 
-    def proven(self, fd: int) -> None:
-        """The connection on descriptor ``fd`` sent a signed message: it is the job's."""
+    def proven(self, fd: int | None) -> None:
+        """The connection on descriptor ``fd`` sent a signed message: it is the job's
+        (None: one in process, never counted)."""
         self._unproven.pop(fd, None)
 
     def _handle(self, sock: zmq.Socket) -> None:

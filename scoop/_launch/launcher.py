@@ -236,8 +236,8 @@ class Launcher:
     def _join_as_root(self) -> None:
         worker = _worker.Worker(0)  # the job's size comes with the WELCOME
         worker.shm = _shm.usable(self.job.shm)
-        _bootstrap.enter_job(worker, self.broker.address, self.creds, debug=self.job.debug,
-                             hosts=self.job.hosts)
+        _bootstrap.enter_job(worker, self.broker.inproc_address, self.creds,  # (issue 12)
+                             debug=self.job.debug, hosts=self.job.hosts)
         self.root_worker = worker
 
     # -- watching --------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import zmq
 
 from .. import _protocol as P
 from .._errors import AuthError, BrokenJobError, JobOver
+from .._transport import context_for
 
 if TYPE_CHECKING:
     from .._transport import Credentials
@@ -45,7 +46,9 @@ MAX_DRAIN = 256
 # without a copy: lending costs a Python object and a release callback, copying grows
 # with the size (pyzmq copies below 64 KiB anyway when asked not to).
 COPY_BELOW_BYTES = 1 << 16
-_MORE, _LAST = int(zmq.SNDMORE), 0  # plain ints: pyzmq's enum flags cost a call each
+# Plain ints: pyzmq's enum flags cost a call each (and an enum result for every `&`)
+_MORE, _LAST = int(zmq.SNDMORE), 0
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class Link:
@@ -58,7 +61,8 @@ class Link:
         sender: the sender id of its messages (default ``wid``).
         linger_ms: how long closing waits for unsent messages.
         ctx: the ZeroMQ context of another link of this process to share (its I/O
-            thread serves both); None: a context of its own, ended with the link.
+            thread serves both); None: a context of its own, ended with the link (or,
+            for an inproc:// address, the broker's: ``_transport.context_for``).
     """
 
     def __init__(self, address: str, creds: Credentials, wid: int, role: bytes = b"w",
@@ -66,6 +70,7 @@ class Link:
                  ctx: zmq.Context | None = None) -> None:
         self.wid = wid
         self.codec = P.Codec(creds.key, wid if sender is None else sender)
+        ctx = ctx or context_for(address)  # a broker of this process: its own context
         self._own_ctx = ctx is None
         self.ctx = zmq.Context() if ctx is None else ctx
         self.sock = creds.connect(self.ctx, P.routing_id(role, wid), address,
@@ -79,7 +84,7 @@ class Link:
     def _readable(self, timeout_ms: int) -> bool:
         """Whether a message is waiting, after waiting up to ``timeout_ms`` for one."""
         if not timeout_ms:  # one question to the socket, not a poll of its descriptor
-            return bool(self.sock.get(zmq.EVENTS) & zmq.POLLIN)
+            return bool(self.sock.getsockopt(_EVENTS) & _POLLIN)
         return bool(self._poller.poll(timeout_ms))
 
     def send(self, kind: bytes, **kw) -> None:
@@ -99,7 +104,7 @@ class Link:
         self.send(kind, **kw)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0 and self._readable(int(left * 1000) + 1):
-            msg = self._decode(self.sock.recv_multipart(copy=False))
+            msg = self._decode(_recv_frames(self.sock))
             if msg is not None:
                 yield msg
 
@@ -117,10 +122,10 @@ class Link:
         for _ in range(MAX_DRAIN):
             # Asking the socket beats a failed receive: zmq.Again is an exception built
             # in Python, on every drain of the hub.
-            msg = self._decode(sock.recv_multipart(copy=False))
+            msg = self._decode(_recv_frames(sock))
             if msg is not None:
                 yield msg
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
 
     def _decode(self, frames) -> P.Message | None:
@@ -145,6 +150,17 @@ class Link:
         self.sock.close(linger_ms)
         if self._own_ctx:
             self.ctx.term()
+
+
+def _recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
+    """The frames of the next message (zero-copy), read frame by frame: pyzmq's
+    recv_multipart asks ZeroMQ for RCVMORE after every frame (as the broker does)."""
+    frame = sock.recv(copy=False)
+    frames = [frame]
+    while frame.more:  # the rest of a message is there with its first frame
+        frame = sock.recv(copy=False)
+        frames.append(frame)
+    return frames
 
 
 def ask_id(address: str, creds: Credentials, timeout: float) -> int:
