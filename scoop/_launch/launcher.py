@@ -345,12 +345,15 @@ def _end_job_file(path: str, job: Job) -> None:
 
 def _start_local(launcher: Launcher, wids: list[int]) -> dict:
     """Start local workers ``wids``; return them by id. From the template, their fork
-    requests go out in a row (the root gets this process's stdin)."""
+    requests go out in a row, the root's last (it gets this process's stdin)."""
     # worker_popen (the Executor's output relay in a notebook) needs a process of its
     # own: then no fork of the template
     if launcher.template is None or launcher.worker_popen:
         return {wid: launcher._spawn(wid) for wid in wids}
     job, address = launcher.job, launcher.broker.address
+    # The root last: its program's first tasks would otherwise keep the few workers
+    # forked so far (and the CPU) busy while the template forks the others.
+    wids = sorted(wids, key=lambda wid: wid == 0)
     requests = [(job.worker_config(wid, address, launcher.creds), 0 if wid == 0 else None)
                 for wid in wids]
     try:
