@@ -110,14 +110,16 @@ class Template:
                     finally:
                         os.close(config_r)
                 # Answered in order; an exit report may come between: it names a pid
-                # too, never "forked".
-                pids = [self._read_until("forked") for _ in requests]
+                # too, never "forked". Each worker is known before the next answer is
+                # read, so that an early death of its own is recorded.
+                workers = []
+                for _ in requests:
+                    workers.append(Forked(self, self._read_until("forked")))
+                    self.workers[workers[-1].pid] = workers[-1]
             except OSError as exc:
                 for config_w in writers:
                     os.close(config_w)
                 raise _agent.SpawnError(f"the worker template is gone: {exc}") from None
-            workers = [Forked(self, pid) for pid in pids]
-            self.workers.update((worker.pid, worker) for worker in workers)
         for config_w, cfg in zip(writers, configs):
             _agent.write_config(config_w, cfg)
         return workers
