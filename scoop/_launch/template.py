@@ -26,9 +26,10 @@ line is the template's (``-m scoop._start_worker FD``). The template is spawned 
 workers' environment, so ``/proc/<pid>/environ`` of every worker carries the job's mark
 (``scoop._reaper``). Each worker asks for PDEATHSIG on its parent, the template, which
 asks for it on the launcher: a dead launcher still takes every worker with it. Remote
-hosts (ssh agents, srun, joining workers), and workers of another interpreter than the
-launcher's (``--python-executable``: a wrapper may do something per process), start
-workers as before.
+hosts (ssh agents, srun, joining workers), workers of another interpreter than the
+launcher's (``--python-executable``: a wrapper may do something per process), and the
+workers of a ``scoop.Executor`` whose output is relayed into a notebook (a
+pseudo-terminal each) start as before.
 """
 
 from __future__ import annotations
