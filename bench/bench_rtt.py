@@ -20,8 +20,10 @@ part prints both. The parts:
 * ``startup``: wall and CPU (this process's children) of ``python -m scoop -n 2`` running
   a trivial program, next to the same with ProcessPoolExecutor and multiprocessing.Pool.
 * ``wide``: ``-n W`` (default 128): the time from the launch until every worker has run
-  a task (each task sleeps 10 ms, so early workers cannot take all of them), and until the
-  process has exited, next to ``multiprocessing.Pool(W)``.
+  a task (each task sleeps 10 ms, so early workers cannot take all of them), then the
+  rate of a map of ``--items`` (200,000) cheap items (``futures.map``, ``Pool.map``, each
+  with its automatic chunks), and the time until the process has exited, next to
+  ``multiprocessing.Pool(W)``.
 """
 
 from __future__ import annotations
@@ -199,12 +201,18 @@ def who():
     time.sleep(0.01)
     return scoop.worker
 
+def inc(x):
+    return x + 1
+
 if __name__ == "__main__":
     want, seen = int(sys.argv[1]), set()
     while len(seen) < want:
         fs = [futures.submit(who) for _ in range(2 * want)]
         seen.update(f.result() for f in fs)
-    print(time.time() - float(os.environ["BENCH_T0"]))
+    ready = time.time() - float(os.environ["BENCH_T0"])
+    t0 = time.perf_counter()
+    assert sum(futures.map(inc, range(int(sys.argv[2])))) == sum(range(1, int(sys.argv[2]) + 1))
+    print(ready, time.perf_counter() - t0)
 """
 WIDE_POOL = """\
 import multiprocessing, os, sys, time
@@ -213,31 +221,41 @@ def who(_):
     time.sleep(0.01)
     return os.getpid()
 
+def inc(x):
+    return x + 1
+
 if __name__ == "__main__":
     want, seen = int(sys.argv[1]), set()
     with multiprocessing.Pool(want) as pool:
         while len(seen) < want:
             seen.update(pool.map(who, range(2 * want), chunksize=1))
-        print(time.time() - float(os.environ["BENCH_T0"]))
+        ready = time.time() - float(os.environ["BENCH_T0"])
+        t0 = time.perf_counter()
+        assert sum(pool.map(inc, range(int(sys.argv[2])))) == sum(range(1, int(sys.argv[2]) + 1))
+        print(ready, time.perf_counter() - t0)
 """
 
 
-def wide(workers: int, runs: int) -> None:
+def wide(workers: int, runs: int, items: int) -> None:
     with tempfile.TemporaryDirectory(prefix="scoop-bench-") as tmp:
         for name, src in (("scoop", WIDE_SCOOP), ("pool", WIDE_POOL)):
             path = os.path.join(tmp, f"wide_{name}.py")
             with open(path, "w") as f:
                 f.write(src)
-            cmd = ([sys.executable, "-m", "scoop", "-n", str(workers), path, str(workers)]
-                   if name == "scoop" else [sys.executable, path, str(workers)])
-            ready, walls, cpus = [], [], []
+            args = [path, str(workers), str(items)]
+            cmd = ([sys.executable, "-m", "scoop", "-n", str(workers), *args]
+                   if name == "scoop" else [sys.executable, *args])
+            ready, rates, walls, cpus = [], [], [], []
             for _ in range(runs):
                 env = dict(os.environ, BENCH_T0=repr(time.time()))
                 wall, cpu, out = run_timed(cmd, tmp, env)
-                ready.append(float(out.split()[-1]))
+                ready.append(float(out.split()[-2]))
+                rates.append(items / float(out.split()[-1]))
                 walls.append(wall)
                 cpus.append(cpu)
             print(f"{name:5} -n {workers}: every worker ran a task  s: {spread(ready)}")
+            print(f"{name:5} -n {workers}: map of {items:,} items   items/s: "
+                  f"{spread(rates)}")
             print(f"{name:5} -n {workers}: until exit               s: {spread(walls)}"
                   f"   cpu s: {spread(cpus)}")
 
@@ -248,6 +266,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--workers", type=int, default=128)
+    ap.add_argument("--items", type=int, default=200_000, help="wide: the map's items")
     ap.add_argument("--strace", action="store_true")
     ns = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f}")
@@ -257,7 +276,7 @@ def main() -> None:
     if "startup" in ns.parts:
         startup(ns.runs)
     if "wide" in ns.parts:
-        wide(ns.workers, max(1, ns.runs // 2))
+        wide(ns.workers, max(1, ns.runs // 2), ns.items)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

@@ -539,9 +539,11 @@ class _PoolLauncher(Launcher):
     runtime: _Runtime
 
     def start(self, root_in_process: bool = False) -> Launcher:
-        # Each worker is a child of this process: the end of the caller (a killed
-        # notebook kernel included) is proven to end them; not yet so through a template.
-        self.forks_workers = False
+        # Workers whose output is relayed (a notebook's streams) are each a child of this
+        # process. Otherwise they are forked from a template, which dies with this
+        # process (its parent-death signal, and the EOF on its socket) and takes them
+        # with it (theirs): tests/test_executor.py's killed caller.
+        self.forks_workers = _streams_are_fds()
         self.clients = 1  # the runtime thread's client: scoop.SIZE counts the others
         if not _streams_are_fds():
             self.remote_stdout = sys.stdout

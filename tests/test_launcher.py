@@ -392,3 +392,31 @@ def test_an_srun_that_finds_no_controller_points_at_launcher_ssh(said):
     host.close()
     assert "could not reach a SLURM controller" in str(err.value)
     assert "--launcher ssh" in str(err.value) and said in str(err.value)
+
+
+def test_more_local_workers_than_a_fork_batch(tmp_path):
+    """Forks are requested FORK_BATCH at a time, the root's last: every worker of a job
+    bigger than a batch starts, from the one template, and runs tasks."""
+    from scoop._launch.template import FORK_BATCH
+
+    n = FORK_BATCH + 8
+    prog = write_program(tmp_path, """
+        import os, sys, time
+        import scoop
+        from scoop import futures
+        def where():
+            time.sleep(0.05)  # so that the first workers cannot take every task
+            return scoop.worker, os.getppid()
+        if __name__ == "__main__":
+            n, seen, parents = int(sys.argv[1]), set(), set()
+            while len(seen) < n:
+                for wid, ppid in [f.result() for f in
+                                  [futures.submit(where) for _ in range(2 * n)]]:
+                    seen.add(wid)
+                    parents.add(ppid)
+            print(sorted(seen) == list(range(n)), len(parents | {os.getppid()}))
+    """)
+    out = run_scoop("-n", str(n), prog, str(n), timeout=80)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "1"]  # all of them, one template's children
+    assert not wait_no_processes(timeout=15)

@@ -169,8 +169,7 @@ class Launcher:
         """Start the workers of one row of :meth:`Job.placements`."""
         job, out = self.job, self.remote_stdout
         if row.how == "local":
-            for wid in row.wids:
-                self.procs[wid] = self._spawn(wid)
+            self.procs.update(_start_local(self, row.wids))
         elif row.how == "srun":
             self.agents[row.host] = remote.srun_step(row.wids, job, self.job_file, out)
         else:
@@ -342,6 +341,28 @@ def _end_job_file(path: str, job: Job) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+def _start_local(launcher: Launcher, wids: list[int]) -> dict:
+    """Start local workers ``wids``; return them by id. From the template, their fork
+    requests go out in a row, the root's last (it gets this process's stdin)."""
+    # worker_popen (the Executor's output relay in a notebook) needs a process of its
+    # own: then no fork of the template
+    if launcher.template is None or launcher.worker_popen:
+        return {wid: launcher._spawn(wid) for wid in wids}
+    job, address = launcher.job, launcher.broker.address
+    # The root last: its program's first tasks would otherwise keep the few workers
+    # forked so far (and the CPU) busy while the template forks the others.
+    wids = sorted(wids, key=lambda wid: wid == 0)
+    requests = [(job.worker_config(wid, address, launcher.creds), 0 if wid == 0 else None)
+                for wid in wids]
+    try:
+        procs = launcher.template.fork_many(requests)
+    except _agent.SpawnError as exc:
+        raise LaunchError(str(exc)) from None
+    for wid, proc in zip(wids, procs):
+        log.debug("started worker %d (pid %d)", wid, proc.pid)
+    return dict(zip(wids, procs))
 
 
 def _template(job: Job, root_in_process: bool) -> Template | None:

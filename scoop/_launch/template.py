@@ -10,6 +10,8 @@ imports per job instead of one per worker (issue 12), as multiprocessing's forks
     fork(wid, config): a pipe; its read end  ->  fork(); the child: own session, stdin
       (and the root's stdin) go as SCM_RIGHTS      (the root's, or /dev/null), then reads its
       config -> the pipe's write end               config on the pipe and runs as any worker
+      (fork_many: up to FORK_BATCH requests
+      at once, then their answers)
     Forked (a Popen to the launcher) <--------   {"wid", "forked": pid}
     poll / wait  <-----------------------------  {"pid", "status"}: a child ended (waitpid)
     close(): EOF  ---------------------------->  exits (its children die with it: PDEATHSIG)
@@ -24,9 +26,10 @@ line is the template's (``-m scoop._start_worker FD``). The template is spawned 
 workers' environment, so ``/proc/<pid>/environ`` of every worker carries the job's mark
 (``scoop._reaper``). Each worker asks for PDEATHSIG on its parent, the template, which
 asks for it on the launcher: a dead launcher still takes every worker with it. Remote
-hosts (ssh agents, srun, joining workers), and workers of another interpreter than the
-launcher's (``--python-executable``: a wrapper may do something per process), start
-workers as before.
+hosts (ssh agents, srun, joining workers), workers of another interpreter than the
+launcher's (``--python-executable``: a wrapper may do something per process), and the
+workers of a ``scoop.Executor`` whose output is relayed into a notebook (a
+pseudo-terminal each) start as before.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ from .._template import MAX_MESSAGE, send
 # How long the template may take to fork a worker: milliseconds, unless the machine is
 # overloaded or the template is stuck (then the job fails to start instead of hanging).
 FORK_TIMEOUT_S = 30.0
+# How many fork requests the launcher sends before it reads their answers: a few dozen
+# short messages, far below what the socket holds, so neither side ever blocks on a send
+# while the other does too.
+FORK_BATCH = 32
 
 
 # -- the launcher's side -------------------------------------------------------------------
@@ -79,22 +86,44 @@ class Template:
 
     def fork(self, cfg: dict, stdin_fd: int | None) -> Forked:
         """Start a worker with config ``cfg`` (``stdin_fd``: its stdin, None: empty)."""
-        cfg = dict(cfg, ppid=self.proc.pid, die_with_parent=True)
-        config_r, config_w = os.pipe()
+        return self.fork_many([(cfg, stdin_fd)])[0]
+
+    def fork_many(self, requests: list[tuple[dict, int | None]]) -> list[Forked]:
+        """Start a worker per ``(cfg, stdin_fd)``, as :meth:`fork`: the requests go out
+        :data:`FORK_BATCH` at a time and their answers are read after, so the template
+        forks them in a row instead of waiting for the launcher between two forks."""
+        out = []
+        for first in range(0, len(requests), FORK_BATCH):
+            out += self._fork_batch(requests[first:first + FORK_BATCH])
+        return out
+
+    def _fork_batch(self, requests: list[tuple[dict, int | None]]) -> list[Forked]:
+        configs, writers = [], []
         with self._lock:
             try:
-                fds = [config_r] if stdin_fd is None else [config_r, stdin_fd]
-                send(self.sock, {"wid": cfg["wid"]}, fds)
-                # An exit report may come first: it names a pid too, never "forked".
-                pid = self._read_until("forked")
+                for cfg, stdin_fd in requests:
+                    configs.append(dict(cfg, ppid=self.proc.pid, die_with_parent=True))
+                    config_r, config_w = os.pipe()
+                    writers.append(config_w)
+                    try:
+                        fds = [config_r] if stdin_fd is None else [config_r, stdin_fd]
+                        send(self.sock, {"wid": cfg["wid"]}, fds)
+                    finally:
+                        os.close(config_r)
+                # Answered in order; an exit report may come between: it names a pid
+                # too, never "forked". Each worker is known before the next answer is
+                # read, so that an early death of its own is recorded.
+                workers = []
+                for _ in requests:
+                    workers.append(Forked(self, self._read_until("forked")))
+                    self.workers[workers[-1].pid] = workers[-1]
             except OSError as exc:
-                os.close(config_w)
+                for config_w in writers:
+                    os.close(config_w)
                 raise _agent.SpawnError(f"the worker template is gone: {exc}") from None
-            finally:
-                os.close(config_r)
-            worker = self.workers[pid] = Forked(self, pid)
-        _agent.write_config(config_w, cfg)
-        return worker
+        for config_w, cfg in zip(writers, configs):
+            _agent.write_config(config_w, cfg)
+        return workers
 
     def _read_until(self, key: str) -> int:
         """Read reports until one holds ``key``; return its value."""
