@@ -84,11 +84,16 @@ def test_nested_parent_on_a_dead_worker_runs_again(tmp_path):
         def leaf(i):
             time.sleep(0.01)
             return i
+        def _first(marker):  # True for one worker only, even for two at once
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return True
+            except FileExistsError:
+                return False
         def parent(n):
             kids = [futures.submit(leaf, i) for i in range(n)]
             total = sum(k.result() for k in kids)
-            if scoop.worker != 0 and not os.path.exists({str(marker)!r}):
-                open({str(marker)!r}, "w").close()
+            if scoop.worker != 0 and _first({str(marker)!r}):
                 os._exit(9)                 # dies after its children ran
             return total
         if __name__ == "__main__":
