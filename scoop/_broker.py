@@ -279,6 +279,7 @@ class Broker:
                 for sock in self.gate.sockets:
                     if sock in events:
                         self.gate.handle(sock)
+                self.gate.settle(now)
         finally:
             self._close()
 

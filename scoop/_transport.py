@@ -37,6 +37,7 @@ import os
 import resource
 import socket
 import struct
+import time
 
 import zmq
 import zmq.utils.z85
@@ -64,6 +65,11 @@ MAX_LOGGED_PEERS = 32
 # more workers start at the same moment (those hung up reconnect), fewer keeps more
 # descriptors for the job. The broker raises it for jobs of many workers.
 MAX_UNPROVEN = 256
+# A handshake broken off is reported only if the job is still running this long after:
+# the job's own workers break theirs off as it ends (a root whose program fails at once
+# closes its watchdog's connection mid-handshake), and the root's SHUTDOWN, on another
+# connection, may reach the broker after the monitor's event.
+BROKEN_OFF_GRACE_S = 2.0
 # The most file descriptors asked for when raising the soft limit to an unlimited hard one.
 MAX_OPEN_FILES = 1 << 20
 # The brokers' in-process endpoints (inproc://) and their contexts: inproc:// reaches only
@@ -251,6 +257,7 @@ class Gate:
         # Set by the broker once the job stops: its workers are ended then, some of them
         # in the middle of their handshake, which is not worth a warning.
         self.stopping = False
+        self._broken_off: list[float] = []  # when each pending one was seen (monotonic)
 
     def watch(self, router: zmq.Socket) -> None:
         """Follow ``router``'s connections: count those that fail before the credentials
@@ -299,14 +306,22 @@ class Gate:
             self._unproven[value] = _peer_of(value)
         elif event == zmq.EVENT_DISCONNECTED:
             self._unproven.pop(value, None)
-        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.stopping:
-            self.refused += 1  # a worker of this job, ended while it was connecting
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self._broken_off.append(time.monotonic())  # reported by settle(), or not
         else:
-            why = ("it broke off during the ZeroMQ handshake"
-                   if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else
-                   "it failed the ZeroMQ handshake (not ZeroMQ, or without this job's "
-                   "credentials)")
-            self._refuse("a connection", why)
+            self._refuse("a connection", "it failed the ZeroMQ handshake (not ZeroMQ, or "
+                         "without this job's credentials)")
+
+    def settle(self, now: float) -> None:
+        """Report the handshakes broken off :data:`BROKEN_OFF_GRACE_S` ago while the job
+        still runs; once it stops, they were its own workers': only counted."""
+        pending = self._broken_off
+        if self.stopping:
+            self.refused += len(pending)
+            pending.clear()
+        while pending and pending[0] <= now - BROKEN_OFF_GRACE_S:
+            pending.pop(0)
+            self._refuse("a connection", "it broke off during the ZeroMQ handshake")
 
     def _hang_up(self, fd: int, peer: tuple | None) -> None:
         if peer is None or _peer_of(fd) != peer:
@@ -365,6 +380,8 @@ class Gate:
                         who, why, more)
 
     def close(self) -> None:
+        self.refused += len(self._broken_off)  # the job ended meanwhile: its own workers'
+        self._broken_off.clear()
         if self.monitor is not None:
             self.monitor.close(0)
         self.zap.close(0)

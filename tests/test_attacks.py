@@ -9,6 +9,7 @@ import resource
 import socket
 import subprocess
 import sys
+import time
 
 import cloudpickle
 import pytest
@@ -265,3 +266,47 @@ def test_the_log_file_is_private(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert log.stat().st_mode & 0o777 == 0o600
     assert "started 2 workers" in log.read_text()
+
+
+def _break_off_a_handshake(address: str) -> None:
+    """Connect over TCP, send half of a ZeroMQ greeting, hang up."""
+    host, port = address[6:].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(b"\xff" + b"\0" * 8 + b"\x7f\x03")
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_handshake_broken_off_is_reported_only_while_the_job_runs(stopping, caplog):
+    """A peer that hangs up mid-handshake is reported once the grace period is over, if
+    the job still runs then; once it stops, such peers were its own workers, ended as they
+    connected (a root whose program fails at once): counted, no warning. A real broker
+    socket and gate; the peer is a real TCP connection."""
+    from scoop._transport import BROKEN_OFF_GRACE_S, Credentials, Gate
+
+    ctx = zmq.Context()
+    try:
+        creds = Credentials.new()
+        gate = Gate(ctx, creds)
+        router, address = creds.listen(ctx, "127.0.0.1", 0)
+        gate.watch(router)
+        poller = zmq.Poller()
+        for sock in gate.sockets:
+            poller.register(sock, zmq.POLLIN)
+        _break_off_a_handshake(address)
+        with caplog.at_level("WARNING", logger="scoop"):
+            deadline = time.monotonic() + 10
+            while not gate._broken_off and time.monotonic() < deadline:
+                for sock in dict(poller.poll(100)):
+                    gate.handle(sock)
+            assert gate._broken_off, "the monitor never reported the broken-off handshake"
+            gate.settle(time.monotonic())
+            assert gate.refused == 0 and gate._broken_off  # in its grace: not yet reported
+            gate.stopping = stopping
+            gate.settle(time.monotonic() + BROKEN_OFF_GRACE_S)
+        warned = [r.getMessage() for r in caplog.records if "broke off" in r.getMessage()]
+        assert gate.refused == 1 and not gate._broken_off
+        assert len(warned) == (0 if stopping else 1), warned
+        gate.close()
+        router.close(0)
+    finally:
+        ctx.destroy(linger=0)
