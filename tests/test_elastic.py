@@ -342,3 +342,37 @@ def test_external_n_also_takes_workers_beyond_n(tmp_path):
         assert not os.path.exists(job_file), "--external keeps removing its job file"
     finally:
         finish(procs)
+
+
+def test_old_ended_marks_are_pruned_as_a_job_writes_its_file(tmp_path):
+    """An elastic job leaves an ended mark in ~/.scoop/jobs (late workers read why they
+    need not start); the next job's launcher removes those older than a week, and only
+    those."""
+    import json
+
+    from scoop._launch.launcher import ENDED_MARK_KEEP_S
+
+    jobs = tmp_path / ".scoop" / "jobs"
+    jobs.mkdir(parents=True)
+    old_end, fresh_end, old_live, other = (jobs / n for n in (
+        "job-1-aaaa.json", "job-2-bbbb.json", "job-3-cccc.json", "notes.txt"))
+    for path in (old_end, fresh_end, other):
+        path.write_text(json.dumps({"ended": True, "job": "x"}))
+    old_live.write_text(json.dumps({"address": "tcp://127.0.0.1:1", "wid": None}))
+    long_ago = time.time() - ENDED_MARK_KEEP_S - 3600
+    for path in (old_end, old_live, other):
+        os.utime(path, (long_ago, long_ago))
+    prog = write_program(tmp_path, """
+        from scoop import futures
+        if __name__ == "__main__":
+            print(sum(futures.map(abs, range(-5, 5))))
+    """)
+    out = subprocess.run([sys.executable, "-m", "scoop", "-n", "1", "--elastic", prog],
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, HOME=str(tmp_path)))
+    assert out.returncode == 0 and out.stdout == "25\n", out.stderr
+    assert not old_end.exists()
+    assert fresh_end.exists() and old_live.exists() and other.exists()
+    ours = set(os.listdir(jobs)) - {p.name for p in (fresh_end, old_live, other)}
+    assert len(ours) == 1, ours  # this job's own file, now its ended mark
+    assert json.loads((jobs / ours.pop()).read_text())["ended"] is True

@@ -62,6 +62,9 @@ SANDBOXES_PER_ATTEMPT = 4
 # How long remote workers may take to join before the job is abandoned (ssh, a cold
 # Python start on a loaded node, a network file system).
 JOIN_TIMEOUT_S = 60.0
+# Ended marks of elastic jobs in ~/.scoop/jobs are removed when a later job writes its file
+# this long after: a late worker of the job array still reads why it need not start.
+ENDED_MARK_KEEP_S = 7 * 24 * 3600
 # Local workers from which on a job forks them from a template process instead of
 # starting an interpreter each: the template costs one interpreter start of its own, so
 # below this it saves nothing (an in-process pool of 2 starts a single worker).
@@ -182,6 +185,7 @@ class Launcher:
         if self.job_file is None:
             folder = os.path.join(os.path.expanduser("~"), ".scoop", "jobs")
             os.makedirs(folder, mode=0o700, exist_ok=True)
+            _prune_ended_marks(folder)
             self.job_file = os.path.join(folder, f"job-{os.getpid()}-{self.job.id[:8]}.json")
         config = self.job.worker_config(None, self.worker_address, self.creds)
         try:
@@ -341,6 +345,23 @@ def _end_job_file(path: str, job: Job) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+def _prune_ended_marks(folder: str) -> None:
+    """Remove the ended marks (see :func:`_end_job_file`) older than
+    :data:`ENDED_MARK_KEEP_S` from ``folder``; job files of live jobs stay."""
+    too_old = time.time() - ENDED_MARK_KEEP_S
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not (entry.name.startswith("job-") and entry.name.endswith(".json")):
+                continue
+            try:
+                if entry.stat().st_mtime < too_old and entry.stat().st_size < 4096:
+                    with open(entry.path) as f:
+                        if json.load(f).get(ENDED):
+                            os.unlink(entry.path)
+            except (OSError, ValueError, AttributeError):
+                continue  # not ours, or gone meanwhile
 
 
 def _start_local(launcher: Launcher, wids: list[int]) -> dict:
