@@ -49,7 +49,7 @@ from ._errors import (
 )
 from ._files import create_private
 from ._transport import Credentials
-from ._watchdog import Watchdog
+from ._watchdog import BROKER_TIMEOUT_S, Watchdog
 
 log = logging.getLogger("scoop")
 
@@ -280,6 +280,7 @@ def start(cfg: dict) -> bool:
     tag = _reaper.mark_worker(wid)
     watchdog = Watchdog(
         cfg["address"], creds, wid, ctx=worker.link.ctx, deadlines=worker.deadlines,
+        timeout=cfg.get("broker_timeout", BROKER_TIMEOUT_S),
         on_time_up=_signal_time_up if root else None)
     parent = cfg.get("ppid") if cfg.get("die_with_parent") else None
     signal.signal(signal.SIGTERM, _end_on_sigterm if root else _leave_on_sigterm(

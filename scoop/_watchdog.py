@@ -175,10 +175,15 @@ class Watchdog(threading.Thread):
 
 def leave_grace() -> float:
     """SCOOP_LEAVE_GRACE (seconds), else :data:`LEAVE_GRACE_S`."""
-    text = os.environ.get("SCOOP_LEAVE_GRACE", "")
+    return seconds_from_env("SCOOP_LEAVE_GRACE", LEAVE_GRACE_S)
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """The environment variable ``name`` as a number of seconds, else ``default`` (with a
+    warning if it is not a number)."""
+    text = os.environ.get(name, "")
     try:
-        return max(0.0, float(text)) if text else LEAVE_GRACE_S
+        return max(0.0, float(text)) if text else default
     except ValueError:
-        log.warning("SCOOP_LEAVE_GRACE=%r is not a number of seconds; using %g", text,
-                    LEAVE_GRACE_S)
-        return LEAVE_GRACE_S
+        log.warning("%s=%r is not a number of seconds; using %g", name, text, default)
+        return default

@@ -112,18 +112,26 @@ def test_floods_at_a_low_open_file_limit_do_not_end_the_job(tmp_path):
     assert "Traceback" not in err, err
 
 
-def test_a_connection_that_never_finishes_the_handshake_is_dropped(pool):
+def test_a_connection_that_never_finishes_the_handshake_is_dropped(monkeypatch):
     """An idle TCP connection holds one of the broker's descriptors only until the
-    handshake timeout."""
-    from scoop._transport import HANDSHAKE_TIMEOUT_MS
+    handshake timeout (a real broker, its timeout cut to 1 s for the test)."""
+    from scoop import _broker, _transport
 
-    host, port = pool.broker.address[6:].rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5) as conn:
-        conn.settimeout(HANDSHAKE_TIMEOUT_MS / 1000 + 20)  # socket.timeout: not dropped
-        received = b""
-        while chunk := conn.recv(4096):  # the broker's greeting, then its end of stream
-            received += chunk
+    monkeypatch.setattr(_transport, "HANDSHAKE_TIMEOUT_MS", 1000)
+    broker = _broker.Broker(_transport.Credentials.new()).start()
+    try:
+        host, port = broker.address[6:].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.settimeout(30)  # socket.timeout: not dropped
+            started = time.monotonic()
+            received = b""
+            while chunk := conn.recv(4096):  # the broker's greeting, then its end of stream
+                received += chunk
+            waited = time.monotonic() - started
+    finally:
+        broker.stop()
     assert received.startswith(b"\xff"), "not a ZeroMQ greeting: the test reached no broker"
+    assert waited >= 0.9, f"dropped after {waited:.2f} s, before the handshake timeout"
 
 
 def test_the_soft_open_file_limit_is_raised_to_the_hard_one():

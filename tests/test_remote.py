@@ -50,11 +50,13 @@ CHECKED_MAP = """
 """
 
 
-def _start_job(hosts, prog: str, names: list[str], *prog_args: str) -> subprocess.Popen:
+def _start_job(hosts, prog: str, names: list[str], *prog_args: str,
+               env: dict | None = None) -> subprocess.Popen:
     """Start a job on this machine plus ``names``; return once its program has started."""
     proc = subprocess.Popen([sys.executable, "-m", "scoop", "--hosts", "127.0.0.1", *names,
                              "--ssh-executable", _ssh(hosts), prog, *prog_args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     assert proc.stdout.readline().strip() == "started", proc.stderr.read()
     return proc
 
@@ -249,9 +251,11 @@ def test_unreachable_broker_address_fails_fast_with_advice(hosts, tmp_path):
     a = hosts.names[0]
     prog = write_program(tmp_path, WHERE)
     unused = f"{hosts.net}.250"  # in the test range, where no host answers
-    # fails rather than waits: run_scoop's timeout is the bound, no wall-clock assertion
+    # fails rather than waits: run_scoop's timeout is the bound, no wall-clock assertion;
+    # the remote worker gives up after SCOOP_CONNECT_TIMEOUT (the launcher passes it on)
     out = run_scoop("--hosts", "127.0.0.1", a, "--ssh-executable", _ssh(hosts),
-                    "--broker-hostname", unused, prog)
+                    "--broker-hostname", unused, prog,
+                    env=dict(os.environ, SCOOP_CONNECT_TIMEOUT="3"))
     assert out.returncode != 0
     assert f"host {a}" in out.stderr and "--broker-hostname" in out.stderr
     _assert_namespaces_empty(hosts)
@@ -261,12 +265,14 @@ def test_workers_of_a_cut_host_leave_by_themselves(hosts, tmp_path):
     """No ssh EOF can reach a host whose cable is cut: its workers' watchdogs must notice
     the broker is gone, and the job finishes on the workers it has left."""
     a = hosts.names[0]
-    proc = _start_job(hosts, write_program(tmp_path, CHECKED_MAP), [a], "80", "0.2")
+    # SCOOP_BROKER_TIMEOUT (10 s by default) reaches the remote workers with their config
+    proc = _start_job(hosts, write_program(tmp_path, CHECKED_MAP), [a], "40", "0.2",
+                      env=dict(os.environ, SCOOP_BROKER_TIMEOUT="4"))
     try:
         time.sleep(1.0)
         assert [p for p in hosts.pids_in(a) if _is_worker(p)], "no remote worker"
         hosts.cut(a)
-        deadline = time.monotonic() + 60  # they leave within BROKER_TIMEOUT_S (10 s)
+        deadline = time.monotonic() + 60  # they leave within SCOOP_BROKER_TIMEOUT
         while [p for p in hosts.pids_in(a) if _is_worker(p)]:
             assert time.monotonic() < deadline, "workers of the cut host did not leave"
             time.sleep(0.2)
@@ -287,7 +293,9 @@ def test_unreachable_host_is_named_with_ssh_saying_why_once(hosts, tmp_path):
     hosts.cut(b)
     try:
         prog = write_program(tmp_path, WHERE)
-        out = run_scoop("--hosts", "127.0.0.1", a, b, "--ssh-executable", _ssh(hosts), prog)
+        # ssh takes the first ConnectTimeout it sees: this one, not the launcher's 10 s
+        out = run_scoop("--hosts", "127.0.0.1", a, b, "--ssh-executable",
+                        f"{_ssh(hosts)} -o ConnectTimeout=3", prog)
     finally:
         hosts.heal(b)
     assert out.returncode == 1

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .. import _broker, _reaper
+from .._bootstrap import CONNECT_TIMEOUT_S
 from .._hosts import is_local
+from .._watchdog import BROKER_TIMEOUT_S, seconds_from_env
 
 # The key of the mark an elastic job leaves in its job file when it ends (scoop.join).
 ENDED = "ended"
@@ -57,6 +59,8 @@ class Job:
         launcher: how remote workers start: "ssh" (one agent per host) or "srun" (one
             step of every worker but the root).
         id: marks every process of the job (see :mod:`scoop._reaper`).
+        connect_timeout: how long a worker tries to reach the broker (s).
+        broker_timeout: the broker's silence after which a worker leaves (s).
     """
 
     hosts: tuple[tuple[str, int], ...]
@@ -80,6 +84,11 @@ class Job:
     max_attempts: int = _broker.MAX_ATTEMPTS
     progress: bool = False
     id: str = field(default_factory=_reaper.new_job_id)
+    # Tuning for slow clusters (or quick tests), the same on every host: read once.
+    connect_timeout: float = field(default_factory=lambda: seconds_from_env(
+        "SCOOP_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S))
+    broker_timeout: float = field(default_factory=lambda: seconds_from_env(
+        "SCOOP_BROKER_TIMEOUT", BROKER_TIMEOUT_S))
 
     def __post_init__(self) -> None:
         hosts = tuple((name, count) for name, count in self.hosts if count > 0)
@@ -138,6 +147,7 @@ class Job:
             "cwd": self.cwd, "nice": self.nice, "debug": self.debug,
             "log_level": self.log_level, "log_file": self.log_file,
             "hosts": self.hosts, "progress": self.progress, "shm": self.shm,
+            "connect_timeout": self.connect_timeout, "broker_timeout": self.broker_timeout,
         }
 
 
