@@ -42,6 +42,8 @@ from . import child
 # Messages read from one worker's socket per wakeup: more is fewer polls, fewer keeps
 # one busy worker from delaying the others' answers.
 MAX_DRAIN = 64
+# How long a "lose" command may wait for a worker that holds groups.
+LOSE_WAIT_S = 5.0
 # The longest the loop sleeps: how soon a command of the driver is seen.
 MAX_WAIT_S = 0.05
 
@@ -90,6 +92,7 @@ class Workers:
         self.pings: deque[tuple[float, SimWorker]] = deque()  # in the order they are due
         self.live = len(self.workers)
         self.welcomed = 0
+        self.losing: float | None = None  # asked to lose a worker: until when to wait
         self.stats = {"groups": 0, "tasks": 0, "pings": 0, "pongs": 0, "stops": 0,
                       "refused": 0, "rejected": 0, "lost": 0, "watchdog_expired": 0}
 
@@ -135,6 +138,8 @@ class Workers:
             if not w.gone:
                 self._ping(w)
                 self.pings.append((now + self.ping_s, w))
+        if self.losing is not None:
+            self._lose(now)
         while True:
             try:
                 cmd = self.commands.get_nowait()
@@ -143,7 +148,7 @@ class Workers:
             if cmd is None:
                 return False
             if cmd == "lose":
-                self._lose()
+                self.losing = now + LOSE_WAIT_S
 
     def close(self) -> None:
         for w in self.workers:
@@ -246,10 +251,18 @@ class Workers:
         self.stats["pings"] += 1
 
     # -- loss -------------------------------------------------------------------------
-    def _lose(self) -> None:
+    def _lose(self, now: float) -> None:
         """Drop the live worker holding the most groups, as if its host vanished: no BYE,
-        no more pings; report the task ids it held."""
+        no more pings; report the task ids it held. What the broker sent is read first,
+        so that it holds what the broker counts; on a loaded machine every worker may be
+        idle for a moment: wait for one that holds groups, up to :data:`LOSE_WAIT_S`."""
         live = [w for w in self.workers if not w.gone and w.welcomed]
+        for w in live:
+            self._read(w)
+        live = [w for w in live if not w.gone]
+        if not any(w.held for w in live) and now < self.losing:
+            return
+        self.losing = None
         if not live:
             child.report("lost", wid=None, tids=[])
             return
