@@ -80,10 +80,8 @@ import concurrent.futures as cf
 import contextlib
 import functools
 import json
-import linecache
 import logging
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -99,7 +97,7 @@ from greenlet import greenlet
 import scoop
 
 from . import _bootstrap, _mapping, _progress, _shm, _worker
-from ._errors import BrokenJobError, RemoteTraceback
+from ._errors import BrokenJobError
 from ._future import Future
 from ._launch import Launcher
 from ._launch import cli as _cli
@@ -359,29 +357,6 @@ def _restore(before: tuple | None, innermost: bool) -> None:
         _worker.install(runtime)
         for name, value in job_globals.items():
             setattr(scoop, name, value)
-
-
-_FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')
-
-
-def _with_source(exc: BaseException) -> BaseException:
-    """Give the worker-side traceback the source lines only this process has (notebook
-    cells, files the workers' hosts lack), where the worker could not show them."""
-    cause = exc.__cause__
-    if not isinstance(cause, RemoteTraceback):
-        return exc
-    lines = cause.tb.split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        out.append(line)
-        match = _FRAME.match(line)
-        if match and not (i + 1 < len(lines) and lines[i + 1].startswith("    ")):
-            source = linecache.getline(match[1], int(match[2])).strip()
-            if source:
-                out.append(f"    {source}")
-    cause.tb = "\n".join(out)
-    cause.args = (cause.tb,)
-    return exc
 
 
 _inits_done: set[str] = set()  # pools whose initializer ran in this (worker) process
@@ -807,7 +782,7 @@ class _Runtime:
         if exc is None:
             item.future.set_result(sfut._result)
         else:
-            item.future.set_exception(_with_source(exc))
+            item.future.set_exception(exc)
         item.future = item.fn = item.args = item.kwargs = item.state = None  # no stale refs
         self._measure()
         self._feed()
