@@ -80,10 +80,8 @@ import concurrent.futures as cf
 import contextlib
 import functools
 import json
-import linecache
 import logging
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -99,7 +97,7 @@ from greenlet import greenlet
 import scoop
 
 from . import _bootstrap, _mapping, _progress, _shm, _worker
-from ._errors import BrokenJobError, RemoteTraceback
+from ._errors import BrokenJobError
 from ._future import Future
 from ._launch import Launcher
 from ._launch import cli as _cli
@@ -156,6 +154,10 @@ class Executor(cf.Executor):
         hostfile: a file of ``host count`` lines, like ``python -m scoop --hostfile``.
         external: workers that another launcher starts with ``python -m scoop.join
             JOBFILE``; the job file is written to ``job_file`` (see :attr:`job_file`).
+        elastic: workers may also join at any time with ``python -m scoop.join JOBFILE``
+            (:attr:`job_file`: a job array, ``sbatch`` again) and leave on SIGTERM,
+            handing their work back; :attr:`size` follows them, and maps cut their
+            chunks for the pool as it is.
         launcher: "ssh" or "srun" (default: srun inside a SLURM allocation, as the CLI).
         progress: show the progress of this pool's work (items of maps and submitted
             calls): tqdm's bar in a notebook, else lines on stderr as ``--progress``
@@ -172,7 +174,7 @@ class Executor(cf.Executor):
     def __init__(self, max_workers: int | None = None, mp_context: Any = None,
                  initializer: Callable | None = None, initargs: tuple = (), *,
                  hosts: Iterable | None = None, hostfile: str | None = None,
-                 external: int = 0, job_file: str | None = None,
+                 external: int = 0, job_file: str | None = None, elastic: bool = False,
                  launcher: str | None = None, ssh: str = "ssh", progress: bool | None = None,
                  **options: Any) -> None:
         if max_workers is not None and max_workers <= 0:
@@ -190,7 +192,8 @@ class Executor(cf.Executor):
         self._launcher = _PoolLauncher(
             # the client takes the root's slot, here; it runs no task
             hosts=[("127.0.0.1", 1), *workers], external=external, job_file=job_file,
-            launcher=launcher or _cli._default_launcher(ns), ssh=ssh, **options)
+            elastic=elastic, launcher=launcher or _cli._default_launcher(ns), ssh=ssh,
+            **options)
         self._runtime = _Runtime(self._launcher, sum(c for _, c in workers) + external)
         self._launcher.runtime = self._runtime
         try:
@@ -211,12 +214,14 @@ class Executor(cf.Executor):
 
     @property
     def job_file(self) -> str | None:
-        """The job file joining workers read (with ``external``), else None."""
-        return self._launcher.job_file if self._launcher.job.joiners else None
+        """The job file joining workers read (with ``external`` or ``elastic``), else
+        None."""
+        return self._launcher.job_file if self._launcher.job.accepts_joiners else None
 
     @property
     def size(self) -> int:
-        """The worker processes of the pool (``external`` ones included)."""
+        """The worker processes of the pool (``external`` ones included; ``elastic``:
+        those in it as of the last result received)."""
         return self._runtime.workers
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> cf.Future:
@@ -361,29 +366,6 @@ def _restore(before: tuple | None, innermost: bool) -> None:
             setattr(scoop, name, value)
 
 
-_FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')
-
-
-def _with_source(exc: BaseException) -> BaseException:
-    """Give the worker-side traceback the source lines only this process has (notebook
-    cells, files the workers' hosts lack), where the worker could not show them."""
-    cause = exc.__cause__
-    if not isinstance(cause, RemoteTraceback):
-        return exc
-    lines = cause.tb.split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        out.append(line)
-        match = _FRAME.match(line)
-        if match and not (i + 1 < len(lines) and lines[i + 1].startswith("    ")):
-            source = linecache.getline(match[1], int(match[2])).strip()
-            if source:
-                out.append(f"    {source}")
-    cause.tb = "\n".join(out)
-    cause.args = (cause.tb,)
-    return exc
-
-
 _inits_done: set[str] = set()  # pools whose initializer ran in this (worker) process
 
 
@@ -414,11 +396,10 @@ class _MapClient:
     thread with one wake-up, and no callback can be added after the thread took it.
     """
 
-    elastic = False  # an Executor's pool has the workers it started with
-
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
         self._batch: list[_WorkItem] = []
+        self.elastic = executor._launcher.job.elastic  # see _mapping.pool_size
 
     @property
     def size(self) -> int:
@@ -629,6 +610,14 @@ class _Call:
         self.done.set()
 
 
+def _watch(launcher: Launcher) -> None:
+    """What the launcher's wait loop does: report dead workers, start sandboxes."""
+    try:
+        launcher.check_workers()
+    except Exception as exc:  # noqa: BLE001 - a host failed: its workers are lost
+        log.warning("scoop.Executor: %s", exc)
+
+
 class _Runtime:
     """The client runtime of a pool, in a thread of its own (see the module docstring).
 
@@ -639,7 +628,7 @@ class _Runtime:
 
     def __init__(self, launcher: Launcher, workers: int) -> None:
         self.launcher = launcher
-        self.workers = workers
+        self._workers = workers
         self.rt: _worker.Worker | None = None
         self.thread: threading.Thread | None = None
         self.requests: collections.deque = collections.deque()
@@ -659,6 +648,12 @@ class _Runtime:
         self._next_watch = 0.0
         self.limit = IN_FLIGHT_PER_WORKER * max(1, workers)  # see AHEAD_S
         self._window = (time.monotonic(), 0)  # start, completions since
+
+    @property
+    def workers(self) -> int:
+        """The worker processes of the pool (elastic: those the broker counts now)."""
+        rt = self.rt
+        return rt.size if rt is not None and self.launcher.job.elastic else self._workers
 
     # -- other threads ----------------------------------------------------------------
     def start(self) -> None:
@@ -741,7 +736,7 @@ class _Runtime:
         now = time.monotonic()
         if now >= self._next_watch:
             self._next_watch = now + WATCH_S
-            self._watch()
+            _watch(self.launcher)
         ready = dict(self._poller.poll(timeout_ms))
         if self._rfd in ready:
             try:
@@ -807,7 +802,7 @@ class _Runtime:
         if exc is None:
             item.future.set_result(sfut._result)
         else:
-            item.future.set_exception(_with_source(exc))
+            item.future.set_exception(exc)
         item.future = item.fn = item.args = item.kwargs = item.state = None  # no stale refs
         self._measure()
         self._feed()
@@ -835,13 +830,6 @@ class _Runtime:
             rt.shutdown(0)
             return True
         return False
-
-    def _watch(self) -> None:
-        """What the launcher's wait loop does: report dead workers, start sandboxes."""
-        try:
-            self.launcher.check_workers()
-        except Exception as exc:  # noqa: BLE001 - a host failed: its workers are lost
-            log.warning("scoop.Executor: %s", exc)
 
     def _end(self) -> None:
         """The thread ends: fail what is left, stop the launcher's processes."""

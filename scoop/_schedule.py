@@ -310,6 +310,7 @@ class Schedule(_WatchdogTalk):
     def __init__(self, size: int = 1, first_free_wid: int | None = None,
                  max_attempts: int = MAX_ATTEMPTS, clients: int = 0) -> None:
         self.roster = Roster(size, first_free_wid)
+        self.clients = clients
         self.told_size = max(1, size - clients)  # the WELCOME's: workers running tasks
         self.max_attempts = max(1, max_attempts)
         self.queue: deque[P.Parcel] = deque()  # parcels: tag=fid, peer=owner
@@ -416,7 +417,7 @@ class Schedule(_WatchdogTalk):
             peer.forced.discard(key)
             self.recovery.losses.pop(key, None)
         out: list[Out] = []
-        size = len(self.roster.peers) if self.report_size else 0
+        size = max(1, len(self.roster.peers) - self.clients) if self.report_size else 0
         for parcel in parcels:
             owner = self.roster.by_wid.get(parcel.peer)
             if owner is None:

@@ -24,8 +24,10 @@ import ast
 import copyreg
 import gc
 import io
+import linecache
 import mmap
 import pickle
+import re
 import sys
 import traceback
 import types
@@ -382,8 +384,27 @@ class _ExceptionWithTraceback:
 
 
 def rebuild_exception(exc: BaseException, tb: str) -> BaseException:
-    exc.__cause__ = RemoteTraceback(tb)
+    exc.__cause__ = RemoteTraceback(with_source_lines(tb))
     return exc
+
+
+_FRAME = re.compile(r'^  File "(.+)", line (\d+), in ')
+
+
+def with_source_lines(tb: str) -> str:
+    """``tb`` (a worker-side traceback) with the source lines only this process has
+    (notebook cells, a program file the worker's host lacks) where the worker could not
+    show them."""
+    lines = tb.split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        match = _FRAME.match(line)
+        if match and not (i + 1 < len(lines) and lines[i + 1].startswith("    ")):
+            source = linecache.getline(match[1], int(match[2])).strip()
+            if source:
+                out.append(f"    {source}")
+    return "\n".join(out)
 
 
 def wire_exception(exc: BaseException, where: str):

@@ -377,3 +377,31 @@ def test_old_ended_marks_are_pruned_as_a_job_writes_its_file(tmp_path):
     ours = set(os.listdir(jobs)) - {p.name for p in (fresh_end, old_live, other)}
     assert len(ours) == 1, ours  # this job's own file, now its ended mark
     assert json.loads((jobs / ours.pop()).read_text())["ended"] is True
+
+
+def test_an_elastic_executor_takes_workers_that_join_and_leave(tmp_path):
+    """scoop.Executor(elastic=True): a worker joins with the pool's job file, its size
+    follows, maps run on it; it leaves on SIGTERM and the pool goes on without it."""
+    import json
+
+    import scoop
+
+    job_file = str(tmp_path / "job.json")
+    with scoop.Executor(1, elastic=True, job_file=job_file) as ex:
+        assert ex.job_file == job_file and ex.size == 1
+        joiner = join(job_file)
+        try:
+            # the size comes with results: a call's brings the broker's count of now
+            wait_for(lambda: ex.submit(abs, -1).result() and ex.size == 2,
+                     "the joiner in the pool's size")
+            pids = set(ex.map(lambda _: (time.sleep(0.005), os.getpid())[1], range(200),
+                              chunksize=1))
+            assert joiner.pid in pids and len(pids) == 2, (pids, joiner.pid)
+            joiner.send_signal(signal.SIGTERM)
+            assert joiner.wait(30) == 0, joiner.communicate()
+            wait_for(lambda: ex.submit(abs, -1).result() and ex.size == 1,
+                     "the pool's size without the joiner")
+            assert list(ex.map(abs, range(-50, 0))) == list(range(50, 0, -1))
+        finally:
+            finish([joiner])
+    assert json.loads(open(job_file).read())["ended"] is True  # late joiners exit at once

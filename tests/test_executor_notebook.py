@@ -61,10 +61,14 @@ total = sum(pool.map(slow, range(400), chunksize=1))""",
     # 4: the pool goes on, the rest of the interrupted map was cancelled
     """t0 = time.monotonic()
 print("after", pool.submit(square, 3).result(timeout=20), time.monotonic() - t0 < 5)""",
-    # 5: an error's worker-side traceback
+    # 5: an error's worker-side traceback, with the cell's own lines (map and submit)
     """def explode(x):
     return {}["missing key " + str(x)]
 
+try:
+    list(pool.map(explode, range(3)))
+except KeyError as exc:
+    print("map shows the line:", 'return {}["missing key " + str(x)]' in str(exc.__cause__))
 pool.submit(explode, 7).result()""",
     # 6: the module-level API inside `with`, as DEAP's toolbox.register("map", futures.map)
     """with scoop.Executor(2) as inner:
@@ -99,6 +103,7 @@ def test_notebook_cells_run_on_the_pool(tmp_path):
     assert _outputs(cells[4]).split() == ["after", "9", "True"]
     error = [o for o in cells[FAILING].outputs if o.output_type == "error"][0]
     assert error.ename == "KeyError"
+    assert _outputs(cells[FAILING]) == "map shows the line: True\n"
     traceback = "\n".join(error.traceback)
     assert "Traceback from worker" in traceback
     assert 'return {}["missing key " + str(x)]' in traceback  # the cell's own line

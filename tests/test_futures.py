@@ -109,6 +109,31 @@ def test_map_exception_raised_when_iteration_reaches_it():
     assert "fail_at" in str(info.value.__cause__)
 
 
+def test_a_workers_traceback_gets_the_source_lines_only_the_caller_has():
+    """A function compiled from source held only in the caller's linecache (as IPython
+    does with notebook cells) fails on another worker: the traceback shows its line."""
+    import linecache
+
+    name = "<scoop-test-cell-1>"
+    source = ("import scoop\n"
+              "def boom(x):\n"
+              "    if scoop.worker != 0:\n"
+              "        return {}['missing item ' + str(x)]\n"
+              "    return x\n")
+    linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+    try:
+        namespace: dict = {}
+        exec(compile(source, name, "exec"), namespace)
+        with pytest.raises(KeyError, match="missing item") as info:
+            list(futures.map(namespace["boom"], range(200), chunksize=1))
+    finally:
+        del linecache.cache[name]
+    text = str(info.value.__cause__)
+    assert "Traceback from worker 1" in text
+    assert f'File "{name}", line 4, in boom' in text
+    assert "return {}['missing item ' + str(x)]" in text, text
+
+
 def test_map_large_input_batched_and_ordered():
     n = 100_000
     assert list(futures.map(square, range(n))) == [x * x for x in range(n)]

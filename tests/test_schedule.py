@@ -461,6 +461,17 @@ def test_draining_starts_nothing_and_still_routes_results() -> None:
     assert world.run([("results", 1, "a", "r", 0)])[0].startswith("w0 RESULTS r")
 
 
+def test_an_elastic_jobs_results_count_the_workers_now_without_clients() -> None:
+    """In an elastic job each result forwarded carries the number of workers that run
+    tasks now: an Executor's client (the root's slot, running none) is not one of them."""
+    world = World(workers=3)
+    world.s.report_size = True
+    world.run([("tasks", 0, "a b"), ("ready", 1, 1), ("ready", 2, 1), ("dispatch",)])
+    assert [o.arg for o in world.play("results", 1, "a", "r", 0)] == [3]
+    world.s.clients = 1
+    assert [o.arg for o in world.play("results", 2, "b", "r", 0)] == [2]
+
+
 def test_time_up_reaches_the_roots_watchdog_only() -> None:
     """A root on another host learns that the job's time is up from its watchdog's PONG
     (see scoop._launch.walltime); other workers' PONGs say nothing of it."""
