@@ -40,8 +40,10 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import traceback
 
 from .. import _agent, _reaper
 from .._template import MAX_MESSAGE, send
@@ -64,23 +66,28 @@ class Template:
         SpawnError: the interpreter could not be started.
     """
 
-    def __init__(self, python: str, cwd: str, pythonpath: str | None, job: str) -> None:
+    def __init__(self, python: str, cwd: str, pythonpath: str | None, job: str,
+                 here: bool = False) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = _agent.worker_env(pythonpath)
         env[_reaper.JOB] = job  # inherited by every worker forked from it
         try:
-            self.proc = subprocess.Popen(
-                [python, "-m", _agent.WORKER_MODULE, str(theirs.fileno())],
-                stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True,
-                pass_fds=(theirs.fileno(),))
+            if here:  # python is this interpreter (the caller checks it)
+                self.proc = _fork_here(theirs, self.sock, cwd, env, pythonpath)
+            else:
+                self.proc = subprocess.Popen(
+                    [python, "-m", _agent.WORKER_MODULE, str(theirs.fileno())],
+                    stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True,
+                    pass_fds=(theirs.fileno(),))
         except OSError as exc:
             self.sock.close()
             raise _agent.SpawnError(f"cannot start a worker with {python!r}: {exc}. "
                                     "Check --python-executable.") from exc
         finally:
             theirs.close()
-        # Its config, as a worker's: one JSON line (see scoop._bootstrap.main).
-        self.sock.send(json.dumps({"template": True, "ppid": os.getpid()}).encode() + b"\n")
+        if not here:  # its config, as a worker's: one JSON line (scoop._bootstrap.main)
+            self.sock.send(json.dumps({"template": True, "ppid": os.getpid()}).encode()
+                           + b"\n")
         self.workers: dict[int, Forked] = {}  # by pid
         self._lock = threading.Lock()  # the launcher's watcher and a library's thread
 
@@ -209,3 +216,59 @@ class Forked:
 
     def __repr__(self) -> str:
         return f"<Forked worker pid={self.pid} returncode={self.returncode}>"
+
+
+def _fork_here(theirs: socket.socket, ours: socket.socket, cwd: str, env: dict[str, str],
+               pythonpath: str | None) -> _Child:
+    """Fork the template from this process (``scoop._template.become``), which must have
+    no other thread and no ZeroMQ context: what a worker needs is imported first, once."""
+    from .. import _bootstrap, _template, _watchdog, futures  # noqa: F401
+    from .._runtime import link  # noqa: F401 - ZeroMQ's module, not a context
+
+    if threading.active_count() != 1:
+        raise OSError("this process has threads; it cannot fork")
+    for stream in (sys.stdout, sys.stderr):  # or the children would write it again
+        stream.flush()
+    ppid = os.getpid()
+    pid = os.fork()
+    if pid:
+        return _Child(pid)
+    try:  # the child never returns into the launcher's code
+        ours.close()
+        _bootstrap.run_forked(_template.become(theirs.detach(), cwd, env, pythonpath, ppid))
+    except BaseException:  # noqa: BLE001 - say why, then leave: the launcher sees EOF
+        traceback.print_exc()
+    finally:
+        os._exit(1)
+
+
+class _Child:
+    """The template forked by :func:`_fork_here`, as the ``Popen`` that :class:`Template`
+    uses: ``pid``, ``wait(timeout)``, ``kill()``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.0005
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("the worker template", timeout)
+            time.sleep(pause)  # it exits as soon as its socket closes: milliseconds
+            pause = min(2 * pause, 0.02)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
