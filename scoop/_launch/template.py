@@ -7,6 +7,8 @@ imports per job instead of one per worker (issue 12), as multiprocessing's forks
     ----------------------                       --------------------------
     Template(): spawn it, config {template}  ->  imports what a worker needs; no ZeroMQ
                 (FD: a SEQPACKET socket)         context, no thread: safe to fork
+    Template(here=True): python -m scoop     ->  a fork of the launcher, which has
+      forks it before its broker starts          imported it all already (become)
     fork(wid, config): a pipe; its read end  ->  fork(); the child: own session, stdin
       (and the root's stdin) go as SCM_RIGHTS      (the root's, or /dev/null), then reads its
       config -> the pipe's write end               config on the pipe and runs as any worker
@@ -20,11 +22,21 @@ imports per job instead of one per worker (issue 12), as multiprocessing's forks
 cloudpickle): about 0.15 s of CPU per worker, seconds for 128 workers on 2 cores. A fork
 of a process that has them all costs a few milliseconds.
 
+*Forked from the launcher* (``python -m scoop``, :func:`_fork_here`): the template
+costs no interpreter start and no import at all, as multiprocessing's fork (issue 12:
+-n 2 start + one task + exit was ~3.7x ProcessPoolExecutor's, mostly the template's
+interpreter). A library's pool (``Launcher(n).start(root_in_process=True)``,
+``scoop.Executor``) still spawns it: its process may have threads and memory of its own.
+
 *What stays as it was.* A forked worker runs the same start-up (``_bootstrap.start``) from
 the same config, read from a pipe of its own (never from a command line); its command
-line is the template's (``-m scoop._start_worker FD``). The template is spawned with the
-workers' environment, so ``/proc/<pid>/environ`` of every worker carries the job's mark
-(``scoop._reaper``). Each worker asks for PDEATHSIG on its parent, the template, which
+line is the template's: ``-m scoop._start_worker FD`` when spawned, the launcher's when
+forked from it (named ``scoop-worker`` then, see ``scoop._template``). A spawned
+template gets the workers' environment from ``exec``, so ``/proc/<pid>/environ`` of every
+worker carries the job's mark (``scoop._reaper``); a forked one sets it in its own
+``os.environ``, which the processes its workers' tasks start inherit and show (the
+template's and workers' own ``/proc/<pid>/environ`` show the launcher's environment).
+Each worker asks for PDEATHSIG on its parent, the template, which
 asks for it on the launcher: a dead launcher still takes every worker with it. Remote
 hosts (ssh agents, srun, joining workers), workers of another interpreter than the
 launcher's (``--python-executable``: a wrapper may do something per process), and the
