@@ -63,6 +63,7 @@ EXIT_WALLTIME = 75
 # This worker's parent when it started (the launcher, an agent or the template): a
 # SIGTERM after it changed came from its death (PDEATHSIG).
 _parent = 0
+_prctl = None  # libc's prctl, once loaded (ctypes)
 
 
 def load_program(path: str, run_name: str) -> types.ModuleType:
@@ -170,11 +171,13 @@ def _die_with_parent(ppid: int) -> None:
     SIGTERM, not SIGKILL: the worker then ends what its tasks started (see
     :func:`_end_on_sigterm`); the watchdog ends it anyway if the handler cannot run.
     """
+    global _prctl
     try:
-        import ctypes  # only here: workers that join on their own never load it
+        if _prctl is None:  # once: the template's, inherited by every worker it forks
+            import ctypes  # only here: workers that join on their own never load it
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     if ppid and os.getppid() != ppid:
