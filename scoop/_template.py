@@ -68,9 +68,18 @@ def become(fd: int, cwd: str, env: dict[str, str], pythonpath: str | None,
         logging.root.removeHandler(handler)  # sets up its own
         handler.close()
     # Descriptors the launcher inherited (a caller's pipe) are not the workers'; Python
-    # objects of the launcher that own one are closed above or by the caller.
-    os.closerange(3, fd)
-    os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+    # objects of the launcher that own one are closed above or by the caller. The open
+    # ones are listed: a loop to the descriptor limit could take seconds (ulimit -n 1M).
+    try:
+        others = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        others = range(min(os.sysconf("SC_OPEN_MAX"), 65536))
+    for other in others:
+        if other > 2 and other != fd:
+            try:
+                os.close(other)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
