@@ -13,6 +13,13 @@ why, are in ``scoop._launch.template``).
             EOF (the launcher is done or gone) -> exit; the workers left die with it
                                                   (their PDEATHSIG)
 
+*Forked by the launcher.* ``python -m scoop`` forks its template from itself (no
+interpreter to start, no import to repeat: :func:`become`), before any thread or ZeroMQ
+context exists. Its workers' command line is then the launcher's (``ps``: ``python -m scoop
+-n 4 prog.py``, as multiprocessing's forked workers show their parent's); their process
+name (``/proc/PID/comm``: ``ps -o comm``, ``top``, ``pgrep``) says ``scoop-worker``, the
+template's ``scoop-template``. Neither shows the job key.
+
 This module stays out of ``scoop._launch``, whose package imports the launcher and the
 broker: a template needs neither, and every import here is paid once per job.
 """
@@ -20,6 +27,7 @@ broker: a template needs neither, and every import here is paid once per job.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -29,6 +37,10 @@ import threading
 
 # The largest message on the template's socket: a request or a report is a short JSON.
 MAX_MESSAGE = 4096
+# The process names (/proc/PID/comm, at most 15 bytes) of a template the launcher forked
+# from itself, and of its workers: their command line is the launcher's.
+TEMPLATE_NAME = b"scoop-template"
+WORKER_NAME = b"scoop-worker"
 
 
 def send(sock: socket.socket, body: dict, fds: list[int] = ()) -> None:
@@ -38,6 +50,55 @@ def send(sock: socket.socket, body: dict, fds: list[int] = ()) -> None:
         socket.send_fds(sock, [data], list(fds))
     else:
         sock.send(data)
+
+
+def become(fd: int, cwd: str, env: dict[str, str], pythonpath: str | None,
+           ppid: int) -> int:
+    """In a child the launcher (``ppid``) forked from itself: become the job's template on
+    the socket ``fd``, set up as a spawned one would be (``scoop._launch.template``):
+    a session of its own, no stdin, the workers' directory, environment and
+    ``sys.path``, no handler or descriptor of the launcher's.
+
+    Returns only in a forked worker, as :func:`serve`.
+    """
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for handler in logging.root.handlers[:]:  # the launcher's (its --log file): a worker
+        logging.root.removeHandler(handler)  # sets up its own
+        handler.close()
+    # Descriptors the launcher inherited (a caller's pipe) are not the workers'; Python
+    # objects of the launcher that own one are closed above or by the caller. The open
+    # ones are listed: a loop to the descriptor limit could take seconds (ulimit -n 1M).
+    try:
+        others = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        others = range(min(os.sysconf("SC_OPEN_MAX"), 65536))
+    for other in others:
+        if other > 2 and other != fd:
+            try:
+                os.close(other)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.chdir(cwd)
+    os.environ.update(env)
+    if not sys.flags.safe_path:  # sys.path[0]: a spawned `python -m`'s, its directory
+        sys.path[0] = cwd
+    sys.path[1:1] = [d for d in (pythonpath or "").split(os.pathsep) if d]
+    set_name(TEMPLATE_NAME)
+    return serve(fd, {"ppid": ppid, "name": WORKER_NAME.decode()})
+
+
+def set_name(name: bytes) -> None:
+    """Set this process's name (``/proc/self/comm``); nothing where it cannot be set."""
+    try:
+        with open("/proc/self/comm", "wb") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
 
 
 def serve(fd: int, cfg: dict) -> int:
@@ -78,6 +139,8 @@ def serve(fd: int, cfg: dict) -> int:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             for own in (sock.detach(), wake_r, wake_w):
                 os.close(own)
+            if cfg.get("name"):
+                set_name(cfg["name"].encode())
             return _become_worker(fds)
         for own in fds:
             os.close(own)

@@ -420,3 +420,34 @@ def test_more_local_workers_than_a_fork_batch(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "1"]  # all of them, one template's children
     assert not wait_no_processes(timeout=15)
+
+
+def test_workers_forked_from_the_launcher_keep_none_of_its_descriptors(tmp_path):
+    """`python -m scoop` forks its workers' template from itself: a descriptor its caller
+    gave it (a pipe here) does not reach them, as with a spawned interpreter; the
+    workers and the template say what they are in their process name."""
+    prog = write_program(tmp_path, """
+        import os, sys, time
+        from scoop import futures
+        def probe(fd, pipe):
+            time.sleep(0.02)  # so that every worker takes some
+            try:
+                held = os.readlink(f"/proc/self/fd/{fd}") == pipe
+            except OSError:
+                held = False
+            with open("/proc/self/comm") as me, open(f"/proc/{os.getppid()}/comm") as up:
+                return held, me.read().strip(), up.read().strip()
+        if __name__ == "__main__":
+            fd, pipe = int(sys.argv[1]), sys.argv[2]
+            print(sorted(set(futures.map(probe, [fd] * 30, [pipe] * 30))))
+    """)
+    r, w = os.pipe()
+    try:
+        pipe = os.readlink(f"/proc/self/fd/{w}")
+        out = subprocess.run([sys.executable, "-m", "scoop", "-n", "3", prog, str(w), pipe],
+                             pass_fds=(w,), capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(w)
+        os.close(r)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[(False, 'scoop-worker', 'scoop-template')]"

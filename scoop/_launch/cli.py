@@ -33,10 +33,10 @@ import traceback
 
 import scoop
 
-from .. import _broker, _hosts
+from .. import _bootstrap, _broker, _hosts
 from .._errors import LaunchError
 from .._files import create_private, read_regular
-from .launcher import Launcher
+from .launcher import Launcher, template_here
 from .remote import cpu_count, host_cpu_counts
 from .walltime import WallClock, parse_duration
 
@@ -325,8 +325,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``python -m scoop [options] program.py [args]``; return the exit status."""
-    ns = _parse(sys.argv[1:] if argv is None else list(argv))
+    """Run ``python -m scoop [options] program.py [args]``; return the exit status. With
+    ``argv`` None (the command line's), end the process instead, skipping the teardown
+    of every module (its processes are all gone by then)."""
+    status = _main(sys.argv[1:] if argv is None else list(argv))
+    if argv is None:
+        _bootstrap.exit_now(status)
+    return status
+
+
+def _main(argv: list[str]) -> int:
+    ns = _parse(argv)
     level = _log_level(ns)
     if ns.log:
         try:
@@ -369,6 +378,7 @@ def _run(launcher: Launcher, hosts: list[tuple[str, int]], clock: WallClock) -> 
     """Start the job, wait for its end, stop it whatever happens; return its status."""
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        launcher.template = template_here(launcher.job)  # no thread nor ZeroMQ yet
         launcher.start()
         clock.start()
         if launcher.job.elastic:

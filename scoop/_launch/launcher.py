@@ -38,6 +38,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -150,7 +151,7 @@ class Launcher:
             self.worker_address = address.worker_address(route, job, self.broker.address)
             if job.accepts_joiners:
                 self.write_job_file()
-            if self.forks_workers:
+            if self.forks_workers and self.template is None:
                 self.template = _template(job, root_in_process)
             # The root starts last, once every remote worker has joined: a host that
             # cannot take part stops the job before the program runs, not halfway.
@@ -261,7 +262,7 @@ class Launcher:
                           file=sys.stderr, flush=True)
                 return _agent.shell_status(code)
             self.check_workers()
-            time.sleep(WATCH_PERIOD_S)
+            _pause(root)
 
     def check_workers(self) -> None:
         """Report each non-root worker that ended before the job did (once), to the log
@@ -321,6 +322,15 @@ class Launcher:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _pause(root) -> None:
+    """Wait :data:`WATCH_PERIOD_S`, or less if the root ends meanwhile: the launcher's
+    exit follows the program's without a pause."""
+    try:
+        root.wait(WATCH_PERIOD_S)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _start_broker(job: Job, creds: Credentials, host: str, clients: int) -> _broker.Broker:
@@ -386,8 +396,17 @@ def _start_local(launcher: Launcher, wids: list[int]) -> dict:
     return dict(zip(wids, procs))
 
 
-def _template(job: Job, root_in_process: bool) -> Template | None:
-    """The template that forks the job's local workers, if forking pays (FORK_FROM)."""
+def template_here(job: Job) -> Template | None:
+    """The template of ``job``'s local workers forked from this process, for
+    :attr:`Launcher.template` before :meth:`Launcher.start`: the command line's, which
+    has no thread and no ZeroMQ context yet (a library's process may have both, and
+    memory its workers would not need); None if forking does not pay."""
+    return _template(job, False, here=threading.active_count() == 1)  # or spawned
+
+
+def _template(job: Job, root_in_process: bool, here: bool = False) -> Template | None:
+    """The template that forks the job's local workers, if forking pays (FORK_FROM);
+    ``here``: forked from this process (:func:`template_here`)."""
     local = sum(len(row.wids) for row in job.placements(root_in_process)
                 if row.how == "local")
     # Another interpreter (--python-executable, often a wrapper script) may do something
@@ -395,6 +414,6 @@ def _template(job: Job, root_in_process: bool) -> Template | None:
     if local < FORK_FROM or job.python != sys.executable:
         return None
     try:
-        return Template(job.python, job.cwd, job.pythonpath, job.id)
+        return Template(job.python, job.cwd, job.pythonpath, job.id, here=here)
     except _agent.SpawnError as exc:
         raise LaunchError(str(exc)) from None

@@ -7,6 +7,8 @@ imports per job instead of one per worker (issue 12), as multiprocessing's forks
     ----------------------                       --------------------------
     Template(): spawn it, config {template}  ->  imports what a worker needs; no ZeroMQ
                 (FD: a SEQPACKET socket)         context, no thread: safe to fork
+    Template(here=True): python -m scoop     ->  a fork of the launcher, which has
+      forks it before its broker starts          imported it all already (become)
     fork(wid, config): a pipe; its read end  ->  fork(); the child: own session, stdin
       (and the root's stdin) go as SCM_RIGHTS      (the root's, or /dev/null), then reads its
       config -> the pipe's write end               config on the pipe and runs as any worker
@@ -20,11 +22,21 @@ imports per job instead of one per worker (issue 12), as multiprocessing's forks
 cloudpickle): about 0.15 s of CPU per worker, seconds for 128 workers on 2 cores. A fork
 of a process that has them all costs a few milliseconds.
 
+*Forked from the launcher* (``python -m scoop``, :func:`_fork_here`): the template
+costs no interpreter start and no import at all, as multiprocessing's fork (issue 12:
+-n 2 start + one task + exit was ~3.7x ProcessPoolExecutor's, mostly the template's
+interpreter). A library's pool (``Launcher(n).start(root_in_process=True)``,
+``scoop.Executor``) still spawns it: its process may have threads and memory of its own.
+
 *What stays as it was.* A forked worker runs the same start-up (``_bootstrap.start``) from
 the same config, read from a pipe of its own (never from a command line); its command
-line is the template's (``-m scoop._start_worker FD``). The template is spawned with the
-workers' environment, so ``/proc/<pid>/environ`` of every worker carries the job's mark
-(``scoop._reaper``). Each worker asks for PDEATHSIG on its parent, the template, which
+line is the template's: ``-m scoop._start_worker FD`` when spawned, the launcher's when
+forked from it (named ``scoop-worker`` then, see ``scoop._template``). A spawned
+template gets the workers' environment from ``exec``, so ``/proc/<pid>/environ`` of every
+worker carries the job's mark (``scoop._reaper``); a forked one sets it in its own
+``os.environ``, which the processes its workers' tasks start inherit and show (the
+template's and workers' own ``/proc/<pid>/environ`` show the launcher's environment).
+Each worker asks for PDEATHSIG on its parent, the template, which
 asks for it on the launcher: a dead launcher still takes every worker with it. Remote
 hosts (ssh agents, srun, joining workers), workers of another interpreter than the
 launcher's (``--python-executable``: a wrapper may do something per process), and the
@@ -40,8 +52,10 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import traceback
 
 from .. import _agent, _reaper
 from .._template import MAX_MESSAGE, send
@@ -64,23 +78,28 @@ class Template:
         SpawnError: the interpreter could not be started.
     """
 
-    def __init__(self, python: str, cwd: str, pythonpath: str | None, job: str) -> None:
+    def __init__(self, python: str, cwd: str, pythonpath: str | None, job: str,
+                 here: bool = False) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = _agent.worker_env(pythonpath)
         env[_reaper.JOB] = job  # inherited by every worker forked from it
         try:
-            self.proc = subprocess.Popen(
-                [python, "-m", _agent.WORKER_MODULE, str(theirs.fileno())],
-                stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True,
-                pass_fds=(theirs.fileno(),))
+            if here:  # python is this interpreter (the caller checks it)
+                self.proc = _fork_here(theirs, self.sock, cwd, env, pythonpath)
+            else:
+                self.proc = subprocess.Popen(
+                    [python, "-m", _agent.WORKER_MODULE, str(theirs.fileno())],
+                    stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True,
+                    pass_fds=(theirs.fileno(),))
         except OSError as exc:
             self.sock.close()
             raise _agent.SpawnError(f"cannot start a worker with {python!r}: {exc}. "
                                     "Check --python-executable.") from exc
         finally:
             theirs.close()
-        # Its config, as a worker's: one JSON line (see scoop._bootstrap.main).
-        self.sock.send(json.dumps({"template": True, "ppid": os.getpid()}).encode() + b"\n")
+        if not here:  # its config, as a worker's: one JSON line (scoop._bootstrap.main)
+            self.sock.send(json.dumps({"template": True, "ppid": os.getpid()}).encode()
+                           + b"\n")
         self.workers: dict[int, Forked] = {}  # by pid
         self._lock = threading.Lock()  # the launcher's watcher and a library's thread
 
@@ -209,3 +228,69 @@ class Forked:
 
     def __repr__(self) -> str:
         return f"<Forked worker pid={self.pid} returncode={self.returncode}>"
+
+
+def _fork_here(theirs: socket.socket, ours: socket.socket, cwd: str, env: dict[str, str],
+               pythonpath: str | None) -> _Child:
+    """Fork the template from this process (``scoop._template.become``), which must have
+    no other thread and no ZeroMQ context: what a worker needs is imported first, once."""
+    from .. import _bootstrap, _template, _watchdog, futures  # noqa: F401
+    from .._runtime import link  # noqa: F401 - ZeroMQ's module, not a context
+
+    if threading.active_count() != 1:
+        raise OSError("this process has threads; it cannot fork")
+    for stream in (sys.stdout, sys.stderr):  # or the children would write it again
+        stream.flush()
+    ppid = os.getpid()
+    pid = os.fork()
+    if pid:
+        return _Child(pid)
+    try:  # the child never returns into the launcher's code
+        ours.close()
+        _bootstrap.run_forked(_template.become(theirs.detach(), cwd, env, pythonpath, ppid))
+    except BaseException:  # noqa: BLE001 - say why, then leave: the launcher sees EOF
+        traceback.print_exc()
+    finally:
+        os._exit(1)
+
+
+class _Child:
+    """The template forked by :func:`_fork_here`, as the ``Popen`` that :class:`Template`
+    uses: ``pid``, ``wait(timeout)``, ``kill()``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.poll() is None:
+            # It exits as soon as its socket closes: woken by its end (a pidfd, Linux 5.3),
+            # not by a polling step (those cost ~5 ms at the end of every job)
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except (AttributeError, OSError):  # too old: a step of 10 ms
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while self.poll() is None and (deadline is None
+                                               or time.monotonic() < deadline):
+                    time.sleep(0.01)
+            else:
+                try:
+                    select.select([pidfd], [], [], timeout)
+                finally:
+                    os.close(pidfd)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired("the worker template", timeout)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
