@@ -295,7 +295,7 @@ def start(cfg: dict) -> bool:
     wid, root = worker.wid, worker.wid == 0
     if cfg.get("job"):
         os.environ[_reaper.JOB] = cfg["job"]  # a joining worker was not started with it
-    tag = _reaper.mark_worker(wid)
+    _reaper.mark_worker(wid)
     watchdog = Watchdog(
         cfg["address"], creds, wid, ctx=worker.link.ctx, deadlines=worker.deadlines,
         timeout=cfg.get("broker_timeout", BROKER_TIMEOUT_S),
@@ -309,7 +309,7 @@ def start(cfg: dict) -> bool:
             sys.exit(_run_root(worker, cfg))
         _run_worker(worker, cfg)
     finally:
-        _reaper.end_marked(_reaper.WORKER, tag)  # what the tasks started ends with us
+        _reaper.end_own()  # what the tasks started ends with us
         _shm.sweep_own(worker.shm)  # the job is over: nobody maps them any more
     return True
 
@@ -362,7 +362,7 @@ def leave_job() -> None:
 def _end_on_sigterm(signum: int, frame) -> None:
     """SIGTERM (the launcher's stop, or its death): end what this worker's tasks started,
     then die of the signal, as without this handler."""
-    _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+    _reaper.end_own(grace=0.5)
     if _parent and os.getppid() != _parent:
         # PDEATHSIG: the launcher (or template) is dead and cannot sweep /dev/shm. Not
         # otherwise: results in flight to their owner must stay readable.

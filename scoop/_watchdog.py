@@ -142,7 +142,7 @@ class Watchdog(threading.Thread):
                         "it leaves anyway (the task runs again elsewhere)", self.wid)
             link.send(P.LEAVE, arg=1)
             link.close(1000)  # the message leaves before the process does
-            _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+            _reaper.end_own(grace=0.5)
             os._exit(0)
 
     def _slice(self, left: float) -> float:
@@ -161,13 +161,13 @@ class Watchdog(threading.Thread):
         for msg in link.request(P.TIMEOUT, TIMEOUT_ACK_S, body=body):
             if msg.kind == P.STOP:
                 break
-        _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+        _reaper.end_own(grace=0.5)
         os._exit(EXIT_TASK_TIMEOUT)
 
     def _exit(self, silence: float) -> None:
         log.error("worker %d: the broker at %s has not answered for %.0f s; the job is gone, "
                   "exiting", self.wid, self.address, silence)
-        _reaper.end_marked(_reaper.WORKER, os.environ.get(_reaper.WORKER, ""), grace=0.5)
+        _reaper.end_own(grace=0.5)
         _shm.sweep_own(os.environ.get(_reaper.JOB))  # no launcher is left to sweep them
         os._exit(1)
 

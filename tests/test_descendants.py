@@ -1,7 +1,7 @@
 """Processes that tasks start do not outlive the job, however it ends (issue 9).
 
 Tasks on the root and on another worker start a ``subprocess.Popen`` child, a fork+exec
-child and a ``setsid`` double-forked daemon; after a normal exit, a SIGTERM and a SIGKILL
+child, a ``setsid`` double-forked daemon and a child forked without exec; after a normal exit, a SIGTERM and a SIGKILL
 of the launcher, none of them is left. Over ssh test hosts, the host agent does the same.
 """
 
@@ -33,6 +33,11 @@ SPAWNER = """
             pid = os.fork()
             if pid == 0:
                 os.execv(sys.executable, SLEEP)
+        elif kind == "forkonly":  # no exec: /proc shows it its parent's first environment
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(120)
+                os._exit(0)
         else:  # a daemon: leaves the process group and the session, parent gone
             r, w = os.pipe()
             if os.fork() == 0:
@@ -47,7 +52,8 @@ SPAWNER = """
         return scoop.worker, kind, pid
 
     if __name__ == "__main__":
-        started = list(futures.map(spawn, ["popen", "forkexec", "daemon"] * 4))
+        kinds = ["popen", "forkexec", "daemon", "forkonly"]
+        started = list(futures.map(spawn, kinds * 4, chunksize=1))
         print(" ".join(str(pid) for _, _, pid in started), flush=True)
         print("workers", sorted({w for w, _, _ in started}), flush=True)
         if sys.argv[1] == "wait":
@@ -74,7 +80,7 @@ def test_processes_started_by_tasks_end_with_the_job(tmp_path, ending):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == 12, proc.stderr.read() if proc.poll() is not None else pids
+        assert len(pids) == 16, proc.stderr.read() if proc.poll() is not None else pids
         assert proc.stdout.readline().strip() == "workers [0, 1]", "one worker ran them all"
         if ending != "exit":
             proc.send_signal(signal.SIGTERM if ending == "sigterm" else signal.SIGKILL)
