@@ -458,8 +458,8 @@ def test_batch_scheduler_allocation_runs_on_its_hosts(hosts, tmp_path, kind):
 
 @pytest.mark.parametrize("ending", ["exit", "sigkill"])
 def test_processes_started_by_remote_tasks_end_with_the_job(hosts, tmp_path, ending):
-    """A remote worker's task children, fork+exec children and setsid daemons end with
-    the job: the worker ends its own, the host agent what a dead worker left."""
+    """A remote worker's task children (Popen, fork+exec, fork alone) and setsid daemons
+    end with the job: the worker ends its own, the host agent what a dead worker left."""
     from test_descendants import SPAWNER, assert_all_gone
 
     prog = write_program(tmp_path, SPAWNER)
@@ -469,7 +469,7 @@ def test_processes_started_by_remote_tasks_end_with_the_job(hosts, tmp_path, end
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == 12, proc.stderr.read() if proc.poll() is not None else pids
+        assert len(pids) == 16, proc.stderr.read() if proc.poll() is not None else pids
         assert proc.stdout.readline().strip() == "workers [0, 1]", "none ran on the host"
         if ending == "sigkill":
             proc.kill()
