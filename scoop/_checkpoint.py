@@ -81,7 +81,8 @@ all of ``call``, ``index`` and the item key match.
   The ordinal (rather than the input's fingerprint, which a streaming map does not
   know before it has read all its input) also keeps apart two maps of one function on
   the same input: a function that draws random numbers gets fresh draws in each.
-  :func:`new_run` counts from 0 again in a long-lived process (a notebook).
+  :func:`new_run` counts from 0 again in a long-lived process; in IPython (a notebook)
+  each cell run does, so a cell run again resumes its maps.
 * **The item key** is an encoding of the item, or its SHA-256 (128 bits kept) when the
   encoding is 16 bytes or longer: ``repr()`` for None, bools, ints, floats, complex
   numbers, strings, bytes and tuples, lists and dicts (in their order) of those; a
@@ -161,6 +162,7 @@ import pickle
 import sqlite3
 import stat
 import struct
+import sys
 import threading
 import time
 import types
@@ -651,6 +653,21 @@ def new_run() -> None:
         _ordinals.clear()
 
 
+_cells_counted = False
+
+
+def _count_cells_as_runs() -> None:
+    """In IPython (a notebook, a console), each cell run counts as a run of the program:
+    a cell run again (after an interrupt, an error, a fix) resumes its maps."""
+    global _cells_counted
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None or _cells_counted:
+        return
+    _cells_counted = True
+    shell.events.register("pre_run_cell", lambda *info: new_run())
+
+
 @atexit.register
 def _close_all() -> None:
     """Write the last batches of maps the program left unfinished."""
@@ -701,6 +718,7 @@ class Checkpoint:
         name = _describe(func)
         fkey = function_key(func, key)
         real = os.path.realpath(os.fspath(path))
+        _count_cells_as_runs()
         with _stores_lock:
             store = _stores.get(real)
             if store is None:

@@ -22,6 +22,12 @@ from jupyter_client import KernelManager  # noqa: E402 - comes with nbclient
 
 pytestmark = [pytest.mark.timeout(110), pytest.mark.usefixtures("no_leftovers")]
 
+CHECKPOINTED_CELL = """def counted(x):
+    with open("computed", "a") as f:
+        f.write(f"{x}\\n")
+    return 2 * x
+
+got = list(pool.map(counted, range(30), checkpoint="cells.db"))"""
 CELLS = [
     # 0: the pool
     """import os, time
@@ -77,6 +83,10 @@ pool.submit(explode, 7).result()""",
     # 7: what tasks print shows in the cell that runs when it arrives
     """pool.submit(print, "printed by a worker").result()
 time.sleep(0.5)""",
+    # 8, 9: a checkpointed map, and its cell run again: it resumes, nothing recomputed
+    *[CHECKPOINTED_CELL] * 2,
+    # 10
+    """print(len(open("computed").read().split()), got == [2 * x for x in range(30)])""",
 ]
 INTERRUPTED, FAILING = 3, 5
 
@@ -109,6 +119,7 @@ def test_notebook_cells_run_on_the_pool(tmp_path):
     assert 'return {}["missing key " + str(x)]' in traceback  # the cell's own line
     assert _outputs(cells[6]).split() == ["with", "[0,", "1,", "4,", "9]", "8", "True"]
     assert _outputs(cells[7]) == "printed by a worker\n"
+    assert _outputs(cells[10]) == "30 True\n"  # each item computed once
     assert not wait_no_processes(timeout=15)
 
 
