@@ -216,6 +216,19 @@ CASES = [
           ("hello", 2), ("tasks", 0, "b"), ("ready", 2, 5), ("dispatch",)],
          ["w1 TASKS a", "sandbox 2", "w2 WELCOME", "w2 TASKS a"], queue="b",
          workers=2, sandboxes=1),
+    Case("a sandbox does not count among the workers on standby: the root on standby "
+         "beside a sandbox at work (with credit) is forced ordinary work",
+         [("tasks", 0, "a b"), ("ready", 1, 1), ("dispatch",), ("lost", 1), ("hello", 2),
+          ("standby", 0), ("ready", 2, 3), ("dispatch",)],
+         ["w1 TASKS a", "sandbox 2", "w2 WELCOME", "w2 TASKS a", "w0 TASKS! b"],
+         held={0: "b", 2: "a"}, workers=2, sandboxes=1),
+    Case("a sandbox takes the groups its tasks submit; the root on standby is not forced "
+         "them while the sandbox works, only once it stands by too",
+         [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("lost", 1), ("hello", 2),
+          ("ready", 2, 1), ("dispatch",), ("tasks", 2, "c d"), ("ready", 2, 1),
+          ("standby", 0), ("dispatch",), ("dispatch",), ("standby", 2), ("dispatch",)],
+         ["w1 TASKS a", "sandbox 2", "w2 WELCOME", "w2 TASKS a", "w2 TASKS c",
+          "w0 TASKS! d"], held={0: "d", 2: "a c"}, workers=2, sandboxes=1),
     Case("a stranded suspect group fails once the sandbox asked for has not joined in "
          "time and the budget is out",
          [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("lost", 1), ("tick",),
