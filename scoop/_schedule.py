@@ -43,7 +43,8 @@ untouched. Finished groups listed in it are dropped from the sender's held set.
 running (its oldest unfinished group: a worker starts its groups in the order it got
 them) is charged an attempt. Groups of map chunks (tag bit RESUMABLE) are not queued
 again: their owner is told (LOST) and sends back what they had not finished, in pieces,
-charging the items that were running (``scoop._chunks``).
+charging the items that were running (``scoop._chunks``). The groups a dead worker
+submitted are dropped, queued or held by another dead worker: nobody waits for them.
 
 *Suspect groups.* What a dead worker held is marked SUSPECT (which group killed it is a
 guess): the root, whose death ends the job, never gets it. With no other worker left,
@@ -621,19 +622,20 @@ class Recovery:
         tell the owners of map chunks, which resume them. Without ``blame`` (a time
         limit ended it: what killed it is known) no group is charged an attempt or
         marked SUSPECT; a group is still charged as held (a bound on loops). A worker
-        that was leaving (LEAVE) was not killed by its work: nothing is charged at all."""
+        that was leaving (LEAVE) was not killed by its work: nothing is charged at all.
+        Groups whose owner is gone (this worker, or one lost before) are dropped."""
         clean = peer.leaving
         running = next(iter(peer.held), None) if blame and not clean else None
         requeued = []
         out: list[Out] = []
         chunks: dict[int, list] = {}  # owner -> [[running, tids], ...]
         for key, parcel in peer.held.items():
+            if parcel.peer not in self.roster.by_wid:
+                self.losses.pop(key, None)
+                continue
             if parcel.tag & P.RESUMABLE:
                 chunks.setdefault(parcel.peer, []).append(
                     [int(key == running), P.task_ids(parcel).tolist()])
-                continue
-            if clean:
-                requeued.append(parcel)
                 continue
             if clean:
                 requeued.append(parcel)
@@ -650,14 +652,27 @@ class Recovery:
                 out += self._fail(parcel, ran, held, how)
         self.queue.extendleft(reversed(requeued))
         for owner_wid, groups in chunks.items():
-            owner = self.roster.by_wid.get(owner_wid)
-            if owner is not None:
-                out.append(Send(owner.ident, P.LOST, body={
-                    "how": how, "groups": groups, "blameless": not blame, "clean": clean}))
+            out.append(Send(self.roster.by_wid[owner_wid].ident, P.LOST, body={
+                "how": how, "groups": groups, "blameless": not blame, "clean": clean}))
         log.warning("broker: worker %d (pid %s on %s) is gone (%s); %d task group(s) it "
-                    "held will run again", peer.wid, peer.pid, peer.host, how,
-                    len(requeued) + sum(len(g) for g in chunks.values()))
+                    "held will run again%s", peer.wid, peer.pid, peer.host, how,
+                    len(requeued) + sum(len(g) for g in chunks.values()),
+                    self._drop_orphans(peer.wid))
         return out
+
+    def _drop_orphans(self, wid: int) -> str:
+        """Drop the queued groups that worker ``wid``, gone, submitted: their results
+        would have nowhere to go (run anyway, they kept a sandbox, or the root forced
+        them one at a time, from the work still wanted). Says how many, for the log."""
+        keep = [parcel for parcel in self.queue if parcel.peer != wid]
+        dropped = len(self.queue) - len(keep)
+        if not dropped:
+            return ""
+        self.queue.clear()
+        self.queue.extend(keep)
+        for key in [key for key in self.losses if key[0] == wid]:
+            del self.losses[key]
+        return f"; {dropped} queued group(s) it submitted are dropped"
 
     def stranded(self, how: str, now: float) -> list[Out]:
         """Suspect or limited groups, once no worker but the root is left to run them: a
