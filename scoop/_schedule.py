@@ -48,9 +48,10 @@ submitted are dropped, queued or held by another dead worker: nobody waits for t
 
 *Suspect groups.* What a dead worker held is marked SUSPECT (which group killed it is a
 guess): the root, whose death ends the job, never gets it. With no other worker left,
-the launcher is asked for a sandbox worker that takes only suspect groups, and the groups
-their tasks submit (their children: they are its to run, not the root's); when it cannot
-start one (any more), they fail with WorkerLostError and the program goes on.
+the launcher is asked for a sandbox worker that takes only suspect groups, the groups
+their tasks submit (their children: they are its to run, not the root's), and limited
+ones (which the root never takes either: beside a sandbox, nobody else would); when it
+cannot start one (any more), they fail with WorkerLostError and the program goes on.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class Peer:
         self.held: dict[Key, P.Parcel] = {}  # in the order it got them
         self.pid = pid
         self.host = host
-        self.sandbox = False  # started to run only suspect groups
+        self.sandbox = False  # started to run suspect groups (see Schedule._take)
         self.leaving = False  # it leaves on purpose (LEAVE): gets no work, charged nothing
 
     def __repr__(self) -> str:
@@ -505,8 +506,9 @@ class Schedule(_WatchdogTalk):
     def _take(self, peer: Peer, n: int, forced: bool = False) -> list[P.Parcel]:
         """Up to ``n`` queued groups for ``peer``, first in line first; for the root, only
         groups that killed no worker (not SUSPECT) and have no time limit (not LIMITED):
-        its death would end the job; for a sandbox worker, only SUSPECT ones and those it
-        submitted itself (a suspect task's children: nobody else may be free for them).
+        its death would end the job; for a sandbox worker, only SUSPECT or LIMITED ones
+        and those it submitted itself (a suspect task's children: nobody else may be
+        free for them).
         ``forced`` (``peer`` stands by): none that a sandbox at work takes itself."""
         queue = self.queue
         if peer.wid != 0 and not peer.sandbox and not forced:
@@ -524,7 +526,7 @@ class Schedule(_WatchdogTalk):
     @staticmethod
     def _may_take(peer: Peer, parcel: P.Parcel) -> bool:
         if peer.sandbox:
-            return bool(parcel.tag & P.SUSPECT) or parcel.peer == peer.wid
+            return bool(parcel.tag & (P.SUSPECT | P.LIMITED)) or parcel.peer == peer.wid
         return peer.wid != 0 or not parcel.tag & (P.SUSPECT | P.LIMITED)
 
     def _sandbox_runs(self, parcel: P.Parcel) -> bool:

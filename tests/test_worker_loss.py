@@ -154,6 +154,34 @@ def test_every_other_worker_dies_running_nested_parents(tmp_path, workers):
     assert "starting sandbox worker" in out.stderr
 
 
+def test_limited_tasks_beside_a_sandbox_run_on_it(tmp_path):
+    """The only other worker died: the root, which never runs a task with a time limit,
+    is left with a sandbox worker, which runs them (they used to wait forever)."""
+    marker = tmp_path / "killed"
+    prog = write_program(tmp_path, f"""
+        import os, scoop
+        from scoop import futures
+        def leaf(i):
+            return i
+        def parent(n):
+            total = sum(k.result() for k in [futures.submit(leaf, i) for i in range(n)])
+            if scoop.worker == 1 and not os.path.exists({str(marker)!r}):
+                open({str(marker)!r}, "w").close()
+                os._exit(9)                 # dies after its children ran
+            return total
+        def where(x):
+            return x * x, scoop.worker
+        if __name__ == "__main__":
+            print([f.result(timeout=60) for f in [futures.submit(parent, 10) for _ in range(3)]])
+            got = list(futures.map(where, range(4), timeout=60, task_timeout=30))
+            print([v for v, _ in got], sorted({{w for _, w in got}}))
+    """)
+    out = run_scoop("-n", "2", "-v", prog, timeout=85)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[45, 45, 45]", "[0, 1, 4, 9] [2]"]
+    assert "starting sandbox worker 2" in out.stderr
+
+
 def test_task_started_before_a_timed_wait_is_not_lost_with_its_worker(tmp_path):
     """A worker that hands back the rest of a group keeps responsibility for the task it
     is running: if it then dies, that task runs again (reproducer from bench/soak.py)."""
