@@ -423,10 +423,10 @@ def test_dispatch_walks_no_roster_of_every_worker() -> None:
 
 @pytest.mark.parametrize("seed", range(20))
 def test_random_walk_loses_and_duplicates_no_group(seed: int) -> None:
-    """Random events from workers (the root submits; others come, take, finish, hand back
-    and die): every group is, at each step, in exactly one place (queued, held by one
-    worker, finished or failed); the root never holds a suspect group, a sandbox worker
-    nothing else."""
+    """Random events from workers (they submit, come, take, finish, hand back and die):
+    every group is, at each step, in exactly one place (queued, held by one worker,
+    finished or failed), or none once its owner is gone; the root never holds a suspect
+    group, a sandbox worker nothing else but its own."""
     rng = random.Random(seed)
     world = World(workers=4, max_attempts=2, sandboxes=2)
     done: set[str] = set()
@@ -438,7 +438,7 @@ def test_random_walk_loses_and_duplicates_no_group(seed: int) -> None:
         event = rng.choice(["tasks", "ready", "ready", "standby", "return", "results",
                             "lost", "tick", "join", "wait"])
         if event == "tasks":
-            steps = [("tasks", 0, f"g{step}")]
+            steps = [("tasks", rng.choice([0, 0, wid]), f"g{step}")]
         elif event == "ready":
             steps = [("ready", wid, rng.randint(1, 3))]
         elif event == "standby":
@@ -466,9 +466,12 @@ def test_random_walk_loses_and_duplicates_no_group(seed: int) -> None:
         for name in [*world.queue().split(), *done, *failed,
                      *(world.name(k) for p in world.s.roster.peers.values() for k in p.held)]:
             places[name] = places.get(name, 0) + 1
-        assert places == dict.fromkeys(world.groups, 1)
+        gone = {n for n, p in world.groups.items() if p.peer not in world.s.roster.by_wid}
+        assert {n: c for n, c in places.items() if c != 1} == {}
+        assert set(world.groups) - set(places) <= gone
         for peer in world.s.roster.peers.values():
-            kinds = {bool(world.groups[world.name(k)].tag & P.SUSPECT) for k in peer.held}
+            kinds = {bool(p.tag & P.SUSPECT) for p in peer.held.values()
+                     if p.peer != peer.wid or not peer.sandbox}
             assert kinds <= ({True} if peer.sandbox else {False} if peer.wid == 0 else
                              {True, False})
             assert peer.forced <= set(peer.held)
