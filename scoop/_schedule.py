@@ -412,11 +412,13 @@ class Schedule(_WatchdogTalk):
     def returned(self, peer: Peer, parcels: Sequence[P.Parcel], now: float) -> list[Out]:
         """``peer`` hands groups back, first in line again: a whole group under its own id
         (dropped from its hold), a partial one under a fresh id (it still holds the
-        original), or the pieces an owner cut from its lost map chunks."""
+        original), or the pieces an owner cut from its lost map chunks. Those of an
+        owner gone meanwhile are dropped (see Recovery.lost)."""
         for parcel in reversed(parcels):
             peer.held.pop((parcel.peer, parcel.tag), None)
             peer.forced.discard((parcel.peer, parcel.tag))
-            self.queue.appendleft(parcel)
+            if parcel.peer in self.roster.by_wid:
+                self.queue.appendleft(parcel)
         return self._stranded("a worker died running it or a task sent with it", now)
 
     def results(self, peer: Peer, parcels: Iterable[P.Parcel], done: Iterable[Key],
@@ -508,8 +510,8 @@ class Schedule(_WatchdogTalk):
         groups that killed no worker (not SUSPECT) and have no time limit (not LIMITED):
         its death would end the job; for a sandbox worker, only SUSPECT or LIMITED ones
         and those it submitted itself (a suspect task's children: nobody else may be
-        free for them).
-        ``forced`` (``peer`` stands by): none that a sandbox at work takes itself."""
+        free for them). ``forced`` (``peer`` stands by): none that a sandbox at work
+        takes itself."""
         queue = self.queue
         if peer.wid != 0 and not peer.sandbox and not forced:
             return [queue.popleft() for _ in range(min(n, len(queue)))]
@@ -517,17 +519,11 @@ class Schedule(_WatchdogTalk):
         for parcel in queue:
             if len(taken) == n:
                 break
-            if self._may_take(peer, parcel) and not (forced and self._sandbox_runs(parcel)):
+            if _may_take(peer, parcel) and not (forced and self._sandbox_runs(parcel)):
                 taken.append(parcel)
         for parcel in taken:
             queue.remove(parcel)
         return taken
-
-    @staticmethod
-    def _may_take(peer: Peer, parcel: P.Parcel) -> bool:
-        if peer.sandbox:
-            return bool(parcel.tag & (P.SUSPECT | P.LIMITED)) or parcel.peer == peer.wid
-        return peer.wid != 0 or not parcel.tag & (P.SUSPECT | P.LIMITED)
 
     def _sandbox_runs(self, parcel: P.Parcel) -> bool:
         """Whether ``parcel`` is a sandbox's own, and that sandbox will ask for it."""
@@ -560,6 +556,13 @@ class Schedule(_WatchdogTalk):
                 peer.forced.add(key)
                 out.append(Send(peer.ident, P.TASKS, arg=1, parcels=taken))
         return out
+
+
+def _may_take(peer: Peer, parcel: P.Parcel) -> bool:
+    """Whether ``peer`` may run ``parcel`` (see :meth:`Schedule._take`)."""
+    if peer.sandbox:
+        return bool(parcel.tag & (P.SUSPECT | P.LIMITED)) or parcel.peer == peer.wid
+    return peer.wid != 0 or not parcel.tag & (P.SUSPECT | P.LIMITED)
 
 
 class Recovery:
@@ -656,25 +659,25 @@ class Recovery:
         for owner_wid, groups in chunks.items():
             out.append(Send(self.roster.by_wid[owner_wid].ident, P.LOST, body={
                 "how": how, "groups": groups, "blameless": not blame, "clean": clean}))
+        dropped = self._drop_orphans(peer.wid)
         log.warning("broker: worker %d (pid %s on %s) is gone (%s); %d task group(s) it "
                     "held will run again%s", peer.wid, peer.pid, peer.host, how,
                     len(requeued) + sum(len(g) for g in chunks.values()),
-                    self._drop_orphans(peer.wid))
+                    f"; {dropped} queued group(s) it submitted are dropped" if dropped else "")
         return out
 
-    def _drop_orphans(self, wid: int) -> str:
+    def _drop_orphans(self, wid: int) -> int:
         """Drop the queued groups that worker ``wid``, gone, submitted: their results
         would have nowhere to go (run anyway, they kept a sandbox, or the root forced
-        them one at a time, from the work still wanted). Says how many, for the log."""
+        them one at a time, from the work still wanted). Returns how many."""
         keep = [parcel for parcel in self.queue if parcel.peer != wid]
         dropped = len(self.queue) - len(keep)
-        if not dropped:
-            return ""
-        self.queue.clear()
-        self.queue.extend(keep)
-        for key in [key for key in self.losses if key[0] == wid]:
-            del self.losses[key]
-        return f"; {dropped} queued group(s) it submitted are dropped"
+        if dropped:
+            self.queue.clear()
+            self.queue.extend(keep)
+            for key in [key for key in self.losses if key[0] == wid]:
+                del self.losses[key]
+        return dropped
 
     def stranded(self, how: str, now: float) -> list[Out]:
         """Suspect or limited groups, once no worker but the root is left to run them: a

@@ -182,11 +182,11 @@ CASES = [
          [("tasks", 0, "a b c d"), ("ready", 1, 2), ("dispatch",), ("lost", 1)],
          ["w1 TASKS a b"], queue="a b c d", losses={"a": (1, 1), "b": (0, 1)},
          suspect="a b"),
-    Case("groups of a lost worker's own are dropped, queued or held by a worker lost "
-         "later: their results have nowhere to go",
-         [("tasks", 2, "c d"), ("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",),
-          ("lost", 2), ("lost", 1)],
-         ["w1 TASKS c"], queue="a", losses={}),
+    Case("groups of a lost worker's own are dropped, queued, handed back or held by a "
+         "worker lost later: their results have nowhere to go",
+         [("tasks", 2, "c d e"), ("tasks", 0, "a"), ("ready", 1, 2), ("dispatch",),
+          ("lost", 2), ("return", 1, "d"), ("lost", 1)],
+         ["w1 TASKS c d"], queue="a", losses={}),
     Case("a group that killed max_attempts workers fails for its owner; the job goes on",
          [("tasks", 0, "a b"), ("ready", 1, 1), ("dispatch",), ("lost", 1),
           ("ready", 2, 1), ("dispatch",), ("lost", 2), ("ready", 3, 1), ("dispatch",)],
