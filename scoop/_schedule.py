@@ -32,6 +32,9 @@ work queued: a finished group cost 100 us with 2,000 workers and 440 with 10,000
 
 *Standby.* A worker waiting with a deadline takes no work (WITHDRAW 1) unless every worker
 is on standby: then each gets one group to run anyway ("forced"), so the job never stalls.
+Sandbox workers do not count: they take no ordinary work, so the root on standby with
+only a sandbox beside it is forced work too (else a task the root was forced, or one
+whose group a dead worker had, would wait forever for its children).
 
 *Routing.* A RESULTS message carries one parcel per owner; each is forwarded to its owner
 untouched. Finished groups listed in it are dropped from the sender's held set.
@@ -40,12 +43,15 @@ untouched. Finished groups listed in it are dropped from the sender's held set.
 running (its oldest unfinished group: a worker starts its groups in the order it got
 them) is charged an attempt. Groups of map chunks (tag bit RESUMABLE) are not queued
 again: their owner is told (LOST) and sends back what they had not finished, in pieces,
-charging the items that were running (``scoop._chunks``).
+charging the items that were running (``scoop._chunks``). The groups a dead worker
+submitted are dropped, queued or held by another dead worker: nobody waits for them.
 
 *Suspect groups.* What a dead worker held is marked SUSPECT (which group killed it is a
 guess): the root, whose death ends the job, never gets it. With no other worker left,
-the launcher is asked for a sandbox worker that takes only suspect groups; when it cannot
-start one (any more), they fail with WorkerLostError and the program goes on.
+the launcher is asked for a sandbox worker that takes only suspect groups, the groups
+their tasks submit (their children: they are its to run, not the root's), and limited
+ones (which the root never takes either: beside a sandbox, nobody else would); when it
+cannot start one (any more), they fail with WorkerLostError and the program goes on.
 """
 
 from __future__ import annotations
@@ -137,7 +143,7 @@ class Peer:
         self.held: dict[Key, P.Parcel] = {}  # in the order it got them
         self.pid = pid
         self.host = host
-        self.sandbox = False  # started to run only suspect groups
+        self.sandbox = False  # started to run suspect groups (see Schedule._take)
         self.leaving = False  # it leaves on purpose (LEAVE): gets no work, charged nothing
 
     def __repr__(self) -> str:
@@ -160,6 +166,7 @@ class Roster:
         # those waiting with a deadline: kept as they change, read at every dispatch.
         self.ready: dict[Peer, None] = {}
         self.standing_by: set[Peer] = set()
+        self.sandboxes: set[Peer] = set()  # connected sandbox workers (few)
         self.joins_seen: set[int] = set()  # seq of every JOIN answered (see assign)
         self.sandbox_wids: set[int] = set()  # ids asked of the launcher for sandboxes
 
@@ -178,6 +185,8 @@ class Roster:
     def add(self, ident: bytes, body: dict) -> Peer:
         peer = Peer(body["wid"], ident, body.get("pid", 0), body.get("host", "?"))
         peer.sandbox = peer.wid in self.sandbox_wids
+        if peer.sandbox:
+            self.sandboxes.add(peer)
         self.peers[ident] = peer
         self.by_wid[peer.wid] = peer
         self.seen.add(peer.wid)
@@ -189,6 +198,7 @@ class Roster:
         self.last_ping.pop(peer.wid, None)  # else one entry per worker ever gone
         self.ready.pop(peer, None)
         self.standing_by.discard(peer)
+        self.sandboxes.discard(peer)
 
     def set_credit(self, peer: Peer, credit: int) -> None:
         peer.credit = credit
@@ -206,8 +216,12 @@ class Roster:
 
     @property
     def all_standby(self) -> bool:
-        """Whether every connected worker waits with a deadline (and there is one)."""
-        return bool(self.peers) and len(self.standing_by) == len(self.peers)
+        """Whether every connected worker but the sandboxes waits with a deadline (and
+        there is one). A sandbox does not count: it never takes ordinary work, so a
+        sandbox at work must not keep the root, on standby, from running it."""
+        regular = len(self.peers) - len(self.sandboxes)
+        standing = len(self.standing_by) - sum(p.standby for p in self.sandboxes)
+        return regular > 0 and standing == regular
 
     def assign(self, seq: int) -> int:
         """The id for a worker that asks with a JOIN of sequence number ``seq``.
@@ -399,11 +413,13 @@ class Schedule(_WatchdogTalk):
     def returned(self, peer: Peer, parcels: Sequence[P.Parcel], now: float) -> list[Out]:
         """``peer`` hands groups back, first in line again: a whole group under its own id
         (dropped from its hold), a partial one under a fresh id (it still holds the
-        original), or the pieces an owner cut from its lost map chunks."""
+        original), or the pieces an owner cut from its lost map chunks. Those of an
+        owner gone meanwhile are dropped (see Recovery.lost)."""
         for parcel in reversed(parcels):
             peer.held.pop((parcel.peer, parcel.tag), None)
             peer.forced.discard((parcel.peer, parcel.tag))
-            self.queue.appendleft(parcel)
+            if parcel.peer in self.roster.by_wid:
+                self.queue.appendleft(parcel)
         return self._stranded("a worker died running it or a task sent with it", now)
 
     def results(self, peer: Peer, parcels: Iterable[P.Parcel], done: Iterable[Key],
@@ -475,9 +491,7 @@ class Schedule(_WatchdogTalk):
         out: list[Out] = []
         queue, roster = self.queue, self.roster
         sent = True
-        while queue and sent:
-            if not roster.ready:
-                return out + self._to_standby(now)
+        while queue and sent and roster.ready:
             sent = False
             for peer in list(roster.ready):
                 parcels = self._take(peer, peer.credit)
@@ -488,36 +502,46 @@ class Schedule(_WatchdogTalk):
                 for parcel in parcels:
                     peer.held[(parcel.peer, parcel.tag)] = parcel
                 out.append(Send(peer.ident, P.TASKS, parcels=parcels))
-        return out
+        # What is left may be what no worker with credit may take (a sandbox's credit
+        # never takes ordinary work): it may have to be forced on those standing by.
+        return out + self._to_standby(now) if queue else out
 
-    def _take(self, peer: Peer, n: int) -> list[P.Parcel]:
+    def _take(self, peer: Peer, n: int, forced: bool = False) -> list[P.Parcel]:
         """Up to ``n`` queued groups for ``peer``, first in line first; for the root, only
         groups that killed no worker (not SUSPECT) and have no time limit (not LIMITED):
-        its death would end the job; for a sandbox worker, only SUSPECT ones."""
+        its death would end the job; for a sandbox worker, only SUSPECT or LIMITED ones
+        and those it submitted itself (a suspect task's children: nobody else may be
+        free for them). ``forced`` (``peer`` stands by): none that a sandbox at work
+        takes itself."""
         queue = self.queue
-        if peer.wid != 0 and not peer.sandbox:
+        if peer.wid != 0 and not peer.sandbox and not forced:
             return [queue.popleft() for _ in range(min(n, len(queue)))]
         taken = []
-        barred = 0 if peer.sandbox else P.SUSPECT | P.LIMITED
         for parcel in queue:
             if len(taken) == n:
                 break
-            if bool(parcel.tag & P.SUSPECT) == peer.sandbox and not parcel.tag & barred:
+            if _may_take(peer, parcel) and not (forced and self._sandbox_runs(parcel)):
                 taken.append(parcel)
         for parcel in taken:
             queue.remove(parcel)
         return taken
 
+    def _sandbox_runs(self, parcel: P.Parcel) -> bool:
+        """Whether ``parcel`` is a sandbox's own, and that sandbox will ask for it."""
+        owner = self.roster.by_wid.get(parcel.peer)
+        return owner is not None and owner.sandbox and not owner.standby
+
     def _to_standby(self, now: float) -> list[Out]:
-        """When every worker waits with a deadline, nobody would ever ask for the queued
-        work, and each wait would time out for want of the work it waits for (the root
-        alone after losing every other worker, or all workers in nested timed waits).
-        Then each of them is sent one group it runs anyway, at the cost of its wait
-        perhaps overrunning: progress beats a certain timeout."""
+        """When every worker waits with a deadline (sandboxes aside), nobody would ever
+        ask for the queued work, and each wait would time out for want of the work it
+        waits for (the root alone, or beside a sandbox, after losing every other worker;
+        or all workers in nested timed waits). Then each worker on standby is sent one
+        group it runs anyway, at the cost of its wait perhaps overrunning: progress
+        beats a certain timeout."""
         if not self.roster.all_standby:
             self._all_standby_since = None
             return []
-        peers = list(self.roster.peers.values())
+        peers = [peer for peer in self.roster.peers.values() if peer.standby]
         if self._all_standby_since is None:
             self._all_standby_since = now
         if not self.roster.all_started and now - self._all_standby_since < STANDBY_GRACE_S:
@@ -525,7 +549,7 @@ class Schedule(_WatchdogTalk):
         out: list[Out] = []
         for peer in peers:
             if self.queue and not peer.forced:
-                taken = self._take(peer, 1)
+                taken = self._take(peer, 1, forced=True)
                 if not taken:
                     continue
                 key = (taken[0].peer, taken[0].tag)
@@ -533,6 +557,13 @@ class Schedule(_WatchdogTalk):
                 peer.forced.add(key)
                 out.append(Send(peer.ident, P.TASKS, arg=1, parcels=taken))
         return out
+
+
+def _may_take(peer: Peer, parcel: P.Parcel) -> bool:
+    """Whether ``peer`` may run ``parcel`` (see :meth:`Schedule._take`)."""
+    if peer.sandbox:
+        return bool(parcel.tag & (P.SUSPECT | P.LIMITED)) or parcel.peer == peer.wid
+    return peer.wid != 0 or not parcel.tag & (P.SUSPECT | P.LIMITED)
 
 
 class Recovery:
@@ -597,19 +628,20 @@ class Recovery:
         tell the owners of map chunks, which resume them. Without ``blame`` (a time
         limit ended it: what killed it is known) no group is charged an attempt or
         marked SUSPECT; a group is still charged as held (a bound on loops). A worker
-        that was leaving (LEAVE) was not killed by its work: nothing is charged at all."""
+        that was leaving (LEAVE) was not killed by its work: nothing is charged at all.
+        Groups whose owner is gone (this worker, or one lost before) are dropped."""
         clean = peer.leaving
         running = next(iter(peer.held), None) if blame and not clean else None
         requeued = []
         out: list[Out] = []
         chunks: dict[int, list] = {}  # owner -> [[running, tids], ...]
         for key, parcel in peer.held.items():
+            if parcel.peer not in self.roster.by_wid:
+                self.losses.pop(key, None)
+                continue
             if parcel.tag & P.RESUMABLE:
                 chunks.setdefault(parcel.peer, []).append(
                     [int(key == running), P.task_ids(parcel).tolist()])
-                continue
-            if clean:
-                requeued.append(parcel)
                 continue
             if clean:
                 requeued.append(parcel)
@@ -626,14 +658,27 @@ class Recovery:
                 out += self._fail(parcel, ran, held, how)
         self.queue.extendleft(reversed(requeued))
         for owner_wid, groups in chunks.items():
-            owner = self.roster.by_wid.get(owner_wid)
-            if owner is not None:
-                out.append(Send(owner.ident, P.LOST, body={
-                    "how": how, "groups": groups, "blameless": not blame, "clean": clean}))
+            out.append(Send(self.roster.by_wid[owner_wid].ident, P.LOST, body={
+                "how": how, "groups": groups, "blameless": not blame, "clean": clean}))
+        dropped = self._drop_orphans(peer.wid)
         log.warning("broker: worker %d (pid %s on %s) is gone (%s); %d task group(s) it "
-                    "held will run again", peer.wid, peer.pid, peer.host, how,
-                    len(requeued) + sum(len(g) for g in chunks.values()))
+                    "held will run again%s", peer.wid, peer.pid, peer.host, how,
+                    len(requeued) + sum(len(g) for g in chunks.values()),
+                    f"; {dropped} queued group(s) it submitted are dropped" if dropped else "")
         return out
+
+    def _drop_orphans(self, wid: int) -> int:
+        """Drop the queued groups that worker ``wid``, gone, submitted: their results
+        would have nowhere to go (run anyway, they kept a sandbox, or the root forced
+        them one at a time, from the work still wanted). Returns how many."""
+        keep = [parcel for parcel in self.queue if parcel.peer != wid]
+        dropped = len(self.queue) - len(keep)
+        if dropped:
+            self.queue.clear()
+            self.queue.extend(keep)
+            for key in [key for key in self.losses if key[0] == wid]:
+                del self.losses[key]
+        return dropped
 
     def stranded(self, how: str, now: float) -> list[Out]:
         """Suspect or limited groups, once no worker but the root is left to run them: a

@@ -182,6 +182,11 @@ CASES = [
          [("tasks", 0, "a b c d"), ("ready", 1, 2), ("dispatch",), ("lost", 1)],
          ["w1 TASKS a b"], queue="a b c d", losses={"a": (1, 1), "b": (0, 1)},
          suspect="a b"),
+    Case("groups of a lost worker's own are dropped, queued, handed back or held by a "
+         "worker lost later: their results have nowhere to go",
+         [("tasks", 2, "c d e"), ("tasks", 0, "a"), ("ready", 1, 2), ("dispatch",),
+          ("lost", 2), ("return", 1, "d"), ("lost", 1)],
+         ["w1 TASKS c d"], queue="a", losses={}),
     Case("a group that killed max_attempts workers fails for its owner; the job goes on",
          [("tasks", 0, "a b"), ("ready", 1, 1), ("dispatch",), ("lost", 1),
           ("ready", 2, 1), ("dispatch",), ("lost", 2), ("ready", 3, 1), ("dispatch",)],
@@ -216,6 +221,19 @@ CASES = [
           ("hello", 2), ("tasks", 0, "b"), ("ready", 2, 5), ("dispatch",)],
          ["w1 TASKS a", "sandbox 2", "w2 WELCOME", "w2 TASKS a"], queue="b",
          workers=2, sandboxes=1),
+    Case("a sandbox does not count among the workers on standby: the root on standby "
+         "beside a sandbox at work (with credit) is forced ordinary work",
+         [("tasks", 0, "a b"), ("ready", 1, 1), ("dispatch",), ("lost", 1), ("hello", 2),
+          ("standby", 0), ("ready", 2, 3), ("dispatch",)],
+         ["w1 TASKS a", "sandbox 2", "w2 WELCOME", "w2 TASKS a", "w0 TASKS! b"],
+         held={0: "b", 2: "a"}, workers=2, sandboxes=1),
+    Case("a sandbox takes the groups its tasks submit; the root on standby is not forced "
+         "them while the sandbox works, only once it stands by too",
+         [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("lost", 1), ("hello", 2),
+          ("ready", 2, 1), ("dispatch",), ("tasks", 2, "c d"), ("ready", 2, 1),
+          ("standby", 0), ("dispatch",), ("dispatch",), ("standby", 2), ("dispatch",)],
+         ["w1 TASKS a", "sandbox 2", "w2 WELCOME", "w2 TASKS a", "w2 TASKS c",
+          "w0 TASKS! d"], held={0: "d", 2: "a c"}, workers=2, sandboxes=1),
     Case("a stranded suspect group fails once the sandbox asked for has not joined in "
          "time and the budget is out",
          [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("lost", 1), ("tick",),
@@ -253,6 +271,12 @@ CASES = [
          [("limited", 0, "a"), ("tasks", 0, "b"), ("ready", 0, 5), ("dispatch",),
           ("tick",), ("tick",), ("hello", 1), ("ready", 1, 1), ("dispatch",)],
          ["w0 TASKS b", "sandbox 1", "w1 WELCOME", "w1 TASKS a"], workers=1, sandboxes=1),
+    Case("a sandbox takes a limited group: beside it, the root alone would never run it",
+         [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("lost", 1), ("hello", 2),
+          ("ready", 2, 1), ("dispatch",), ("limited", 0, "b"), ("ready", 2, 1),
+          ("dispatch",)],
+         ["w1 TASKS a", "sandbox 2", "w2 WELCOME", "w2 TASKS a", "w2 TASKS b"],
+         workers=2, sandboxes=1),
     Case("where no worker can be started, a limited group with the root alone fails",
          [("limited", 0, "a"), ("ready", 0, 5), ("tick",)],
          ["w0 FAIL a"], workers=1, reason="never runs a task with a time limit"),
@@ -399,10 +423,10 @@ def test_dispatch_walks_no_roster_of_every_worker() -> None:
 
 @pytest.mark.parametrize("seed", range(20))
 def test_random_walk_loses_and_duplicates_no_group(seed: int) -> None:
-    """Random events from workers (the root submits; others come, take, finish, hand back
-    and die): every group is, at each step, in exactly one place (queued, held by one
-    worker, finished or failed); the root never holds a suspect group, a sandbox worker
-    nothing else."""
+    """Random events from workers (they submit, come, take, finish, hand back and die):
+    every group is, at each step, in exactly one place (queued, held by one worker,
+    finished or failed), or none once its owner is gone; the root never holds a suspect
+    group, a sandbox worker nothing else but its own."""
     rng = random.Random(seed)
     world = World(workers=4, max_attempts=2, sandboxes=2)
     done: set[str] = set()
@@ -414,7 +438,7 @@ def test_random_walk_loses_and_duplicates_no_group(seed: int) -> None:
         event = rng.choice(["tasks", "ready", "ready", "standby", "return", "results",
                             "lost", "tick", "join", "wait"])
         if event == "tasks":
-            steps = [("tasks", 0, f"g{step}")]
+            steps = [("tasks", rng.choice([0, 0, wid]), f"g{step}")]
         elif event == "ready":
             steps = [("ready", wid, rng.randint(1, 3))]
         elif event == "standby":
@@ -442,9 +466,12 @@ def test_random_walk_loses_and_duplicates_no_group(seed: int) -> None:
         for name in [*world.queue().split(), *done, *failed,
                      *(world.name(k) for p in world.s.roster.peers.values() for k in p.held)]:
             places[name] = places.get(name, 0) + 1
-        assert places == dict.fromkeys(world.groups, 1)
+        gone = {n for n, p in world.groups.items() if p.peer not in world.s.roster.by_wid}
+        assert {n: c for n, c in places.items() if c != 1} == {}
+        assert set(world.groups) - set(places) <= gone
         for peer in world.s.roster.peers.values():
-            kinds = {bool(world.groups[world.name(k)].tag & P.SUSPECT) for k in peer.held}
+            kinds = {bool(p.tag & P.SUSPECT) for p in peer.held.values()
+                     if p.peer != peer.wid or not peer.sandbox}
             assert kinds <= ({True} if peer.sandbox else {False} if peer.wid == 0 else
                              {True, False})
             assert peer.forced <= set(peer.held)

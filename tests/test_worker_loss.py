@@ -107,6 +107,81 @@ def test_nested_parent_on_a_dead_worker_runs_again(tmp_path):
     assert "ended early: exit status 9" in out.stderr
 
 
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_every_other_worker_dies_running_nested_parents(tmp_path, workers):
+    """Every worker but the root dies, once each, in a parent task after its children
+    ran; the root waits with a timeout (on standby). A sandbox worker runs the lost
+    parents again and the root, beside it, is forced the rest: the results are the
+    serial ones, long before the timeout (it used to hang until it)."""
+    prog = write_program(tmp_path, f"""
+        import os, time, scoop
+        from scoop import futures
+        DIR, OTHERS = {str(tmp_path)!r}, range(1, {workers})
+        def leaf(i):
+            time.sleep(0.01)
+            return i * i
+        def _first(path):  # True once per path, whoever asks
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return True
+            except FileExistsError:
+                return False
+        def parent(n):
+            me = scoop.worker
+            if me in OTHERS:  # every other worker holds a parent before any dies
+                _first(os.path.join(DIR, f"started-{{me}}"))
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not all(os.path.exists(
+                        os.path.join(DIR, f"started-{{w}}")) for w in OTHERS):
+                    time.sleep(0.02)
+            kids = [futures.submit(leaf, i) for i in range(n)]
+            total = sum(k.result() for k in kids)
+            if me in OTHERS and _first(os.path.join(DIR, f"died-{{me}}")):
+                os._exit(9)                 # dies after its children ran
+            return total
+        if __name__ == "__main__":
+            sizes = range(10, 10 + 3 * {workers})
+            futs = [futures.submit(parent, n) for n in sizes]
+            got = [f.result(timeout=60) for f in futs]
+            print(got == [sum(leaf(i) for i in range(n)) for n in sizes])
+    """)
+    out = run_scoop("-n", str(workers), "-v", prog, timeout=85)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+    assert out.stderr.count("ended early: exit status 9") == workers - 1, out.stderr
+    assert sorted(p.name for p in tmp_path.glob("died-*")) == [
+        f"died-{w}" for w in range(1, workers)]
+    assert "starting sandbox worker" in out.stderr
+
+
+def test_limited_tasks_beside_a_sandbox_run_on_it(tmp_path):
+    """The only other worker died: the root, which never runs a task with a time limit,
+    is left with a sandbox worker, which runs them (they used to wait forever)."""
+    marker = tmp_path / "killed"
+    prog = write_program(tmp_path, f"""
+        import os, scoop
+        from scoop import futures
+        def leaf(i):
+            return i
+        def parent(n):
+            total = sum(k.result() for k in [futures.submit(leaf, i) for i in range(n)])
+            if scoop.worker == 1 and not os.path.exists({str(marker)!r}):
+                open({str(marker)!r}, "w").close()
+                os._exit(9)                 # dies after its children ran
+            return total
+        def where(x):
+            return x * x, scoop.worker
+        if __name__ == "__main__":
+            print([f.result(timeout=60) for f in [futures.submit(parent, 10) for _ in range(3)]])
+            got = list(futures.map(where, range(4), timeout=60, task_timeout=30))
+            print([v for v, _ in got], sorted({{w for _, w in got}}))
+    """)
+    out = run_scoop("-n", "2", "-v", prog, timeout=85)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[45, 45, 45]", "[0, 1, 4, 9] [2]"]
+    assert "starting sandbox worker 2" in out.stderr
+
+
 def test_task_started_before_a_timed_wait_is_not_lost_with_its_worker(tmp_path):
     """A worker that hands back the rest of a group keeps responsibility for the task it
     is running: if it then dies, that task runs again (reproducer from bench/soak.py)."""
