@@ -262,7 +262,7 @@ def probe(feed: Feed) -> bool | None:
     feed.read = feed.in_flight = 1
     if feed.count is not None:
         feed.count.submitted(ran, 1)
-    feed.pace.turnarounds.append(wall)
+    feed.pace.took(wall)
     return ran.value[1] is None and cpu >= wall / 2
 
 
@@ -283,9 +283,10 @@ class _Pace:
         # Seconds per item from submission to result, of the last chunks handed out.
         self.turnarounds: deque[float] = deque(maxlen=ahead)
         self.arrivals: dict[int, float] = {}  # id(future) -> when its result arrived
+        self.best = float("inf")  # the quickest of all, remembered for the next map
         pace = _pace_of(func)
         if pace is not None:  # mapped before: start at its pace, not one item per chunk
-            self.turnarounds.append(pace)
+            self.took(pace)
             self.last_step = max(1, int(TARGET_CHUNK_S / max(pace, 1e-9)) // GROWTH)
 
     def step(self, size: int, done: int) -> int:
@@ -307,10 +308,14 @@ class _Pace:
 
     def least(self) -> int:
         """The fewest items of a chunk of an input with a length: :data:`MIN_CHUNK_S` of
-        work at the quickest turnaround per item seen (0: none seen yet)."""
-        if not self.turnarounds:
-            return 0
-        return int(MIN_CHUNK_S / max(min(self.turnarounds), 1e-9))
+        work at the quickest turnaround per item seen in this map or remembered (0: none
+        seen yet)."""
+        return 0 if self.best == float("inf") else int(MIN_CHUNK_S / max(self.best, 1e-9))
+
+    def took(self, per_item: float) -> None:
+        """A chunk's turnaround per item."""
+        self.turnarounds.append(per_item)
+        self.best = min(self.best, per_item)
 
     def arrived(self, fut: Any) -> None:
         """A done-callback: the chunk's result is here (its consumer may take it later,
@@ -324,12 +329,12 @@ class _Pace:
         arrived = self.arrivals.pop(id(fut), 0.0)
         if arrived < submitted:  # not timed yet, or the time of a future gone (its id)
             arrived = time.monotonic()
-        self.turnarounds.append((arrived - submitted) / n)
+        self.took((arrived - submitted) / n)
 
     def remember(self) -> None:
-        """The map ends: its function's next map starts at the pace measured."""
+        """The map ends: its function's next map starts at the quickest pace seen."""
         if self.turnarounds:
-            _remember_pace(self.func, min(self.turnarounds))
+            _remember_pace(self.func, self.best)
 
 
 class Feed:
