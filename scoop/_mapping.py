@@ -27,12 +27,25 @@ filled again once a quarter of it is free, so that refills leave in batches.
 
 *Chunk sizes.* When the input has a length (``len()`` of every iterable, or their length
 hints), the chunks keep the guided shape of an eager map: each takes a share of the
-items not read yet (big first, small last, for balance at the end). Without a length,
-they adapt: the first ones hold one item each (one per worker, until a result is
+items not read yet (big first, small last, for balance at the end), and at least
+:data:`MIN_CHUNK_S` of work at the function's quickest pace seen (remembered from its
+earlier maps): a chunk costs a few hundred us on its way, whatever it holds. Without a
+length, they adapt: the first ones hold one item each (one per worker, until a result is
 back: more of them would only queue up behind the first), and each next one aims at
 :data:`TARGET_CHUNK_S` of work on one worker, at the time an item was seen to take
 lately (a chunk's time from its submission to the arrival of its result, per item),
 growing by :data:`GROWTH` at most. An explicit ``chunksize`` is used as given.
+
+*Workers and CPUs.* Chunks are cut for the job's workers, except where this host has
+more workers than CPUs (``-n 128`` on 2 cores) and the items compute: the workers beyond
+the CPUs could only take turns on them, and each chunk more costs messages and wake-ups
+(a 200,000-item map of a cheap function at ``-n 128`` on 2 cores: ~1,150 chunks cut for
+the workers, 17 for the CPUs). Whether a function's items compute is measured once, at
+its first map with a length in such a job: its first item runs at the call, on this
+worker, and computes if its thread's CPU time is at least half its wall time. Items
+that wait (I/O, sleep, remote calls) are cut for every worker, as are the maps of a
+function not measured yet that cannot run an item here (``task_timeout``,
+``map_as_completed``, a checkpoint, ``scoop.Executor``), and elastic jobs.
 
 *Stopping early* (the consumer closes or drops the iterator): the input is read no
 further and the chunks still in this worker's outbox are cancelled. The runtime cannot
@@ -228,16 +241,20 @@ class _Ran:
         return False
 
 
-def per_cpu(feed: Feed, func: Any, may_probe: bool) -> bool:
+def per_cpu(feed: Feed, func: Any, ordered: bool) -> bool:
     """Whether ``feed`` (an input with a length) cuts its chunks for the CPUs rather than
     the workers: only where this host has more workers than CPUs, and only for a
     function whose items keep a CPU busy (more workers would only add messages). Items
     that wait (I/O, sleep) go to every worker. At a function's first map, its first
-    item runs here, timed (``may_probe``: this worker may run it); else the workers."""
-    if feed.rt.elastic or not idle_workers():
+    item runs here, timed, if this worker may run it (``ordered``: a map in order);
+    else the workers."""
+    rt = feed.rt
+    if rt.elastic or not idle_workers():
         return False
     computes = _pace_of(func, _computes)
-    if computes is None and may_probe:
+    if computes is None and ordered and feed.resumable and rt is _worker.current() \
+            and rt.link is not None and rt.policy.runs_tasks \
+            and _limits.limit_of_func(func) is None:
         computes = probe(feed)
         if computes is not None:
             _remember_pace(func, computes, _computes)
@@ -391,10 +408,7 @@ class Feed:
         self.current: list | None = None  # the result list being yielded
         self.count = _progress.MapCount.start(self.length if self.exact else None)
         if self.length is not None and chunksize is None and checkpoint is None:
-            func = self.pace.func
-            self.per_cpu = per_cpu(self, func, ordered and resumable and rt.link is not None
-                                   and rt.policy.runs_tasks and rt is _worker.current()
-                                   and _limits.limit_of_func(func) is None)
+            self.per_cpu = per_cpu(self, self.pace.func, ordered)
             self._window()
         self.fill(keep_first=True)  # the work starts now, before the caller iterates
 
