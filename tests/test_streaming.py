@@ -318,6 +318,22 @@ def test_idle_workers_are_this_hosts_workers_beyond_its_cpus(hosts, cpus, idle):
     assert _mapping._idle_workers(hosts, cpus) == idle
 
 
+def test_the_chunk_floor_is_min_chunk_s_at_the_quickest_pace_seen():
+    """Chunks of an input with a length hold at least MIN_CHUNK_S of work at the
+    quickest turnaround per item of the map (or remembered from the function's last
+    map), not of its last chunks only (whose turnaround includes their queueing)."""
+    def cheap(x):
+        return x
+
+    pace = _mapping._Pace(cheap, ahead=2)
+    assert pace.least() == 0  # nothing seen yet: the guided sizes alone
+    for per_item in (4e-6, 1e-6, 3e-6, 5e-6):  # the quickest leaves the window
+        pace.took(per_item)
+    assert pace.least() == int(_mapping.MIN_CHUNK_S / 1e-6)
+    pace.remember()
+    assert _mapping._Pace(cheap, ahead=2).least() == int(_mapping.MIN_CHUNK_S / 1e-6)
+
+
 @pytest.mark.parametrize("kwargs, error", [
     (dict(chunksize=0), ValueError), (dict(buffersize=0), ValueError),
     (dict(buffersize=-3), ValueError), (dict(buffersize=2.5), TypeError),
