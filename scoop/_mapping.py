@@ -40,12 +40,13 @@ growing by :data:`GROWTH` at most. An explicit ``chunksize`` is used as given.
 more workers than CPUs (``-n 128`` on 2 cores) and the items compute: the workers beyond
 the CPUs could only take turns on them, and each chunk more costs messages and wake-ups
 (a 200,000-item map of a cheap function at ``-n 128`` on 2 cores: ~1,150 chunks cut for
-the workers, 17 for the CPUs). Whether a function's items compute is measured once, at
-its first map with a length in such a job: its first item runs at the call, on this
-worker, and computes if its thread's CPU time is at least half its wall time. Items
-that wait (I/O, sleep, remote calls) are cut for every worker, as are the maps of a
-function not measured yet that cannot run an item here (``task_timeout``,
-``map_as_completed``, a checkpoint, ``scoop.Executor``), and elastic jobs.
+the workers, 17 for the CPUs; over a generator, chunks paced for 128 workers on 2 cores
+stay near one item each). Whether a function's items compute is measured once, at its
+first map in such a job: its first item runs at the call, on this worker, and computes
+if its thread's CPU time is at least half its wall time. Items that wait (I/O, sleep,
+remote calls) are cut for every worker, as are the maps of a function not measured yet
+that cannot run an item here (``task_timeout``, ``map_as_completed``, a checkpoint,
+``scoop.Executor``), and elastic jobs.
 
 *Stopping early* (the consumer closes or drops the iterator): the input is read no
 further and the chunks still in this worker's outbox are cancelled. The runtime cannot
@@ -242,9 +243,9 @@ class _Ran:
 
 
 def per_cpu(feed: Feed, func: Any, ordered: bool) -> bool:
-    """Whether ``feed`` (an input with a length) cuts its chunks for the CPUs rather than
-    the workers: only where this host has more workers than CPUs, and only for a
-    function whose items keep a CPU busy (more workers would only add messages). Items
+    """Whether ``feed`` cuts its chunks for the CPUs rather than the workers: only where
+    this host has more workers than CPUs, and only for a function whose items keep a CPU
+    busy (more workers would only add messages). Items
     that wait (I/O, sleep) go to every worker. At a function's first map, its first
     item runs here, timed, if this worker may run it (``ordered``: a map in order);
     else the workers."""
@@ -407,7 +408,7 @@ class Feed:
         self.waiter = None if ordered else rt.watch(())
         self.current: list | None = None  # the result list being yielded
         self.count = _progress.MapCount.start(self.length if self.exact else None)
-        if self.length is not None and chunksize is None and checkpoint is None:
+        if chunksize is None and checkpoint is None:
             self.per_cpu = per_cpu(self, self.pace.func, ordered)
             self._window()
         self.fill(keep_first=True)  # the work starts now, before the caller iterates

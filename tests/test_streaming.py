@@ -201,6 +201,10 @@ def per_cpu():
                     not isinstance(it._feed.futs[0][0], _mapping._Ran),
                     list(it) == [x * x for x in data]]
     out["done"] = sorted(futures.map_as_completed(square, data)) == [x * x for x in data]
+    neg = lambda x: -x  # noqa: E731 - a function not mapped before
+    it = futures.map(neg, (x for x in data))  # a generator: paced, its first item here
+    out["generator"] = [it._feed.per_cpu == _mapping._computes[neg],
+                        list(it) == [-x for x in data]]
     out["nested"] = list(futures.map(nested, range(50))) == [x * x + 1 for x in range(50)]
     got = []
     try:
@@ -301,7 +305,7 @@ def test_maps_cut_for_the_cpus_where_workers_outnumber_them(tmp_path):
     assert out["idle"] == 2
     assert out["nap"] == [False, True]  # sleeping items: cut for the workers
     assert out["square"] == [True, True] and out["again"] == [True, True, True]
-    assert out["done"] and out["nested"]
+    assert out["done"] and out["nested"] and out["generator"] == [True, True]
     assert out["first_fails"] == [[], "bad item 0"]
     assert out["input_fails"] == "'the input broke'"
     assert out["empty"] == []
