@@ -29,7 +29,9 @@ filled again once a quarter of it is free, so that refills leave in batches.
 hints), the chunks keep the guided shape of an eager map: each takes a share of the
 items not read yet (big first, small last, for balance at the end), and at least
 :data:`MIN_CHUNK_S` of work at the function's quickest pace seen (remembered from its
-earlier maps): a chunk costs a few hundred us on its way, whatever it holds. Without a
+earlier maps): a chunk costs a few hundred us on its way, whatever it holds. That floor
+stops at :data:`CHUNKS_AHEAD` chunks per worker over the whole input (as
+``multiprocessing.Pool``'s), in case the items got slower since. Without a
 length, they adapt: the first ones hold one item each (one per worker, until a result is
 back: more of them would only queue up behind the first), and each next one aims at
 :data:`TARGET_CHUNK_S` of work on one worker, at the time an item was seen to take
@@ -500,7 +502,10 @@ class Feed:
         size = self.pool()
         if self.length is not None and self.length > self.read:
             unread = self.length - self.read
-            smallest = max(self.length // (MIN_CHUNK_SPLIT * size), self.pace.least())
+            # the floor of work: no more than Pool's chunks (CHUNKS_AHEAD per worker),
+            # whatever the pace: a pace remembered from cheaper items may be stale
+            floor = min(self.pace.least(), self.length // (CHUNKS_AHEAD * size))
+            smallest = max(self.length // (MIN_CHUNK_SPLIT * size), floor)
             step = max(1, smallest, -(-unread // (CHUNK_SPLIT * size)))
         else:
             step = self.pace.step(size, self.finished)

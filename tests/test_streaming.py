@@ -312,6 +312,19 @@ def test_maps_cut_for_the_cpus_where_workers_outnumber_them(tmp_path):
     assert out["limited"] == [False, False]  # a limited item never runs on the root
 
 
+def test_a_stale_fast_pace_cuts_no_fewer_chunks_than_pool():
+    """The floor of work per chunk stops at CHUNKS_AHEAD chunks per worker (Pool's
+    heuristic): a pace remembered from cheap items cannot put the map in one chunk."""
+    import functools
+
+    from scoop._runtime.worker import Worker
+
+    func = functools.partial(abs)
+    _mapping._remember_pace(func, 1e-9)  # 2 ms of work would be 2,000,000 items
+    feed = _mapping.Feed(func, (), (range(800),), rt=Worker(0))  # one worker, no job
+    assert [n for _, n, *_ in feed.futs] == [400, 200, 200]
+
+
 @pytest.mark.parametrize("hosts, cpus, idle", [
     ((("127.0.0.1", 4),), 4, 0), ((("127.0.0.1", 128),), 2, 126),
     ((("localhost", 3), ("127.0.0.1", 3)), 2, 4),
