@@ -27,12 +27,28 @@ filled again once a quarter of it is free, so that refills leave in batches.
 
 *Chunk sizes.* When the input has a length (``len()`` of every iterable, or their length
 hints), the chunks keep the guided shape of an eager map: each takes a share of the
-items not read yet (big first, small last, for balance at the end). Without a length,
-they adapt: the first ones hold one item each (one per worker, until a result is
+items not read yet (big first, small last, for balance at the end), and at least
+:data:`MIN_CHUNK_S` of work at the function's quickest pace seen (remembered from its
+earlier maps): a chunk costs a few hundred us on its way, whatever it holds. That floor
+stops at :data:`CHUNKS_AHEAD` chunks per worker over the whole input (as
+``multiprocessing.Pool``'s), in case the items got slower since. Without a
+length, they adapt: the first ones hold one item each (one per worker, until a result is
 back: more of them would only queue up behind the first), and each next one aims at
 :data:`TARGET_CHUNK_S` of work on one worker, at the time an item was seen to take
 lately (a chunk's time from its submission to the arrival of its result, per item),
 growing by :data:`GROWTH` at most. An explicit ``chunksize`` is used as given.
+
+*Workers and CPUs.* Chunks are cut for the job's workers, except where this host has
+more workers than CPUs (``-n 128`` on 2 cores) and the items compute: the workers beyond
+the CPUs could only take turns on them, and each chunk more costs messages and wake-ups
+(a 200,000-item map of a cheap function at ``-n 128`` on 2 cores: ~1,150 chunks cut for
+the workers, 17 for the CPUs; over a generator, chunks paced for 128 workers on 2 cores
+stay near one item each). Whether a function's items compute is measured once, at its
+first map in such a job: its first item runs at the call, on this worker, and computes
+if its thread's CPU time is at least half its wall time. Items that wait (I/O, sleep,
+remote calls) are cut for every worker, as are the maps of a function not measured yet
+that cannot run an item here (``task_timeout``, ``map_as_completed``, a checkpoint,
+``scoop.Executor``), and elastic jobs.
 
 *Stopping early* (the consumer closes or drops the iterator): the input is read no
 further and the chunks still in this worker's outbox are cancelled. The runtime cannot
@@ -49,13 +65,17 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+import os
+import socket
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import _chunks, _progress, _serialize, _worker
+import scoop
+
+from . import _chunks, _limits, _progress, _serialize, _worker
 from ._errors import TimeoutError
 
 if TYPE_CHECKING:  # sqlite3 and the checkpoint's keys load only for a map that has one
@@ -100,6 +120,10 @@ GROWTH = 4
 # The rate a map goes at is measured over the last RATE_WINDOW_S to 2 x RATE_WINDOW_S
 # seconds: long enough to smooth chunked arrivals, short enough to follow a change.
 RATE_WINDOW_S = 1.0
+# Input with a length, at a known pace: a chunk holds at least this much work (at the
+# quickest turnaround per item seen): a smaller one costs more in messages than it gains
+# in balance (a chunk costs a few hundred us of CPU on its way, cheap items ~50 ns each).
+MIN_CHUNK_S = 0.002
 
 
 # Seconds per item of the functions mapped before (the quickest turnaround seen): a later
@@ -107,18 +131,21 @@ RATE_WINDOW_S = 1.0
 # (DEAP maps generators of the same function every generation). Weak keys: a function
 # that goes takes its pace along.
 _paces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Whether the items of a function keep a CPU busy (its first item, timed at its first map
+# in a job with more workers than CPUs): then its chunks are cut for the CPUs.
+_computes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _pace_of(func: Any) -> float | None:
+def _pace_of(func: Any, store: weakref.WeakKeyDictionary = _paces) -> Any:
     try:
-        return _paces.get(func)
+        return store.get(func)
     except TypeError:  # not weakly referable (a callable object with __slots__)
         return None
 
 
-def _remember_pace(func: Any, pace: float) -> None:
+def _remember_pace(func: Any, pace: Any, store: weakref.WeakKeyDictionary = _paces) -> None:
     try:
-        _paces[func] = pace
+        store[func] = pace
     except TypeError:
         pass
 
@@ -154,10 +181,109 @@ def input_length(iterables: tuple) -> tuple[int | None, bool]:
     return min(lengths, default=0), exact
 
 
-def pool_size(rt) -> int:
+def pool_size(rt, per_cpu: bool = False) -> int:
     """The workers a map cuts its automatic chunks for: the job's (in an elastic job, as
-    it is now, and at least :data:`ELASTIC_POOL`)."""
-    return max(rt.size, ELASTIC_POOL) if rt.elastic else rt.size
+    it is now, and at least :data:`ELASTIC_POOL`); ``per_cpu``: those that can compute
+    at once, the workers of this host beyond its CPUs left out (:func:`idle_workers`)."""
+    if rt.elastic:
+        return max(rt.size, ELASTIC_POOL)
+    return max(1, rt.size - idle_workers()) if per_cpu else rt.size
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=8)
+def _idle_workers(hosts: tuple, cpus: int) -> int:
+    if sum(n for _, n in hosts) <= cpus:
+        return 0
+    here = sum(n for name, n in hosts if _is_here(name))
+    return max(0, here - cpus)
+
+
+def _is_here(name: str) -> bool:
+    # loopback names at no cost; scoop._hosts (~10 ms to import) for the others
+    if name in ("localhost", "::1", socket.gethostname()) or name.startswith("127."):
+        return True
+    from ._hosts import is_local
+
+    return is_local(name)
+
+
+def idle_workers() -> int:
+    """The workers of the job on this host beyond the CPUs this process may use: they
+    cannot compute while the others do (``-n 128`` on 2 cores: 126). Other hosts count
+    one CPU per worker (their CPUs are not known here)."""
+    hosts = tuple(tuple(h) for h in scoop.HOSTS)
+    return _idle_workers(hosts, usable_cpus()) if hosts else 0
+
+
+class _Ran:
+    """The value of a chunk run at the call (see :func:`probe`), as a done future."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: tuple) -> None:
+        self.value = value
+
+    def result(self, timeout: float | None = None) -> tuple:
+        return self.value
+
+    def add_done_callback(self, fn: Callable) -> None:
+        fn(self)
+
+    def cancel(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def per_cpu(feed: Feed, func: Any, ordered: bool) -> bool:
+    """Whether ``feed`` cuts its chunks for the CPUs rather than the workers: only where
+    this host has more workers than CPUs, and only for a function whose items keep a CPU
+    busy (more workers would only add messages). Items
+    that wait (I/O, sleep) go to every worker. At a function's first map, its first
+    item runs here, timed, if this worker may run it (``ordered``: a map in order);
+    else the workers."""
+    rt = feed.rt
+    if rt.elastic or not idle_workers():
+        return False
+    computes = _pace_of(func, _computes)
+    if computes is None and ordered and feed.resumable and rt is _worker.current() \
+            and rt.link is not None and rt.policy.runs_tasks \
+            and _limits.limit_of_func(func) is None:
+        computes = probe(feed)
+        if computes is not None:
+            _remember_pace(func, computes, _computes)
+    return bool(computes)
+
+
+def probe(feed: Feed) -> bool | None:
+    """Run the first item of ``feed`` here, as its first chunk; whether it kept the CPU
+    busy (its thread's CPU time at least half its wall time). None: no item to run."""
+    try:
+        chunk = list(itertools.islice(feed.items, 1))
+    except Exception as exc:  # noqa: BLE001 - the input's own, raised in its turn
+        feed.error = exc
+        chunk = []
+    if not chunk:
+        feed.items = None  # empty, or failed: fill() reads no more
+        return None
+    wall, cpu = time.perf_counter(), time.thread_time()
+    ran = _Ran(feed.runner(*feed.prefix, chunk, feed.star))
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    feed.futs.append((ran, 1, time.monotonic(), None))
+    feed.read = feed.in_flight = 1
+    if feed.count is not None:
+        feed.count.submitted(ran, 1)
+    feed.pace.took(wall)
+    return ran.value[1] is None and cpu >= wall / 2
 
 
 class _Pace:
@@ -177,9 +303,10 @@ class _Pace:
         # Seconds per item from submission to result, of the last chunks handed out.
         self.turnarounds: deque[float] = deque(maxlen=ahead)
         self.arrivals: dict[int, float] = {}  # id(future) -> when its result arrived
+        self.best = float("inf")  # the quickest of all, remembered for the next map
         pace = _pace_of(func)
         if pace is not None:  # mapped before: start at its pace, not one item per chunk
-            self.turnarounds.append(pace)
+            self.took(pace)
             self.last_step = max(1, int(TARGET_CHUNK_S / max(pace, 1e-9)) // GROWTH)
 
     def step(self, size: int, done: int) -> int:
@@ -199,6 +326,17 @@ class _Pace:
             per_item = min(per_item, size * (now - since) / (done - done_then))
         return min(GROWTH * self.last_step, int(TARGET_CHUNK_S / max(per_item, 1e-9)))
 
+    def least(self) -> int:
+        """The fewest items of a chunk of an input with a length: :data:`MIN_CHUNK_S` of
+        work at the quickest turnaround per item seen in this map or remembered (0: none
+        seen yet)."""
+        return 0 if self.best == float("inf") else int(MIN_CHUNK_S / max(self.best, 1e-9))
+
+    def took(self, per_item: float) -> None:
+        """A chunk's turnaround per item."""
+        self.turnarounds.append(per_item)
+        self.best = min(self.best, per_item)
+
     def arrived(self, fut: Any) -> None:
         """A done-callback: the chunk's result is here (its consumer may take it later,
         after the chunks before it: the turnaround ends now, not then)."""
@@ -211,12 +349,12 @@ class _Pace:
         arrived = self.arrivals.pop(id(fut), 0.0)
         if arrived < submitted:  # not timed yet, or the time of a future gone (its id)
             arrived = time.monotonic()
-        self.turnarounds.append((arrived - submitted) / n)
+        self.took((arrived - submitted) / n)
 
     def remember(self) -> None:
-        """The map ends: its function's next map starts at the pace measured."""
+        """The map ends: its function's next map starts at the quickest pace seen."""
         if self.turnarounds:
-            _remember_pace(self.func, min(self.turnarounds))
+            _remember_pace(self.func, self.best)
 
 
 class Feed:
@@ -259,13 +397,9 @@ class Feed:
         self.error: Exception | None = None  # raised by the input, raised in turn later
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.buffersize = buffersize
-        self.ahead = CHUNKS_AHEAD * pool_size(rt)  # the most chunks in flight
-        self.cap = max(1, min(MAX_CHUNK, (buffersize or MAX_IN_FLIGHT) // self.ahead))
         self.fixed = None if chunksize is None else min(chunksize, buffersize or chunksize)
-        if chunksize is not None and buffersize is None:
-            self.ahead = max(self.ahead, min(MAX_SMALL_CHUNKS, MAX_IN_FLIGHT // chunksize))
-        self.refill_at = max(1, (self.ahead if buffersize is None else buffersize)
-                             // REFILL_SHARE)
+        self.per_cpu = False  # chunks cut for the CPUs, not the workers (see per_cpu)
+        self._window()
         self.read = 0  # items read so far: the map index of the next one
         self.in_flight = 0  # items read and not yet handed to the consumer
         self.finished = 0  # items handed to the consumer
@@ -276,18 +410,35 @@ class Feed:
         self.waiter = None if ordered else rt.watch(())
         self.current: list | None = None  # the result list being yielded
         self.count = _progress.MapCount.start(self.length if self.exact else None)
+        if chunksize is None and checkpoint is None:
+            self.per_cpu = per_cpu(self, self.pace.func, ordered)
+            self._window()
         self.fill(keep_first=True)  # the work starts now, before the caller iterates
+
+    def _window(self) -> None:
+        """The most chunks in flight, the biggest automatic chunk, when to fill again."""
+        self.ahead = CHUNKS_AHEAD * self.pool()
+        buffersize, chunksize = self.buffersize, self.fixed
+        self.cap = max(1, min(MAX_CHUNK, (buffersize or MAX_IN_FLIGHT) // self.ahead))
+        if chunksize is not None and buffersize is None:
+            self.ahead = max(self.ahead, min(MAX_SMALL_CHUNKS, MAX_IN_FLIGHT // chunksize))
+        self.refill_at = max(1, (self.ahead if buffersize is None else buffersize)
+                             // REFILL_SHARE)
+
+    def pool(self) -> int:
+        """The workers its automatic chunks are cut for (see :func:`pool_size`)."""
+        return pool_size(self.rt, self.per_cpu)
 
     # -- reading and submitting -------------------------------------------------------
     def fill(self, keep_first: bool = False) -> None:
         """Read and submit chunks while the window has room; ship them."""
         submitted = False
-        self.ahead = max(self.ahead, CHUNKS_AHEAD * pool_size(self.rt))  # the pool grew
+        self.ahead = max(self.ahead, CHUNKS_AHEAD * self.pool())  # the pool grew
         # Automatic chunks are CHUNKS_AHEAD per worker at most, whatever the window:
         # before they grow, a window of items would be one chunk (message) each. Of
         # unknown pace, one per worker: more 1-item chunks would only queue up.
         ahead = self.ahead if self.length is not None or self.pace.turnarounds \
-            or self.fixed is not None else pool_size(self.rt)
+            or self.fixed is not None else self.pool()
         while self.items is not None:
             if ((self.buffersize is None or self.fixed is None)
                     and len(self.futs) >= ahead):
@@ -348,10 +499,13 @@ class Feed:
         """The size of the next chunk."""
         if self.fixed is not None:
             return self.fixed
-        size = pool_size(self.rt)
+        size = self.pool()
         if self.length is not None and self.length > self.read:
             unread = self.length - self.read
-            smallest = self.length // (MIN_CHUNK_SPLIT * size)
+            # the floor of work: no more than Pool's chunks (CHUNKS_AHEAD per worker),
+            # whatever the pace: a pace remembered from cheaper items may be stale
+            floor = min(self.pace.least(), self.length // (CHUNKS_AHEAD * size))
+            smallest = max(self.length // (MIN_CHUNK_SPLIT * size), floor)
             step = max(1, smallest, -(-unread // (CHUNK_SPLIT * size)))
         else:
             step = self.pace.step(size, self.finished)

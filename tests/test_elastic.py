@@ -7,6 +7,7 @@ tests can tell an item computed once from one computed twice."""
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import signal
 import subprocess
@@ -313,7 +314,9 @@ def test_an_elastic_map_cuts_chunks_for_workers_to_come():
     def first_chunks(elastic: bool) -> list[int]:
         rt = Worker(0)
         rt.elastic = elastic
-        feed = _mapping.Feed(abs, (), (range(800),), rt=rt)  # not the process's runtime
+        # not the process's runtime; a function never mapped (no pace remembered from
+        # another test: chunks would hold MIN_CHUNK_S of work at that pace)
+        feed = _mapping.Feed(functools.partial(abs), (), (range(800),), rt=rt)
         return [n for _, n, *_ in feed.futs]
 
     fixed, elastic = first_chunks(False), first_chunks(True)

@@ -176,18 +176,63 @@ def reductions():
         == [x ** 4 for x in range(5000)],
     )
 
+def where(x):
+    import scoop
+    return scoop.worker
+
+def nested(x):
+    return futures.submit(square, x).result() + 1
+
+def per_cpu():
+    """More workers than CPUs here (this host is told it has one): maps of items that
+    compute are cut for the CPUs, the first item of a function's first map run at the
+    call; items that wait go to every worker; the results are the builtin map's."""
+    from scoop import _mapping
+    _mapping.usable_cpus = lambda: 1
+    data = list(range(3000))
+    out = dict(idle=_mapping.idle_workers())
+    it = futures.map(nap, [0.01] * 40)
+    out["nap"] = [it._feed.per_cpu, list(it) == [0.01] * 40]
+    it = futures.map(square, data)
+    out["square"] = [it._feed.per_cpu == _mapping._computes[square],
+                     list(it) == [x * x for x in data]]
+    it = futures.map(square, data)  # the verdict is remembered: no item runs at the call
+    out["again"] = [it._feed.per_cpu == _mapping._computes[square],
+                    not isinstance(it._feed.futs[0][0], _mapping._Ran),
+                    list(it) == [x * x for x in data]]
+    out["done"] = sorted(futures.map_as_completed(square, data)) == [x * x for x in data]
+    neg = lambda x: -x  # noqa: E731 - a function not mapped before
+    it = futures.map(neg, (x for x in data))  # a generator: paced, its first item here
+    out["generator"] = [it._feed.per_cpu == _mapping._computes[neg],
+                        list(it) == [-x for x in data]]
+    out["nested"] = list(futures.map(nested, range(50))) == [x * x + 1 for x in range(50)]
+    got = []
+    try:
+        for r in futures.map(lambda x: fail_at(x, bad=0), data):
+            got.append(r)
+    except ValueError as exc:
+        out["first_fails"] = [got, str(exc)]
+    try:
+        list(futures.map(square, broken_input(0)))
+    except KeyError as exc:
+        out["input_fails"] = str(exc)
+    out["empty"] = list(futures.map(square, []))
+    it = futures.map(where, range(20), task_timeout=30)  # never on the root
+    out["limited"] = [it._feed.per_cpu, 0 in list(it)]
+    return out
+
 if __name__ == "__main__":
     print(json.dumps(globals()[sys.argv[1]]()))
 '''
 
 
-def _run(tmp_path, scenario: str, *args: str, serial: bool = False) -> dict:
+def _run(tmp_path, scenario: str, *args: str, serial: bool = False, n: int = 2) -> dict:
     prog = write_program(tmp_path, PROGRAM)
     if serial:
         proc = subprocess.run([sys.executable, prog, scenario, *args], capture_output=True,
                               text=True, timeout=60)
     else:
-        proc = run_scoop("-n", "2", prog, scenario, *args, timeout=60)
+        proc = run_scoop("-n", str(n), prog, scenario, *args, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "Exception ignored" not in proc.stderr, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -250,6 +295,60 @@ def test_exceptions_mid_stream(tmp_path):
 def test_map_reduce_scan_small_windows_and_pipelines(tmp_path):
     assert _run(tmp_path, "reductions") == dict(reduce=True, scan=True, chunked=True,
                                                 pipeline=True)
+
+
+def test_maps_cut_for_the_cpus_where_workers_outnumber_them(tmp_path):
+    """Issue 12: with more workers on a host than CPUs, maps of items that compute cut
+    their chunks for the CPUs (more chunks would only cost messages); items that wait
+    still go to every worker; results, errors and limits are as everywhere."""
+    out = _run(tmp_path, "per_cpu", n=3)
+    assert out["idle"] == 2
+    assert out["nap"] == [False, True]  # sleeping items: cut for the workers
+    assert out["square"] == [True, True] and out["again"] == [True, True, True]
+    assert out["done"] and out["nested"] and out["generator"] == [True, True]
+    assert out["first_fails"] == [[], "bad item 0"]
+    assert out["input_fails"] == "'the input broke'"
+    assert out["empty"] == []
+    assert out["limited"] == [False, False]  # a limited item never runs on the root
+
+
+def test_a_stale_fast_pace_cuts_no_fewer_chunks_than_pool():
+    """The floor of work per chunk stops at CHUNKS_AHEAD chunks per worker (Pool's
+    heuristic): a pace remembered from cheap items cannot put the map in one chunk."""
+    import functools
+
+    from scoop._runtime.worker import Worker
+
+    func = functools.partial(abs)
+    _mapping._remember_pace(func, 1e-9)  # 2 ms of work would be 2,000,000 items
+    feed = _mapping.Feed(func, (), (range(800),), rt=Worker(0))  # one worker, no job
+    assert [n for _, n, *_ in feed.futs] == [400, 200, 200]
+
+
+@pytest.mark.parametrize("hosts, cpus, idle", [
+    ((("127.0.0.1", 4),), 4, 0), ((("127.0.0.1", 128),), 2, 126),
+    ((("localhost", 3), ("127.0.0.1", 3)), 2, 4),
+    ((("127.0.0.1", 2), ("node-elsewhere.invalid", 64)), 2, 0),  # other hosts: unknown
+    ((("127.0.0.1", 8), ("node-elsewhere.invalid", 64)), 2, 6),
+])
+def test_idle_workers_are_this_hosts_workers_beyond_its_cpus(hosts, cpus, idle):
+    assert _mapping._idle_workers(hosts, cpus) == idle
+
+
+def test_the_chunk_floor_is_min_chunk_s_at_the_quickest_pace_seen():
+    """Chunks of an input with a length hold at least MIN_CHUNK_S of work at the
+    quickest turnaround per item of the map (or remembered from the function's last
+    map), not of its last chunks only (whose turnaround includes their queueing)."""
+    def cheap(x):
+        return x
+
+    pace = _mapping._Pace(cheap, ahead=2)
+    assert pace.least() == 0  # nothing seen yet: the guided sizes alone
+    for per_item in (4e-6, 1e-6, 3e-6, 5e-6):  # the quickest leaves the window
+        pace.took(per_item)
+    assert pace.least() == int(_mapping.MIN_CHUNK_S / 1e-6)
+    pace.remember()
+    assert _mapping._Pace(cheap, ahead=2).least() == int(_mapping.MIN_CHUNK_S / 1e-6)
 
 
 @pytest.mark.parametrize("kwargs, error", [
