@@ -2,7 +2,11 @@
 
 Frames of one message (the broker's ROUTER socket sees the peer's routing id first)::
 
-    [sig] [kind] [hdr] [payload frame 0] ... [payload frame n-1]
+    [sig kind hdr] [payload frame 0] ... [payload frame n-1]
+
+The first frame, the *envelope*, holds three fields (one frame: each frame is a ZeroMQ
+call, and a release of the GIL, at each end of every hop; three frames cost a remote
+round trip 16 calls more, issue 12):
 
 ``sig``
     32 bytes, HMAC-SHA256(job key, kind || hdr). It is checked before anything else is
@@ -110,7 +114,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from ._errors import AuthError
 
-VERSION = 4  # 4: TIMEOUT, LEAVE and the LIMITED tag bit (issue 13)
+VERSION = 5  # 5: sig, kind and hdr in one frame (issue 12); 4: TIMEOUT, LEAVE, LIMITED
 ANY_WORKER = 0xFFFFFFFE  # the sender id of a JOIN: the worker has no id yet
 RETURNED = 1 << 63  # tag bit of the part of a group a worker handed back (RETURN)
 RESUMABLE = 1 << 62  # tag bit of a group of map chunks that its owner resumes (LOST)
@@ -151,6 +155,7 @@ _LEN = struct.Struct("<Q")
 # frame by frame, never copied. The mac is the same either way.
 MAC_JOIN_BYTES = 1 << 16
 SIG_SIZE = 32
+_ENV = SIG_SIZE + 1  # where the header starts in the envelope frame (after sig and kind)
 # The largest wire frame; a socket drops a peer that announces a longer one (checked by
 # ZeroMQ from the length prefix, before the frame is read or any signature checked).
 MAX_FRAME_BYTES = 64 * 2**20
@@ -338,9 +343,8 @@ class Codec:
             parts.append(_SPLIT.pack(*split))
         if body is not None:
             parts.append(json.dumps(body, separators=(",", ":")).encode())
-        hdr = b"".join(parts)
-        sig = hmac.digest(self.key, kind + hdr, "sha256")
-        return [sig, kind, hdr, *frames]
+        signed = kind + b"".join(parts)
+        return [hmac.digest(self.key, signed, "sha256") + signed, *frames]
 
     def decode(self, frames: Sequence, peer=None, join: bool = True) -> Message:
         """Authenticate and parse a message's frames; raise AuthError if they are not ours.
@@ -350,40 +354,43 @@ class Codec:
         received (zero-copy zmq.Frame objects stay so); a frame that came split is joined
         into one bytearray, or with ``join`` false kept as :class:`Pieces` (to forward).
         """
-        if len(frames) < 3:
-            raise AuthError(f"too few frames ({len(frames)})")
-        # Sizes first, on the received buffers: a forged message is dropped without its
+        if not frames:
+            raise AuthError("no frames")
+        # Sizes first, on the received buffer: a forged message is dropped without its
         # large frames being copied or hashed.
-        sig, kind, hdr = (buffer_of(f) for f in frames[:3])
-        if (_nbytes(sig) != SIG_SIZE or _nbytes(kind) != 1
-                or _nbytes(hdr) > MAX_HEADER_BYTES):
-            raise AuthError("malformed envelope")
-        sig, kind, hdr = bytes(sig), bytes(kind), bytes(hdr)
-        if not hmac.compare_digest(hmac.digest(self.key, kind + hdr, "sha256"), sig):
+        env = buffer_of(frames[0])
+        if not _ENV + _HEAD.size <= _nbytes(env) <= _ENV + MAX_HEADER_BYTES:
+            raise AuthError("malformed envelope" + (
+                " (three frames: a worker of an older scoop version? install the same "
+                "scoop version on every host)" if _nbytes(env) == SIG_SIZE else ""))
+        env = bytes(env)
+        signed = memoryview(env)[SIG_SIZE:]
+        if not hmac.compare_digest(hmac.digest(self.key, signed, "sha256"), env[:SIG_SIZE]):
             raise AuthError("bad signature")
         # From here on the header was written by a holder of the job key.
+        kind = env[SIG_SIZE:_ENV]
         try:
-            seq, sender, arg, nparcels, ndone, nsplit = _HEAD.unpack_from(hdr, 0)
-            off = _HEAD.size
+            seq, sender, arg, nparcels, ndone, nsplit = _HEAD.unpack_from(env, _ENV)
+            off = _ENV + _HEAD.size
             records = []
             for _ in range(nparcels):
-                records.append(_PARCEL.unpack_from(hdr, off))
+                records.append(_PARCEL.unpack_from(env, off))
                 off += _PARCEL.size
             done = []
             for _ in range(ndone):
-                done.append(_DONE.unpack_from(hdr, off))
+                done.append(_DONE.unpack_from(env, off))
                 off += _DONE.size
             splits = []
             for _ in range(nsplit):
-                splits.append(_SPLIT.unpack_from(hdr, off))
+                splits.append(_SPLIT.unpack_from(env, off))
                 off += _SPLIT.size
-            body = json.loads(hdr[off:]) if off < len(hdr) else None
+            body = json.loads(env[off:]) if off < len(env) else None
         except (struct.error, ValueError) as exc:
             # Signed with the job key, yet not our layout: a worker of this job that runs
             # another scoop version.
             raise AuthError(f"malformed header ({exc}): is the same scoop version "
                             "installed on every host?") from None
-        payload = _join(frames[3:], splits, join) if splits else frames[3:]
+        payload = _join(frames[1:], splits, join) if splits else frames[1:]
         parcels = []
         pos = 0
         for tag, to, nfr, mac in records:
