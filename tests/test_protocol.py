@@ -95,6 +95,16 @@ def test_main_exports_skip_the_guarded_block():
     assert _serialize.main_exports(src) == {"top", "C", "in_try", "conditional", "other"}
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=16, max_size=200), st.lists(st.binary(max_size=300), max_size=5))
+def test_prepared_hmac_is_hmac_sha256(key, parts):
+    """Codec's HMAC (the key's pads hashed once) gives the standard library's bytes, for
+    keys shorter and longer than SHA-256's block."""
+    import hmac
+
+    assert P.Hmac(key).digest(*parts) == hmac.digest(key, b"".join(parts), "sha256")
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=80), max_size=8))
 def test_decoder_never_accepts_random_frames(frames):
