@@ -15,7 +15,8 @@ part prints both. The parts:
   crosses to worker 1 and back), next to ``ProcessPoolExecutor(2).submit(f).result()``.
   Wall: median and quartiles of the per-call times. CPU: utime+stime of every process of
   the pool (scoop: the root, with its broker thread, and worker 1; PPE: the parent and
-  its workers) over all calls, divided by the calls. ``--strace`` also counts the system
+  its workers) over all calls, divided by the calls; and context switches per call (every
+  sleep and wake-up of a thread). ``--strace`` also counts the system
   calls of scoop's worker 1 over the calls (``strace -c -f -p``).
 * ``startup``: wall and CPU (this process's children) of ``python -m scoop -n 2`` running
   a trivial program, next to the same with ProcessPoolExecutor and multiprocessing.Pool.
