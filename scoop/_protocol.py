@@ -361,13 +361,18 @@ class Codec:
         frames: list = []
         splits: list[tuple[int, int]] = []
         index = 0
+        limit = self.max_frame
         for p in parcels:
             parts.append(_PARCEL.pack(p.tag, p.peer, len(p.frames), p.mac))
             for f in p.frames:
-                wire = _split(f, self.max_frame)
-                if len(wire) > 1:
-                    splits.append((index, len(wire)))
-                frames.extend(wire)
+                t = type(f)  # most frames are small and whole: bytes, a pickle's view
+                if (t is bytes and len(f) <= limit) or (t is memoryview and f.nbytes <= limit):
+                    frames.append(f)
+                else:
+                    wire = _split(f, limit)
+                    if len(wire) > 1:
+                        splits.append((index, len(wire)))
+                    frames.extend(wire)
                 index += 1
         parts[0] = _HEAD.pack(self._seq, self.sender, arg, len(parcels), len(done),
                               len(splits))
