@@ -15,7 +15,8 @@ part prints both. The parts:
   crosses to worker 1 and back), next to ``ProcessPoolExecutor(2).submit(f).result()``.
   Wall: median and quartiles of the per-call times. CPU: utime+stime of every process of
   the pool (scoop: the root, with its broker thread, and worker 1; PPE: the parent and
-  its workers) over all calls, divided by the calls. ``--strace`` also counts the system
+  its workers) over all calls, divided by the calls; and context switches per call (every
+  sleep and wake-up of a thread). ``--strace`` also counts the system
   calls of scoop's worker 1 over the calls (``strace -c -f -p``).
 * ``startup``: wall and CPU (this process's children) of ``python -m scoop -n 2`` running
   a trivial program, next to the same with ProcessPoolExecutor and multiprocessing.Pool.
@@ -68,6 +69,21 @@ def threads_cpu(pid: int, names: dict | None = None) -> dict[str, float]:
     return out
 
 
+def switches(pid: int) -> int:
+    """Context switches (voluntary and not) of every thread of ``pid`` so far: each sleep
+    and wake-up of a thread, steadier than CPU time on a loaded machine."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
 def per_thread(before: dict, after: dict, calls: int) -> str:
     return "  ".join(f"{k} {(after[k] - before.get(k, 0.0)) / calls * 1e6:.0f}"
                      for k in sorted(after))
@@ -108,6 +124,7 @@ def rtt_scoop(calls: int, use_strace: bool) -> None:
         import threading
         names = {t.native_id: t.name for t in threading.enumerate()}
         thr0 = [threads_cpu(pids[0], names), threads_cpu(pids[1])]
+        sw0 = [switches(p) for p in pids]
         remote = []
 
         def one():
@@ -117,6 +134,7 @@ def rtt_scoop(calls: int, use_strace: bool) -> None:
         times = timed_calls(calls, one)
         cpu1 = [cpu_of(p) for p in pids]
         thr1 = [threads_cpu(pids[0], names), threads_cpu(pids[1])]
+        sw1 = [switches(p) for p in pids]
         if tracer is not None:
             tracer.terminate()
             tracer.wait()
@@ -128,6 +146,8 @@ def rtt_scoop(calls: int, use_strace: bool) -> None:
           f"  total {(sum(cpu1) - sum(cpu0)) / calls * 1e6:6.1f}")
     print(f"scoop rtt  cpu us/call by thread: root: {per_thread(thr0[0], thr1[0], calls)}; "
           f"worker: {per_thread(thr0[1], thr1[1], calls)}")
+    print(f"scoop rtt  context switches/call: root {(sw1[0] - sw0[0]) / calls:.2f}"
+          f"  worker {(sw1[1] - sw0[1]) / calls:.2f}")
     if tracer is not None:
         with open(out) as f:
             lines = f.read().splitlines()
@@ -142,13 +162,15 @@ def rtt_ppe(calls: int) -> None:
         for _ in range(200):
             ex.submit(T.noop).result()
         pids = [os.getpid(), *ex._processes]
-        cpu0 = [cpu_of(p) for p in pids]
+        cpu0, sw0 = [cpu_of(p) for p in pids], [switches(p) for p in pids]
         times = timed_calls(calls, lambda: ex.submit(T.noop).result())
-        cpu1 = [cpu_of(p) for p in pids]
+        cpu1, sw1 = [cpu_of(p) for p in pids], [switches(p) for p in pids]
     print(f"PPE   rtt  wall us: {spread(times, 1e6)}")
     print(f"PPE   rtt  cpu us/call: parent {(cpu1[0] - cpu0[0]) / calls * 1e6:6.1f}"
           f"  workers {(sum(cpu1[1:]) - sum(cpu0[1:])) / calls * 1e6:6.1f}"
           f"  total {(sum(cpu1) - sum(cpu0)) / calls * 1e6:6.1f}")
+    print(f"PPE   rtt  context switches/call: parent {(sw1[0] - sw0[0]) / calls:.2f}"
+          f"  workers {(sum(sw1[1:]) - sum(sw0[1:])) / calls:.2f}")
 
 
 # -- startup -------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ from ._transport import (
     raise_open_file_limit,
     share_inproc,
 )
+from ._zpoll import Waiter
 
 log = logging.getLogger("scoop.broker")
 
@@ -257,28 +258,25 @@ class Broker:
 
     def run(self) -> None:
         """The broker loop; returns after :meth:`stop`."""
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self._ctl, zmq.POLLIN)
-        for sock in self.gate.sockets:
-            poller.register(sock, zmq.POLLIN)
+        waiter = Waiter([self.router, self._ctl, *self.gate.sockets])
+        more: list = []  # gate sockets left with requests waiting (a bounded turn)
         try:
             next_tick = time.monotonic() + WORKER_SILENCE_S
             while True:
-                events = dict(poller.poll(int(TICK_S * 1000)))
+                # The router is asked first: sends on it may take the command that would
+                # have woken the poll for a message that came meanwhile (see _zpoll).
+                ready = waiter.wait(int(TICK_S * 1000), check=(self.router,), again=more)
                 now = time.monotonic()
                 if now >= next_tick:
                     self._carry_out(self.schedule.tick(now))
                     next_tick = now + TICK_S
-                if self._ctl in events and not self._control():
+                if self._ctl in ready and not self._control():
                     break
-                if self.router in events:
+                if self.router in ready:
                     self._drain()
                     self._carry_out(self.schedule.dispatch(time.monotonic()))
                 self.gate.stopping = self.schedule.stopping
-                for sock in self.gate.sockets:
-                    if sock in events:
-                        self.gate.handle(sock)
+                more = [s for s in self.gate.sockets if s in ready and self.gate.handle(s)]
                 self.gate.settle(now)
         finally:
             self._close()

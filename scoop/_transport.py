@@ -273,15 +273,18 @@ class Gate:
         self.monitor.connect(address)
         self.sockets.append(self.monitor)
 
-    def handle(self, sock: zmq.Socket) -> None:
+    def handle(self, sock: zmq.Socket) -> bool:
         """Answer the ZAP requests, or take the monitor's events, that are waiting (a
         bounded number); never raises: nothing a peer sends may end the broker's loop (a
         ZAP request left unanswered only keeps that one connection waiting until the
-        handshake timeout drops it)."""
+        handshake timeout drops it). Whether more may be waiting (the bound was reached:
+        call again without sleeping)."""
+        more = True
         for _ in range(MAX_EVENTS_PER_CALL):
             try:
                 self._handle(sock)
             except zmq.Again:
+                more = False
                 break
             except Exception as exc:  # noqa: BLE001 - e.g. out of file descriptors or memory
                 log.warning("broker: could not check a connection: %s: %s",
@@ -290,6 +293,7 @@ class Gate:
         while len(self._unproven) > self.max_unproven:
             fd = next(iter(self._unproven))
             self._hang_up(fd, self._unproven.pop(fd))
+        return more
 
     def proven(self, fd: int | None) -> None:
         """The connection on descriptor ``fd`` sent a signed message: it is the job's

@@ -46,9 +46,9 @@ def test_wrong_key_rejected():
 
 def test_tampered_header_rejected():
     frames = P.Codec(KEY, 1).encode(P.READY, arg=1)
-    hdr = bytearray(frames[2])
-    hdr[12] ^= 1
-    frames[2] = bytes(hdr)
+    env = bytearray(frames[0])  # sig, kind, then the header
+    env[P.SIG_SIZE + 1 + 12] ^= 1
+    frames[0] = bytes(env)
     with pytest.raises(P.AuthError):
         P.Codec(KEY, 0).decode(frames)
 
@@ -58,7 +58,7 @@ def test_tampered_parcel_caught_before_unpickling():
     parcel = codec.parcel(_serialize.dumps([1, 2, 3]))
     evil = pickle.dumps(os.system)  # a pickle that would run code
     frames = codec.encode(P.CONST, parcels=[parcel])
-    frames[3] = evil
+    frames[1] = evil  # the parcel's first frame, after the envelope
     msg = codec.decode(frames)  # the envelope is intact...
     with pytest.raises(P.AuthError, match="mac"):
         codec.check(msg.parcels[0])  # ...the parcel is not
@@ -95,6 +95,16 @@ def test_main_exports_skip_the_guarded_block():
     assert _serialize.main_exports(src) == {"top", "C", "in_try", "conditional", "other"}
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=16, max_size=200), st.lists(st.binary(max_size=300), max_size=5))
+def test_prepared_hmac_is_hmac_sha256(key, parts):
+    """Codec's HMAC (the key's pads hashed once) gives the standard library's bytes, for
+    keys shorter and longer than SHA-256's block."""
+    import hmac
+
+    assert P.Hmac(key).digest(*parts) == hmac.digest(key, b"".join(parts), "sha256")
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=80), max_size=8))
 def test_decoder_never_accepts_random_frames(frames):
@@ -107,10 +117,9 @@ def test_decoder_never_accepts_random_frames(frames):
 def test_decoder_rejects_bit_flips_of_valid_messages(pos, mask):
     codec = P.Codec(KEY, 1)
     frames = codec.encode(P.TASKS, parcels=[codec.parcel([b"tids", b"pickle"], tag=1)])
-    target = pos % 3
-    data = bytearray(frames[target])
+    data = bytearray(frames[0])  # the envelope: sig, kind, header
     data[pos % len(data)] ^= mask  # a real change: mask is never 0
-    frames[target] = bytes(data)
+    frames[0] = bytes(data)
     with pytest.raises(P.AuthError):
         codec.decode(frames)
 
@@ -208,7 +217,8 @@ def test_big_frames_travel_split_and_are_joined():
     broker, receiver = P.Codec(KEY, 2, max_frame=100), P.Codec(KEY, 3)
     big, small = os.urandom(950), b"tids"
     frames = sender.encode(P.TASKS, parcels=[sender.parcel([small, big, big[:100]], tag=4)])
-    assert max(len(f) for f in frames) <= 100 and len(frames) == 3 + 1 + 10 + 1
+    # the envelope (at most MAX_HEADER_BYTES after sig and kind) is never split
+    assert max(len(f) for f in frames[1:]) <= 100 and len(frames) == 1 + 1 + 10 + 1
     routed = broker.decode(frames, peer=b"w1", join=False)  # kept in pieces, forwarded
     assert isinstance(routed.parcels[0].frames[1], P.Pieces)
     broker.check(routed.parcels[0])
@@ -346,7 +356,8 @@ def test_replay_window_is_per_connection_not_per_parcel_owner():
 
 
 def test_a_signed_message_in_another_layout_names_a_version_mismatch():
-    """What a worker of the same job running an older scoop sends (version 1 header)."""
+    """What a worker of the same job running an older scoop sends (version 1 header, in
+    the three envelope frames of versions 1 to 4)."""
     import hmac
     import struct
 

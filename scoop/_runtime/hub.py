@@ -138,7 +138,8 @@ class Hub:
                 self._start_task(runq.popleft())
                 if shipper.done_out and rt.link is not None:
                     shipper.flush()
-                    rt.poll(0)
+                    if runq or wakeups:  # else the wait below asks the socket first
+                        rt.poll(0)
                 continue
             shipper.flush()
             if wakeups or self.runnable():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ import zmq
 from .. import _protocol as P
 from .._errors import AuthError, BrokenJobError, JobOver
 from .._transport import context_for
+from .._zpoll import readable
 
 if TYPE_CHECKING:
     from .._transport import Credentials
@@ -75,17 +77,28 @@ class Link:
         self.ctx = zmq.Context() if ctx is None else ctx
         self.sock = creds.connect(self.ctx, P.routing_id(role, wid), address,
                                   linger_ms=linger_ms)
-        # One poller for the socket's life: building one per wait (``Socket.poll``) cost
-        # more than the wait itself in the hub's idle loop.
-        self._poller = zmq.Poller()
-        self._poller.register(self.sock, zmq.POLLIN)
+        # The socket's descriptor, polled directly: see _readable.
+        self._fd_poll = select.poll()
+        self._fd_poll.register(self.sock.getsockopt(zmq.FD), select.POLLIN)
         self._bad_sources: set[str] = set()
 
     def _readable(self, timeout_ms: int) -> bool:
-        """Whether a message is waiting, after waiting up to ``timeout_ms`` for one."""
-        if not timeout_ms:  # one question to the socket, not a poll of its descriptor
-            return bool(self.sock.getsockopt(_EVENTS) & _POLLIN)
-        return bool(self._poller.poll(timeout_ms))
+        """Whether a message is waiting, after waiting up to ``timeout_ms`` for one.
+
+        ZeroMQ's poll asks the socket for ZMQ_EVENTS (a system call) before and after
+        each of its sleeps: four calls per wait. Here: one when a message waits, three
+        when it sleeps (asked, the descriptor polled, asked again; see scoop._zpoll)."""
+        sock = self.sock
+        if readable(sock):
+            return True
+        deadline = time.monotonic() + timeout_ms / 1000
+        while timeout_ms > 0:
+            self._fd_poll.poll(timeout_ms)
+            if readable(sock):
+                return True
+            # woken by another command of the socket's, not a message: sleep on
+            timeout_ms = int((deadline - time.monotonic()) * 1000)
+        return False
 
     def send(self, kind: bytes, **kw) -> None:
         """Sign and send one message (see ``Codec.encode`` for the fields)."""
