@@ -1,8 +1,9 @@
 """Processes that tasks start do not outlive the job, however it ends (issue 9).
 
 Tasks on the root and on another worker start a ``subprocess.Popen`` child, a fork+exec
-child, a ``setsid`` double-forked daemon and a child forked without exec; after a normal exit, a SIGTERM and a SIGKILL
-of the launcher, none of them is left. Over ssh test hosts, the host agent does the same.
+child, a ``setsid`` double-forked daemon and a child forked without exec; after a normal
+exit, a SIGTERM and a SIGKILL of the launcher, none of them is left. Over ssh test hosts,
+the host agent does the same.
 """
 
 from __future__ import annotations
