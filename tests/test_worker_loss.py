@@ -9,6 +9,16 @@ from conftest import run_scoop, write_program
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leftovers")]
 
 
+# For the programs below: True for the first caller only, even for two at once.
+FIRST = """
+        def _first(path):
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return True
+            except FileExistsError:
+                return False"""
+
+
 def test_task_of_a_dead_worker_runs_again(tmp_path):
     marker = tmp_path / "killed-once"
     prog = write_program(tmp_path, f"""
@@ -84,12 +94,7 @@ def test_nested_parent_on_a_dead_worker_runs_again(tmp_path):
         def leaf(i):
             time.sleep(0.01)
             return i
-        def _first(marker):  # True for one worker only, even for two at once
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                return True
-            except FileExistsError:
-                return False
+{FIRST}
         def parent(n):
             kids = [futures.submit(leaf, i) for i in range(n)]
             total = sum(k.result() for k in kids)
@@ -120,12 +125,7 @@ def test_every_other_worker_dies_running_nested_parents(tmp_path, workers):
         def leaf(i):
             time.sleep(0.01)
             return i * i
-        def _first(path):  # True once per path, whoever asks
-            try:
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                return True
-            except FileExistsError:
-                return False
+{FIRST}
         def parent(n):
             me = scoop.worker
             if me in OTHERS:  # every other worker holds a parent before any dies
