@@ -85,7 +85,8 @@ def become(fd: int, cwd: str, env: dict[str, str], pythonpath: str | None,
     os.close(null)
     os.chdir(cwd)
     os.environ.update(env)
-    if not sys.flags.safe_path:  # sys.path[0]: a spawned `python -m`'s, its directory
+    # sys.path[0] as a spawned `python -m`'s: its directory (unless -P, Python 3.11+)
+    if not getattr(sys.flags, "safe_path", False):
         sys.path[0] = cwd
     sys.path[1:1] = [d for d in (pythonpath or "").split(os.pathsep) if d]
     set_name(TEMPLATE_NAME)
