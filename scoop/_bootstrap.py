@@ -303,6 +303,7 @@ def start(cfg: dict) -> bool:
     parent = cfg.get("ppid") if cfg.get("die_with_parent") else None
     signal.signal(signal.SIGTERM, _end_on_sigterm if root else _leave_on_sigterm(
         worker, watchdog, parent))
+    worker.on_close = watchdog.retire
     watchdog.start()
     try:
         if root:
