@@ -296,6 +296,8 @@ def start(cfg: dict) -> bool:
     if cfg.get("job"):
         os.environ[_reaper.JOB] = cfg["job"]  # a joining worker was not started with it
     _reaper.mark_worker(wid)
+    if not root and _prctl is not None:  # the root runs the user's program: left as is
+        _reaper.adopt_orphans(_prctl)
     watchdog = Watchdog(
         cfg["address"], creds, wid, ctx=worker.link.ctx, deadlines=worker.deadlines,
         timeout=cfg.get("broker_timeout", BROKER_TIMEOUT_S),
@@ -303,6 +305,7 @@ def start(cfg: dict) -> bool:
     parent = cfg.get("ppid") if cfg.get("die_with_parent") else None
     signal.signal(signal.SIGTERM, _end_on_sigterm if root else _leave_on_sigterm(
         worker, watchdog, parent))
+    worker.on_close = watchdog.retire
     watchdog.start()
     try:
         if root:

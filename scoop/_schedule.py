@@ -161,7 +161,8 @@ class Roster:
         self.seen: set[int] = set()  # ids of the workers that joined or were lost
         # Ids handed to workers that join on their own (python -m scoop.join).
         self.next_free_wid = size if first_free_wid is None else first_free_wid
-        self.last_ping: dict[int, float] = {}  # wid -> when its watchdog last pinged
+        # wid -> when its watchdog last pinged (None: joined, silent since the next tick)
+        self.last_ping: dict[int, float | None] = {}
         # Connected workers with credit, in the order they got it (an ordered set), and
         # those waiting with a deadline: kept as they change, read at every dispatch.
         self.ready: dict[Peer, None] = {}
@@ -190,6 +191,8 @@ class Roster:
         self.peers[ident] = peer
         self.by_wid[peer.wid] = peer
         self.seen.add(peer.wid)
+        # Its silence counts from the next tick (see silent): its watchdog pings later.
+        self.last_ping.setdefault(peer.wid, None)
         return peer
 
     def remove(self, peer: Peer) -> None:
@@ -253,16 +256,21 @@ class Roster:
         """(wid, seconds) of the connected workers, the root excepted (losing it ends the
         job, which its launcher sees), whose watchdog has not pinged for too long; they
         are forgotten here."""
-        found = [(wid, now - last) for wid, last in self.last_ping.items()
-                 if wid and now - last > WORKER_SILENCE_S and wid in self.by_wid]
+        found = []
+        for wid, last in self.last_ping.items():
+            if last is None:  # joined since the last tick, not pinged yet
+                self.last_ping[wid] = now
+            elif wid and now - last > WORKER_SILENCE_S and wid in self.by_wid:
+                found.append((wid, now - last))
         for wid, _ in found:
             del self.last_ping[wid]
         return found
 
     def excuse(self, seconds: float) -> None:
         """The broker did not run for ``seconds``: that long is nobody's silence."""
-        for wid in self.last_ping:
-            self.last_ping[wid] += seconds
+        for wid, last in self.last_ping.items():
+            if last is not None:
+                self.last_ping[wid] = last + seconds
 
     @property
     def all_started(self) -> bool:

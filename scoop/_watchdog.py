@@ -18,6 +18,13 @@ raises ``zmq.ContextTerminated``, then it closes its socket, which lets the cont
 end). ZeroMQ's I/O thread runs without the GIL, so a task that holds the interpreter
 delays the watchdog as it did with a context of its own.
 
+*A late socket.* The socket is made when the first PING is due, ``FIRST_PING_S`` after the
+start (at once to speak for a worker that leaves or whose task timed out): a short job's
+workers make none, so no handshake, no check by the broker's Gate, no PING, and the
+worker's close does not wait for the watchdog to close one. The broker counts a worker's
+silence from its HELLO (``scoop._schedule.Roster.silent``), so a worker that dies before
+its first PING is still found.
+
 *Time limits* (``scoop._limits``): the watchdog also wakes at the earliest deadline of
 the limited calls running here. Past one, it tells the broker (TIMEOUT, on its own
 socket: the hub's is busy with the task), waits for the broker's STOP (the broker has
@@ -44,6 +51,9 @@ log = logging.getLogger("scoop")
 
 # How often the watchdog asks: a small cost per worker per period.
 PING_PERIOD_S = 1.0
+# When the first PING goes (s after the start): a job shorter than this makes no watchdog
+# socket at all. Well within the broker's WORKER_SILENCE_S (5 s, counted from the HELLO).
+FIRST_PING_S = 2.0
 # Silence after which the broker counts as gone: long enough to ride out a loaded machine
 # or network hiccup, short enough that orphans vanish quickly.
 BROKER_TIMEOUT_S = 10.0
@@ -73,9 +83,12 @@ class Watchdog(threading.Thread):
     def __init__(self, address: str, creds: Credentials, wid: int, on_lost=None,
                  timeout: float = BROKER_TIMEOUT_S, period: float = PING_PERIOD_S,
                  ctx: zmq.Context | None = None, on_time_up=None,
-                 deadlines: Deadlines | None = None) -> None:
+                 deadlines: Deadlines | None = None, first_ping: float = FIRST_PING_S) -> None:
         super().__init__(name="scoop-watchdog", daemon=True)
         self.address = address
+        self.creds = creds
+        self.ctx = ctx
+        self.first_ping = first_ping
         self.wid = wid
         self.timeout = timeout
         self.period = period
@@ -86,23 +99,40 @@ class Watchdog(threading.Thread):
         self._leave_by: float | None = None  # leaving: when to go, task or not
         self._leave_said = False  # the broker knows it leaves
         self.leave_grace = leave_grace()
-        # The socket is made here, in the worker's thread, not in run(): the thread then
-        # never touches the shared context itself, which the worker may be ending at any
-        # moment (a socket made while zmq_ctx_term runs fails, and one made just after it
-        # returns is a use of freed memory that aborts the process).
-        self.link = Link(address, creds, wid, role=b"h", ctx=ctx)
+        # The socket is made by the thread, when first needed, under this lock, which
+        # retire() takes before the worker ends the shared context: a socket made while
+        # zmq_ctx_term runs fails, and one made just after it returns is a use of freed
+        # memory that aborts the process.
+        self._lock = threading.Lock()
+        self._retired = False
+        self.link: Link | None = None
 
     def stop(self) -> None:
         self._stop_event.set()
+
+    def retire(self) -> None:
+        """The worker is about to end the shared context (in its own thread): no socket
+        is made in it from now on, and the thread ends (at once if it has none yet)."""
+        with self._lock:
+            self._retired = True
+        self._stop_event.set()
+
+    def _connect(self) -> Link | None:
+        """The watchdog's link, made at its first use; None once retired."""
+        with self._lock:
+            if self.link is None and not self._retired:
+                self.link = Link(self.address, self.creds, self.wid, role=b"h", ctx=self.ctx)
+            return self.link
 
     def leave(self) -> None:
         """The worker leaves (from a signal handler: sets a time, nothing more)."""
         self._leave_by = time.monotonic() + self.leave_grace
 
     def run(self) -> None:
-        link = self.link
         heard = time.monotonic()
         try:
+            if not self._quiet_start() or (link := self._connect()) is None:
+                return
             while not self._stop_event.is_set():
                 if self._leave_by is not None:
                     self._speak_for_leaving(link)
@@ -124,8 +154,27 @@ class Watchdog(threading.Thread):
                     return
         except zmq.ContextTerminated:
             pass  # the worker ended the shared context: it is leaving, and so is this thread
+        except zmq.ZMQError as exc:  # its socket could not be made: nothing watches the job
+            log.error("worker %d: its watchdog cannot reach the broker at %s: %s",
+                      self.wid, self.address, exc)
+            self.on_lost(time.monotonic() - heard)
         finally:
-            self.link.close(0)
+            if self.link is not None:
+                self.link.close(0)
+
+    def _quiet_start(self) -> bool:
+        """Until the first PING is due, or the worker leaves: no socket, the deadlines
+        watched. False: the thread is done (stopped, or a task timed out)."""
+        end = time.monotonic() + self.first_ping
+        while self._leave_by is None and (left := end - time.monotonic()) > 0:
+            if self._stop_event.wait(self._slice(left)):
+                return False
+            late = self.deadlines and self.deadlines.expired(time.monotonic())
+            if late:
+                if (link := self._connect()) is not None:
+                    self._time_out(link, late)
+                return False
+        return True
 
     def _told(self, body: dict | None) -> None:
         """What a PONG says besides "alive": the job's time is up (to the root only)."""

@@ -36,6 +36,7 @@ from scoop._schedule import (
 )
 
 MAC = b"m" * 32  # the schedule never checks a parcel's mac
+_TICKS = int(2 * WORKER_SILENCE_S / BROKER_PAUSE_S + 1)  # ticks over twice the silence
 
 
 def ident(wid: int) -> bytes:
@@ -316,9 +317,13 @@ CASES = [
          ["w1 TASKS a", "h1 PONG"], held={1: "a"}),
     Case("silence while the broker ticks on counts, however it is cut into ticks",
          [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("ping", 1), ("tick",),
-          *[("wait", BROKER_PAUSE_S / 2), ("tick",)] * int(
-              2 * WORKER_SILENCE_S / BROKER_PAUSE_S + 1)],
-         ["w1 TASKS a", "h1 PONG"], queue="a", held={0: "", 2: ""}),
+          *[("ping", 2), ("wait", BROKER_PAUSE_S / 2), ("tick",)] * _TICKS],
+         ["w1 TASKS a", "h1 PONG", *["h2 PONG"] * _TICKS], queue="a", held={0: "", 2: ""}),
+    Case("a worker that never pings counts as lost, its silence counted from the first "
+         "tick after its HELLO (its watchdog's first PING comes late: scoop._watchdog)",
+         [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",),
+          *[("ping", 2), ("wait", BROKER_PAUSE_S / 2), ("tick",)] * (_TICKS + 2)],
+         ["w1 TASKS a", *["h2 PONG"] * (_TICKS + 2)], queue="a", held={0: "", 2: ""}),
     Case("after STOP, a lost worker's groups stay lost (the job is over)",
          [("tasks", 0, "a"), ("ready", 1, 1), ("dispatch",), ("stop",), ("lost", 1)],
          ["w1 TASKS a", "w0 STOP", "w1 STOP", "w2 STOP"]),

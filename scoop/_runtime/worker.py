@@ -94,26 +94,25 @@ class Worker:
         self.where = _where(wid)
         self.codec = codec
         self.link: Link | None = None  # the broker; None: in-process
-        # scoop.Executor's: replaces the socket's poll in the hub's idle wait (Link.drain)
-        self.idle_wait: Callable[[int], bool] | None = None
+        self.idle_wait: Callable[[int], bool] | None = None  # Executor's, for Link.drain
         self.flags = Flags()
         self.policy = Policy(max(1, size))
         self.max_attempts = MAX_ATTEMPTS
         self.shm: str | None = None  # large frames' segments are this job's (scoop._shm)
         self.elastic = False  # workers join at any time: maps cut chunks for more (_mapping)
-        # Called by submit while set: _bootstrap looks for a program that calls futures
-        # outside its `if __name__ == "__main__":` guard.
+        # Called by submit while set (_bootstrap: a futures call outside the main guard?),
+        # and by close before the link's context ends (the watchdog's retire).
         self.submit_hook: Callable[[], None] | None = None
+        self.on_close: Callable[[], None] | None = None
         self._ids = itertools.count(1)
         self.shipper = Shipper(self)
         self.hub = Hub(self)
         self.handlers = Handlers(self)
         self.constants = Constants(self)
         self.deadlines = Deadlines()  # of the limited calls running here (the watchdog's)
-        # The tables the pieces share (the same objects, named here for short).
         self.outbox, self.pending, self.away = (
             self.shipper.outbox, self.shipper.pending, self.shipper.away)
-        self.runq, self.wakeups = self.hub.runq, self.hub.wakeups
+        self.runq, self.wakeups = self.hub.runq, self.hub.wakeups  # the pieces' tables
 
     @property
     def size(self) -> int:
@@ -201,10 +200,9 @@ class Worker:
         """Switch to the hub until ``waiter`` is woken (or the deadline passes).
 
         Meanwhile this worker runs other tasks, except while a wait has a deadline: then
-        it starts none (unless it is the job's only worker), so that a task cannot make
-        the wait overrun; the other workers do the work. It stands by instead: if every
-        worker of the job waits with a deadline, the broker sends each one group to run
-        anyway (nobody else would, and every wait would time out).
+        it starts none (unless it is the job's only worker), so that no task makes the
+        wait overrun. It stands by instead: if every worker of the job waits with a
+        deadline, the broker sends each one group to run anyway (or all would time out).
         """
         self.hub.park(waiter, deadline)
 
@@ -327,5 +325,7 @@ class Worker:
         """Close the link to the broker (the runtime is in-process afterwards)."""
         self.shipper.close_pool()  # no group of this runtime is left to run
         if self.link is not None:
+            if self.on_close is not None:
+                self.on_close()
             self.link.close()
             self.link = None
