@@ -296,8 +296,6 @@ def start(cfg: dict) -> bool:
     if cfg.get("job"):
         os.environ[_reaper.JOB] = cfg["job"]  # a joining worker was not started with it
     _reaper.mark_worker(wid)
-    if not root and _prctl is not None:  # the root runs the user's program: left as is
-        _reaper.adopt_orphans(_prctl)
     watchdog = Watchdog(
         cfg["address"], creds, wid, ctx=worker.link.ctx, deadlines=worker.deadlines,
         timeout=cfg.get("broker_timeout", BROKER_TIMEOUT_S),

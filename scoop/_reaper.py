@@ -14,12 +14,6 @@ every process of a job carries a mark in its environment, which its children inh
 processes marked with its own tag, never its siblings', and, if it forked, those of its
 session (what a task forked without ``exec``: see :func:`marked`).
 
-*Adopting orphans.* A worker other than the root adopts the descendants orphaned below it
-(:func:`adopt_orphans`, Linux's child subreaper): what its tasks started then stays in its
-tree (a daemon's parent is the worker, not init), so at its end a worker with no child at
-all has nothing alive to end, and skips the scan of ``/proc`` (~2.5 ms with 260
-processes, at each of 128 workers' exits).
-
 *Launcher and host agent.* After their workers are gone they end every process marked
 with the job, on their host: what a worker killed outright (SIGKILL, out of memory) left.
 
@@ -180,49 +174,17 @@ def end_own(grace: float = TERM_GRACE_S) -> list[int]:
     """A worker on its way out: end what its tasks started, by its mark, and by its
     session if this process forked (what a task forked without ``exec``, which
     ``/proc`` shows without the mark when the worker itself was forked from the
-    launcher: see :func:`marked`). Nothing to look for in an adoptive process
-    without children."""
-    if _adopts and _childless():
-        return []
+    launcher: see :func:`marked`)."""
     return end_marked(WORKER, os.environ.get(WORKER, ""), grace=grace,
                       sessions=own_session() if _forked else frozenset())
 
 
-def adopt_orphans(prctl) -> bool:
-    """Make this process the parent of the descendants orphaned below it (Linux's
-    PR_SET_CHILD_SUBREAPER, through libc's ``prctl``): then none of its descendants
-    lives once it has no child (:func:`end_own`). Whether it does."""
-    global _adopts
-    try:
-        _adopts = prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, TypeError):
-        _adopts = False
-    return _adopts
-
-
-def _childless() -> bool:
-    """Whether this process has no child, of any kind, alive or not (a zombie child
-    counts: its orphans were handed to us)."""
-    try:
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT | _WALL)
-    except ChildProcessError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
-_WALL = 0x40000000  # __WALL: children of every kind (linux/wait.h)
 _forked = False  # whether this process forked (os.fork, multiprocessing's fork)
-_adopts = False  # whether this process adopts its orphaned descendants (not inherited)
 
 
 def _note_fork(parent: bool) -> None:
-    global _forked, _adopts
+    global _forked
     _forked = parent  # a forked child (a worker from its template) forked nothing yet
-    if not parent:
-        _adopts = False  # the kernel's setting is not inherited either
 
 
 os.register_at_fork(after_in_parent=lambda: _note_fork(True),
