@@ -253,6 +253,9 @@ class Gate:
         # Unproven connections, oldest first: descriptor -> the peer's (address, port), to
         # hang up only the connection seen (a descriptor is reused once ZeroMQ closes it).
         self._unproven: dict[int, tuple] = {}
+        # Connections proven before the monitor's ACCEPTED for them was read (the router
+        # is read first): descriptor -> peer, so that the late event does not count them.
+        self._proven: dict[int, tuple | None] = {}
         self._logged: set = set()
         # Set by the broker once the job stops: its workers are ended then, some of them
         # in the middle of their handshake, which is not worth a warning.
@@ -298,7 +301,9 @@ class Gate:
     def proven(self, fd: int | None) -> None:
         """The connection on descriptor ``fd`` sent a signed message: it is the job's
         (None: one in process, never counted)."""
-        self._unproven.pop(fd, None)
+        if (fd is not None and self._unproven.pop(fd, None) is None
+                and fd not in self._proven):
+            self._proven[fd] = _peer_of(fd)  # its ACCEPTED may still be on its way
 
     def _handle(self, sock: zmq.Socket) -> None:
         if sock is self.zap:
@@ -307,9 +312,12 @@ class Gate:
         event, value = _monitor_event(sock.recv_multipart(zmq.NOBLOCK))
         if event == zmq.EVENT_ACCEPTED:
             self._unproven.pop(value, None)
-            self._unproven[value] = _peer_of(value)
+            peer = _peer_of(value)
+            if self._proven.pop(value, None) != peer or peer is None:
+                self._unproven[value] = peer
         elif event == zmq.EVENT_DISCONNECTED:
             self._unproven.pop(value, None)
+            self._proven.pop(value, None)
         elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             self._broken_off.append(time.monotonic())  # reported by settle(), or not
         else:

@@ -318,3 +318,39 @@ def test_a_handshake_broken_off_is_reported_only_while_the_job_runs(stopping, ca
         router.close(0)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_worker_proven_before_the_monitor_says_accepted_is_never_hung_up():
+    """The broker reads its router before the gate's monitor, so a worker's first signed
+    message may be seen before the event that its connection was accepted. That late
+    event must not count the connection as unproven: when a flood pushes the unproven
+    over the bound, the oldest are hung up, and a worker's messages in flight on its
+    connection would be lost (a job hung under the low open-file-limit flood). Real
+    router, gate and worker socket; the bound is 0, so any unproven one is hung up."""
+    from scoop._broker import _source_fd
+    from scoop._transport import Credentials, Gate
+
+    ctx = zmq.Context()
+    try:
+        creds = Credentials.new()
+        gate = Gate(ctx, creds, max_unproven=0)
+        router, address = creds.listen(ctx, "127.0.0.1", 0)
+        gate.watch(router)
+        worker = creds.connect(ctx, b"w1", address)
+        worker.send(b"hello")
+        deadline = time.monotonic() + 10
+        while not router.poll(50):  # answer the handshake check only, not the monitor
+            gate.handle(gate.zap)
+            assert time.monotonic() < deadline, "the worker's message never came"
+        frames = router.recv_multipart(copy=False)
+        gate.proven(_source_fd(frames[1]))
+        while gate.monitor.poll(200) and time.monotonic() < deadline:
+            gate.handle(gate.monitor)
+        assert gate.hung_up == 0, "the worker's own connection was hung up"
+        router.send_multipart([b"w1", b"still here"])
+        assert worker.poll(5000) and worker.recv() == b"still here"
+        worker.close(0)
+        gate.close()
+        router.close(0)
+    finally:
+        ctx.destroy(linger=0)
