@@ -96,6 +96,11 @@ _WATCHDOG_KINDS = {
 # flag for every frame, together about three times the ZeroMQ work for the few small
 # frames of a message (bench/simulate.py: most of the broker's CPU went there).
 _SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+# pyzmq's Socket.send without its Python wrapper (a Python call per frame, for arguments the
+# broker never passes); small bytes frames are copied (see Link.send), received frames
+# forwarded as they are.
+_send = zmq.backend.Socket.send
+_COPY_BELOW_BYTES = 1 << 16  # pyzmq's own threshold for frames sent without a copy
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
@@ -376,12 +381,12 @@ class Broker:
 
     def _send(self, ident: bytes, kind: bytes, **kw) -> None:
         frames = self.codec.encode(kind, **kw)
-        send = self.router.send
+        router, last = self.router, len(frames) - 1
         try:
-            send(ident, _SNDMORE, copy=False)  # unknown peer: raises here, nothing sent
-            for frame in frames[:-1]:
-                send(frame, _SNDMORE, copy=False)
-            send(frames[-1], 0, copy=False)
+            _send(router, ident, _SNDMORE)  # unknown peer: raises here, nothing sent
+            for i, frame in enumerate(frames):
+                _send(router, frame, 0 if i == last else _SNDMORE,
+                      type(frame) is bytes and len(frame) < _COPY_BELOW_BYTES)
         except zmq.ZMQError as exc:  # the peer disconnected
             log.debug("broker: cannot send to %r: %s", P.peer_name(ident), exc)
 
