@@ -96,6 +96,11 @@ _WATCHDOG_KINDS = {
 # flag for every frame, together about three times the ZeroMQ work for the few small
 # frames of a message (bench/simulate.py: most of the broker's CPU went there).
 _SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+# pyzmq's Socket.send without its Python wrapper (a Python call per frame, for arguments the
+# broker never passes); small bytes frames are copied (see Link.send), received frames
+# forwarded as they are.
+_send = zmq.backend.Socket.send
+_COPY_BELOW_BYTES = 1 << 16  # pyzmq's own threshold for frames sent without a copy
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
@@ -191,6 +196,8 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._bad_peers: set[bytes] = set()
         self._handlers = _handlers(self.schedule)  # kind -> (ident, peer, msg) -> outs
+        # Asked, found empty, not used since: its descriptor fires for the next message.
+        self._router_asked = False
 
     # -- what the launcher reads -----------------------------------------------------------
     @property
@@ -265,7 +272,8 @@ class Broker:
             while True:
                 # The router is asked first: sends on it may take the command that would
                 # have woken the poll for a message that came meanwhile (see _zpoll).
-                ready = waiter.wait(int(TICK_S * 1000), check=(self.router,), again=more)
+                ready = waiter.wait(int(TICK_S * 1000), again=more,
+                                    check=() if self._router_asked else (self.router,))
                 now = time.monotonic()
                 if now >= next_tick:
                     self._carry_out(self.schedule.tick(now))
@@ -317,8 +325,10 @@ class Broker:
     def _drain(self) -> None:
         """Read, check and handle the messages waiting (at most MAX_DRAIN)."""
         recv, get = self.router.recv, self.router.getsockopt
+        self._router_asked = False
         for _ in range(MAX_DRAIN):
             if not get(_EVENTS) & _POLLIN:  # asking beats zmq.Again, an exception per turn
+                self._router_asked = True  # until the next send (one ask less per pass)
                 return
             frame = recv(_NOBLOCK, copy=False)
             frames = [frame]
@@ -376,12 +386,13 @@ class Broker:
 
     def _send(self, ident: bytes, kind: bytes, **kw) -> None:
         frames = self.codec.encode(kind, **kw)
-        send = self.router.send
+        router, last = self.router, len(frames) - 1
+        self._router_asked = False  # a send may take the command of a message arriving
         try:
-            send(ident, _SNDMORE, copy=False)  # unknown peer: raises here, nothing sent
-            for frame in frames[:-1]:
-                send(frame, _SNDMORE, copy=False)
-            send(frames[-1], 0, copy=False)
+            _send(router, ident, _SNDMORE)  # unknown peer: raises here, nothing sent
+            for i, frame in enumerate(frames):
+                _send(router, frame, 0 if i == last else _SNDMORE,
+                      type(frame) is bytes and len(frame) < _COPY_BELOW_BYTES)
         except zmq.ZMQError as exc:  # the peer disconnected
             log.debug("broker: cannot send to %r: %s", P.peer_name(ident), exc)
 

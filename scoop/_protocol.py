@@ -163,6 +163,11 @@ MAX_FRAME_BYTES = 64 * 2**20
 # The largest header: records of a few dozen bytes per parcel, finished group and split,
 # and a small control body. A longer one is refused before it is hashed.
 MAX_HEADER_BYTES = 2**20
+# Frame types whose len() is their size in bytes (besides bytes and memoryview, checked
+# first): a whole frame of these is sent as it is without _split's buffer and size calls
+# (0.7 us a frame: the broker forwards four received zmq.Frames per remote round trip).
+# scoop._transport adds zmq.Frame (this module does not import ZeroMQ).
+BYTE_SIZED: set[type] = {bytearray}
 
 
 def routing_id(role: bytes, wid: int) -> bytes:
@@ -366,7 +371,8 @@ class Codec:
             parts.append(_PARCEL.pack(p.tag, p.peer, len(p.frames), p.mac))
             for f in p.frames:
                 t = type(f)  # most frames are small and whole: bytes, a pickle's view
-                if (t is bytes and len(f) <= limit) or (t is memoryview and f.nbytes <= limit):
+                if ((t is bytes and len(f) <= limit) or (t is memoryview and f.nbytes <= limit)
+                        or (t in BYTE_SIZED and len(f) <= limit)):
                     frames.append(f)
                 else:
                     wire = _split(f, limit)

@@ -45,6 +45,7 @@ import zmq.utils.z85
 from . import _protocol as P
 
 log = logging.getLogger("scoop.broker")
+P.BYTE_SIZED.add(zmq.Frame)  # a received frame is forwarded whole without _split's calls
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP specification (RFC 27)
 ZAP_DOMAIN = b"scoop"
