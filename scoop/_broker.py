@@ -196,8 +196,6 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._bad_peers: set[bytes] = set()
         self._handlers = _handlers(self.schedule)  # kind -> (ident, peer, msg) -> outs
-        # Asked, found empty, not used since: its descriptor fires for the next message.
-        self._router_asked = False
 
     # -- what the launcher reads -----------------------------------------------------------
     @property
@@ -272,8 +270,7 @@ class Broker:
             while True:
                 # The router is asked first: sends on it may take the command that would
                 # have woken the poll for a message that came meanwhile (see _zpoll).
-                ready = waiter.wait(int(TICK_S * 1000), again=more,
-                                    check=() if self._router_asked else (self.router,))
+                ready = waiter.wait(int(TICK_S * 1000), check=(self.router,), again=more)
                 now = time.monotonic()
                 if now >= next_tick:
                     self._carry_out(self.schedule.tick(now))
@@ -325,10 +322,8 @@ class Broker:
     def _drain(self) -> None:
         """Read, check and handle the messages waiting (at most MAX_DRAIN)."""
         recv, get = self.router.recv, self.router.getsockopt
-        self._router_asked = False
         for _ in range(MAX_DRAIN):
             if not get(_EVENTS) & _POLLIN:  # asking beats zmq.Again, an exception per turn
-                self._router_asked = True  # until the next send (one ask less per pass)
                 return
             frame = recv(_NOBLOCK, copy=False)
             frames = [frame]
@@ -387,7 +382,6 @@ class Broker:
     def _send(self, ident: bytes, kind: bytes, **kw) -> None:
         frames = self.codec.encode(kind, **kw)
         router, last = self.router, len(frames) - 1
-        self._router_asked = False  # a send may take the command of a message arriving
         try:
             _send(router, ident, _SNDMORE)  # unknown peer: raises here, nothing sent
             for i, frame in enumerate(frames):
