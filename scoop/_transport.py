@@ -30,6 +30,7 @@ get the client key pair and the server's public key, never the server's secret k
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import logging
@@ -261,7 +262,9 @@ class Gate:
         # Set by the broker once the job stops: its workers are ended then, some of them
         # in the middle of their handshake, which is not worth a warning.
         self.stopping = False
-        self._broken_off: list[float] = []  # when each pending one was seen (monotonic)
+        # When each pending one was seen (monotonic): a flood of them is taken from the
+        # front, so a deque.
+        self._broken_off: collections.deque[float] = collections.deque()
 
     def watch(self, router: zmq.Socket) -> None:
         """Follow ``router``'s connections: count those that fail before the credentials
@@ -333,7 +336,7 @@ class Gate:
             self.refused += len(pending)
             pending.clear()
         while pending and pending[0] <= now - BROKEN_OFF_GRACE_S:
-            pending.pop(0)
+            pending.popleft()
             self._refuse("a connection", "it broke off during the ZeroMQ handshake")
 
     def _hang_up(self, fd: int, peer: tuple | None) -> None:
