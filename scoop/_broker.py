@@ -50,6 +50,7 @@ import zmq
 
 from . import _protocol as P
 from . import _serialize
+from ._local import UnixListener
 from ._schedule import (
     MAX_ATTEMPTS,
     WORKER_SILENCE_S,
@@ -151,53 +152,11 @@ def _handlers(s: Schedule) -> dict:
     }
 
 
-class Broker:
-    """Routes one job's futures between its workers.
+class _Views:
+    """What the launcher reads of a broker's schedule."""
 
-    Args:
-        creds: the job's secrets (see ``_transport.Credentials``).
-        size: the number of workers the job was started with; workers are told it less
-            ``clients``, those that run no task (``scoop.Executor``'s caller).
-        host: the address to bind; loopback when every worker is local.
-        port: the port to bind (0: any free port).
-        first_free_wid: the first id handed to workers that join on their own.
-        max_attempts: workers that may die holding a task group before its tasks fail.
-    """
+    schedule: Schedule
 
-    def __init__(self, creds: Credentials, size: int = 1, host: str = "127.0.0.1",
-                 port: int = 0, first_free_wid: int | None = None,
-                 max_attempts: int = MAX_ATTEMPTS, clients: int = 0) -> None:
-        self.codec = P.Codec(creds.key, BROKER_ID)
-        self.schedule = Schedule(size, first_free_wid, max_attempts, clients)
-        open_files = raise_open_file_limit()  # every connection, hostile ones too, holds one
-        self.ctx = zmq.Context()
-        # First: it checks every connection's handshake; strangers get half the fds at most.
-        self.gate = Gate(self.ctx, creds, min(max(MAX_UNPROVEN, 4 * size), open_files // 2))
-        self.router, self.address = creds.listen(self.ctx, host, port)
-        self.gate.watch(self.router)
-        # For a worker of this process (the in-process root): no I/O thread, no kernel,
-        # no handshake (only this process reaches it); messages are checked as any other.
-        self.inproc_address = f"inproc://scoop-router-{id(self)}"
-        self.router.bind(self.inproc_address)
-        share_inproc(self.inproc_address, self.ctx)
-        # Commands from other threads, and a socket that wakes the loop for each; both ends
-        # made now: a socket made later could fail once a flood used up the descriptors.
-        self._commands: _queue.SimpleQueue[Lost | StopWorkers | Drain | Stop] = _queue.SimpleQueue()
-        ctl_addr = f"inproc://scoop-broker-{id(self)}"
-        self._ctl = self.ctx.socket(zmq.PULL)
-        self._ctl.bind(ctl_addr)
-        self._ctl_push = self.ctx.socket(zmq.PUSH)
-        self._ctl_push.setsockopt(zmq.LINGER, 1000)
-        self._ctl_push.connect(ctl_addr)
-        self._ctl_lock = threading.Lock()  # a socket is used by one thread at a time
-        # The ids of the sandbox workers the launcher is asked to start (see Recovery).
-        self.sandbox_requests: _queue.SimpleQueue[int] = _queue.SimpleQueue()
-        self.finished = threading.Event()  # the loop has ended
-        self._thread: threading.Thread | None = None
-        self._bad_peers: set[bytes] = set()
-        self._handlers = _handlers(self.schedule)  # kind -> (ident, peer, msg) -> outs
-
-    # -- what the launcher reads -----------------------------------------------------------
     @property
     def by_wid(self) -> dict[int, Peer]:
         return self.schedule.roster.by_wid
@@ -222,6 +181,61 @@ class Broker:
     @sandbox_budget.setter
     def sandbox_budget(self, n: int) -> None:
         self.schedule.recovery.sandbox_budget = n
+
+
+class Broker(_Views):
+    """Routes one job's futures between its workers.
+
+    Args:
+        creds: the job's secrets (see ``_transport.Credentials``).
+        size: the number of workers the job was started with; workers are told it less
+            ``clients``, those that run no task (``scoop.Executor``'s caller).
+        host: the address to bind; loopback when every worker is local.
+        port: the port to bind (0: any free port).
+        first_free_wid: the first id handed to workers that join on their own.
+        max_attempts: workers that may die holding a task group before its tasks fail.
+        local: also listen on a Unix socket (``local_address``) for the workers of this
+            host (``scoop._local``); else ``local_address`` is None.
+    """
+
+    def __init__(self, creds: Credentials, size: int = 1, host: str = "127.0.0.1",
+                 port: int = 0, first_free_wid: int | None = None,
+                 max_attempts: int = MAX_ATTEMPTS, clients: int = 0,
+                 local: bool = False) -> None:
+        self.codec = P.Codec(creds.key, BROKER_ID)
+        self.schedule = Schedule(size, first_free_wid, max_attempts, clients)
+        open_files = raise_open_file_limit()  # every connection, hostile ones too, holds one
+        self.ctx = zmq.Context()
+        # First: it checks every connection's handshake; strangers get half the fds at most.
+        unproven = min(max(MAX_UNPROVEN, 4 * size), open_files // 2)
+        self.gate = Gate(self.ctx, creds, unproven)
+        self.router, self.address = creds.listen(self.ctx, host, port)
+        self.gate.watch(self.router)
+        # For a worker of this process (the in-process root): no I/O thread, no kernel,
+        # no handshake (only this process reaches it); messages are checked as any other.
+        self.inproc_address = f"inproc://scoop-router-{id(self)}"
+        self.router.bind(self.inproc_address)
+        share_inproc(self.inproc_address, self.ctx)
+        # Commands from other threads, and a socket that wakes the loop for each; both ends
+        # made now: a socket made later could fail once a flood used up the descriptors.
+        self._commands: _queue.SimpleQueue[Lost | StopWorkers | Drain | Stop] = _queue.SimpleQueue()
+        ctl_addr = f"inproc://scoop-broker-{id(self)}"
+        self._ctl = self.ctx.socket(zmq.PULL)
+        self._ctl.bind(ctl_addr)
+        self._ctl_push = self.ctx.socket(zmq.PUSH)
+        self._ctl_push.setsockopt(zmq.LINGER, 1000)
+        self._ctl_push.connect(ctl_addr)
+        self._ctl_lock = threading.Lock()  # a socket is used by one thread at a time
+        # The ids of the sandbox workers the launcher is asked to start (see Recovery).
+        self.sandbox_requests: _queue.SimpleQueue[int] = _queue.SimpleQueue()
+        self.finished = threading.Event()  # the loop has ended
+        self._thread: threading.Thread | None = None
+        self._bad_peers: set[bytes] = set()
+        self._handlers = _handlers(self.schedule)  # kind -> (ident, peer, msg) -> outs
+        self._waiter = Waiter([self.router, self._ctl, *self.gate.sockets])
+        self.local = UnixListener(self._waiter, self._take, unproven) if local else None
+        self.local_address = self.local.address if self.local else None
+        self._local_peers = self.local.peers if self.local else {}  # ident -> connection
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> Broker:
@@ -263,7 +277,7 @@ class Broker:
 
     def run(self) -> None:
         """The broker loop; returns after :meth:`stop`."""
-        waiter = Waiter([self.router, self._ctl, *self.gate.sockets])
+        waiter = self._waiter
         more: list = []  # gate sockets left with requests waiting (a bounded turn)
         try:
             next_tick = time.monotonic() + WORKER_SILENCE_S
@@ -279,6 +293,9 @@ class Broker:
                     break
                 if self.router in ready:
                     self._drain()
+                    self._carry_out(self.schedule.dispatch(time.monotonic()))
+                if waiter.fired:  # Unix connections that spoke, or can take more
+                    self.local.serve(waiter.fired)
                     self._carry_out(self.schedule.dispatch(time.monotonic()))
                 self.gate.stopping = self.schedule.stopping
                 more = [s for s in self.gate.sockets if s in ready and self.gate.handle(s)]
@@ -296,6 +313,8 @@ class Broker:
             cmd = self._commands.get_nowait()
             if isinstance(cmd, Lost):
                 self._drain()  # what it sent before it died counts (done, results)
+                if self.local:
+                    self.local.read_all()
                 now = time.monotonic()
                 self._carry_out(self.schedule.lost(cmd.wid, cmd.how, now))
                 self._carry_out(self.schedule.dispatch(now))
@@ -317,6 +336,8 @@ class Broker:
         self.router.close(0)
         self._ctl.close(0)
         self.ctx.term()
+        if self.local:
+            self.local.close()
 
     # -- sockets ---------------------------------------------------------------------------
     def _drain(self) -> None:
@@ -330,22 +351,26 @@ class Broker:
             while frame.more:  # the rest of a message is there with its first frame
                 frame = recv(_NOBLOCK, copy=False)
                 frames.append(frame)
-            ident = frames[0].bytes
-            name = P.peer_name(ident)
-            try:
-                msg = self.codec.decode(frames[1:], peer=name, join=False)
-            except Exception as exc:  # noqa: BLE001 - AuthError, or anything a peer caused
-                self._reject(ident, exc)
-                continue
-            if msg.kind in _FIRST_KINDS:
+            if self._take(frames[0].bytes, frames[1:]):
                 self.gate.proven(_source_fd(frames[1]))
-            try:
-                self._carry_out(self._handle(ident, name, msg))
-            except P.AuthError as exc:
-                self._reject(ident, exc)
-            except Exception as exc:  # noqa: BLE001 - one peer's message never ends the job
-                log.exception("broker: failed to handle %r from worker %d: %s",
-                              msg.kind, msg.sender, exc)
+
+    def _take(self, ident: bytes, frames: list) -> bool:
+        """Check and handle one message of connection ``ident`` (the router's or a Unix
+        one); whether it was a signed first message (its connection is the job's)."""
+        name = P.peer_name(ident)
+        try:
+            msg = self.codec.decode(frames, peer=name, join=False)
+        except Exception as exc:  # noqa: BLE001 - AuthError, or anything a peer caused
+            self._reject(ident, exc)
+            return False
+        try:
+            self._carry_out(self._handle(ident, name, msg))
+        except P.AuthError as exc:
+            self._reject(ident, exc)
+        except Exception as exc:  # noqa: BLE001 - one peer's message never ends the job
+            log.exception("broker: failed to handle %r from worker %d: %s",
+                          msg.kind, msg.sender, exc)
+        return msg.kind in _FIRST_KINDS
 
     def _handle(self, ident: bytes, name: bytes, msg: P.Message) -> list[Out]:
         """What to do about one authentic message; AuthError if its sender is not who its
@@ -381,6 +406,10 @@ class Broker:
 
     def _send(self, ident: bytes, kind: bytes, **kw) -> None:
         frames = self.codec.encode(kind, **kw)
+        conn = self._local_peers.get(ident)
+        if conn is not None:  # a worker of this host (scoop._local)
+            self.local.send(conn, frames)
+            return
         router, last = self.router, len(frames) - 1
         try:
             _send(router, ident, _SNDMORE)  # unknown peer: raises here, nothing sent

@@ -43,8 +43,9 @@ import zmq
 
 from . import _protocol as P
 from . import _reaper, _shm
+from ._errors import BrokenJobError
 from ._limits import Deadlines
-from ._runtime.link import Link
+from ._runtime.link import Link, open_link
 from ._transport import Credentials
 
 log = logging.getLogger("scoop")
@@ -121,7 +122,8 @@ class Watchdog(threading.Thread):
         """The watchdog's link, made at its first use; None once retired."""
         with self._lock:
             if self.link is None and not self._retired:
-                self.link = Link(self.address, self.creds, self.wid, role=b"h", ctx=self.ctx)
+                self.link = open_link(self.address, self.creds, self.wid, role=b"h",
+                                      ctx=self.ctx)
             return self.link
 
     def leave(self) -> None:
@@ -154,7 +156,7 @@ class Watchdog(threading.Thread):
                     return
         except zmq.ContextTerminated:
             pass  # the worker ended the shared context: it is leaving, and so is this thread
-        except zmq.ZMQError as exc:  # its socket could not be made: nothing watches the job
+        except (zmq.ZMQError, BrokenJobError) as exc:  # no socket, or no broker to reach
             log.error("worker %d: its watchdog cannot reach the broker at %s: %s",
                       self.wid, self.address, exc)
             self.on_lost(time.monotonic() - heard)

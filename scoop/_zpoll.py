@@ -14,6 +14,10 @@ socket (a send too) may take that command. So a caller asks (``check``) for the
 sockets it sent on or did not read to the end, and its handlers read without blocking,
 as a named socket may hold nothing. When the poll times out with nothing fired, every
 socket is named: a missed wakeup costs at most one timeout.
+
+Plain descriptors (the broker's Unix sockets, ``scoop._local``) are polled with them
+(:meth:`Waiter.watch`); those that fired, with their events, are left in
+:attr:`Waiter.fired`.
 """
 
 from __future__ import annotations
@@ -38,10 +42,22 @@ class Waiter:
         self.sockets = list(sockets)
         self._poll = select.poll()
         self._by_fd: dict[int, zmq.Socket] = {}
+        self.fired: list[tuple[int, int]] = []  # plain descriptors ready at the last wait
         for sock in self.sockets:
             fd = sock.getsockopt(_FD)
             self._by_fd[fd] = sock
             self._poll.register(fd, select.POLLIN)
+
+    def watch(self, fd: int, events: int) -> None:
+        """Poll plain descriptor ``fd`` for ``events`` (again: replaces them)."""
+        self._poll.register(fd, events)
+
+    def unwatch(self, fd: int) -> None:
+        """Poll ``fd`` no more."""
+        try:
+            self._poll.unregister(fd)
+        except KeyError:
+            pass
 
     def wait(self, timeout_ms: int, check: Iterable[zmq.Socket] = (),
              again: Iterable[zmq.Socket] = ()) -> list[zmq.Socket]:
@@ -52,10 +68,14 @@ class Waiter:
             if sock not in ready and readable(sock):
                 ready.append(sock)
         fired = self._poll.poll(0 if ready else timeout_ms)
+        plain = self.fired = []
         if not fired and not ready:
             return list(self.sockets)  # timed out: look at every socket once
-        for fd, _ in fired:
-            sock = self._by_fd[fd]
-            if sock not in ready:
+        by_fd = self._by_fd
+        for fd, events in fired:
+            sock = by_fd.get(fd)
+            if sock is None:
+                plain.append((fd, events))
+            elif sock not in ready:
                 ready.append(sock)
         return ready

@@ -22,10 +22,16 @@ network can reach it.
 *Workers.* Get the address in their config (local and ssh) or the job file (joining
 workers). "Toward a host" is the source address the kernel picks to route there
 (:func:`guess_broker_address`): no packet is sent.
+
+*Local wire.* Whatever the row, the workers the launcher starts on its own host connect
+to the broker's Unix socket (``unix:///dir/b``, ``scoop._local``) instead: no ZeroMQ I/O
+thread on either side of a message (issue 12). Not in an encrypted job (CURVE for
+everyone), nor with ``SCOOP_LOCAL_WIRE=tcp`` (:func:`local_wire`).
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import socket
 import subprocess
@@ -88,6 +94,13 @@ ROUTES: tuple[Route, ...] = (
     Route("direct", lambda job: bool(job.remote), ANY, lambda job: _toward(job, job.remote)),
     Route("local", lambda job: True, LOOPBACK, None),
 )
+
+
+def local_wire(encrypted: bool) -> bool:
+    """Whether the workers started on the broker's host use its Unix socket: unless the
+    job is encrypted or ``SCOOP_LOCAL_WIRE=tcp`` (then ZeroMQ TCP, as remote ones)."""
+    wire = os.environ.get("SCOOP_LOCAL_WIRE", "").strip().lower()
+    return not encrypted and wire != "tcp" and hasattr(socket, "AF_UNIX")
 
 
 def route(job: Job) -> Route:

@@ -221,7 +221,7 @@ class Launcher:
 
     def _spawn(self, wid: int) -> subprocess.Popen:
         """Start local worker ``wid`` (the root gets this process's stdin)."""
-        config = self.job.worker_config(wid, self.broker.address, self.creds)
+        config = self.job.worker_config(wid, _local_address(self.broker), self.creds)
         try:
             # worker_popen (the Executor's output relay in a notebook) needs a process of
             # its own: then no fork of the template
@@ -339,7 +339,7 @@ def _start_broker(job: Job, creds: Credentials, host: str, clients: int) -> _bro
     the job's processes that run no task (``scoop.Executor``'s caller)."""
     broker = _broker.Broker(creds, size=job.size, host=host, max_attempts=job.max_attempts,
                             first_free_wid=job.size - job.joiners if job.joiners else None,
-                            clients=clients)
+                            clients=clients, local=address.local_wire(creds.encrypted))
     broker.schedule.report_size = job.elastic
     return broker.start()
 
@@ -374,6 +374,12 @@ def _prune_ended_marks(folder: str) -> None:
                 continue  # not ours, or gone meanwhile
 
 
+def _local_address(broker: _broker.Broker) -> str:
+    """What the workers started on this host connect to: the broker's Unix socket, else
+    its TCP address (see ``address.local_wire``)."""
+    return broker.local_address or broker.address
+
+
 def _start_local(launcher: Launcher, wids: list[int]) -> dict:
     """Start local workers ``wids``; return them by id. From the template, their fork
     requests go out in a row, the root's last (it gets this process's stdin)."""
@@ -381,7 +387,7 @@ def _start_local(launcher: Launcher, wids: list[int]) -> dict:
     # own: then no fork of the template
     if launcher.template is None or launcher.worker_popen:
         return {wid: launcher._spawn(wid) for wid in wids}
-    job, address = launcher.job, launcher.broker.address
+    job, address = launcher.job, _local_address(launcher.broker)
     # The root last: its program's first tasks would otherwise keep the few workers
     # forked so far (and the CPU) busy while the template forks the others.
     wids = sorted(wids, key=lambda wid: wid == 0)

@@ -54,6 +54,7 @@ _MORE, _LAST = int(zmq.SNDMORE), 0
 # for a small copied frame over inproc, hot loop), for arguments never passed here.
 _send = zmq.backend.Socket.send
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+UNIX_SCHEME = "unix://"  # a local worker's address: the broker's Unix socket
 
 
 class Link:
@@ -120,9 +121,13 @@ class Link:
         self.send(kind, **kw)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0 and self._readable(int(left * 1000) + 1):
-            msg = self._decode(_recv_frames(self.sock))
+            msg = self._decode(self._recv())
             if msg is not None:
                 yield msg
+
+    def _recv(self) -> list:
+        """The frames of the next message (one is waiting: see _readable)."""
+        return _recv_frames(self.sock)
 
     def drain(self, timeout_ms: int,
               wait: Callable[[int], bool] | None = None) -> Iterator[P.Message]:
@@ -168,6 +173,16 @@ class Link:
             self.ctx.term()
 
 
+def open_link(address: str, creds: Credentials, wid: int, **kw) -> Link:
+    """A link to the broker at ``address``: over a Unix socket for a ``unix://`` one (see
+    ``stream_link``), else ZeroMQ (the arguments of :class:`Link`)."""
+    if address.startswith(UNIX_SCHEME):
+        from .stream_link import StreamLink
+
+        return StreamLink(address, creds, wid, **kw)
+    return Link(address, creds, wid, **kw)
+
+
 def _recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
     """The frames of the next message (zero-copy), read frame by frame: pyzmq's
     recv_multipart asks ZeroMQ for RCVMORE after every frame (as the broker does)."""
@@ -186,7 +201,7 @@ def ask_id(address: str, creds: Credentials, timeout: float) -> int:
         JobOver: the job ended first.
         BrokenJobError: no answer within ``timeout`` seconds.
     """
-    link = Link(address, creds, 0, role=b"j", sender=P.ANY_WORKER)
+    link = open_link(address, creds, 0, role=b"j", sender=P.ANY_WORKER)
     try:
         for msg in link.request(P.JOIN, timeout):
             if msg.kind == P.STOP:

@@ -287,9 +287,9 @@ class Worker:
 
     def connect(self, address: str, creds: Credentials, timeout: float = 30.0) -> dict:
         """Join the broker at ``address``; return the WELCOME body."""
-        from .link import Link, join  # ZeroMQ loads when a job starts (see ask_id)
+        from .link import join, open_link  # ZeroMQ loads when a job starts (see ask_id)
 
-        self.link = Link(address, creds, self.wid, linger_ms=2000)
+        self.link = open_link(address, creds, self.wid, linger_ms=2000)
         self.codec = self.link.codec
         try:
             welcome = join(self.link, address, timeout)
