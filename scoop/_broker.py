@@ -27,6 +27,11 @@ which holds no socket and returns what to send::
 *Gate.* The router's handshake is answered by a ``_transport.Gate`` in this thread: a
 connection carries no message until its peer proved it holds the job's credentials.
 
+*Local wire.* With ``local``, the workers of the broker's host reach it over a Unix
+socket (``scoop._local``): each connection is a peer as the router's (the routing id it
+sends first is its ident, so the Schedule does not change), its messages go through the
+same checks and handlers (:meth:`Broker._take`), and ``_send`` writes to it.
+
 *Loop.* Takes up to :data:`MAX_DRAIN` messages at a time, drops any that fail the checks
 (logged once per connection), hands the rest to the Schedule, carries out what it returns,
 then dispatches queued work once.

@@ -70,8 +70,12 @@ def test_encrypt_hides_task_data_on_the_wire(tmp_path, encrypt):
     --encrypt (which shows that the capture sees the job) and nowhere with it."""
     marker = os.urandom(16).hex()
     prog = write_program(tmp_path, ECHO)
+    # The local workers' Unix socket (scoop/_local.py) never crosses loopback: TCP here,
+    # so that the unencrypted job shows up on the capture.
+    env = dict(os.environ, SCOOP_LOCAL_WIRE="tcp")
     with LoopbackCapture() as cap:
-        out = run_scoop(*(["--encrypt"] if encrypt else []), "-n", "3", prog, marker)
+        out = run_scoop(*(["--encrypt"] if encrypt else []), "-n", "3", prog, marker,
+                        env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
     seen = marker.encode() in cap.data

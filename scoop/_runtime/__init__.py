@@ -49,6 +49,7 @@ One role per module (each opens with the flow it owns):
 * ``handlers.py``: what each message from the broker does.
 * ``consts.py``: shared constants (``shared.setConst`` / ``getConst``).
 * ``link.py``: the socket to the broker, joining the job, waiting for answers.
+* ``stream_link.py``: the same over the broker's Unix socket (workers on its host).
 
 ``scoop._worker`` is the process's entry point to all this: ``current()``, ``install()``.
 """

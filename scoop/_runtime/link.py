@@ -16,6 +16,9 @@ that importing ``scoop.futures`` stays light::
 that arrive until its deadline: asking for an id (JOIN), joining (HELLO), a watchdog's
 PING. The caller looks for the answer it wants and stops there.
 
+*Unix.* :func:`open_link` makes a ``stream_link.StreamLink`` for a ``unix://`` address
+(a worker on the broker's host): the same interface, no ZeroMQ.
+
 *Drain.* :meth:`Link.drain` is the hub's: what has arrived (waiting up to a timeout for
 the first message), for the handlers (``handlers.py``).
 """
