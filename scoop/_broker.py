@@ -55,7 +55,7 @@ import zmq
 
 from . import _protocol as P
 from . import _serialize
-from ._local import UnixListener
+from ._local import listen
 from ._schedule import (
     MAX_ATTEMPTS,
     WORKER_SILENCE_S,
@@ -238,7 +238,7 @@ class Broker(_Views):
         self._bad_peers: set[bytes] = set()
         self._handlers = _handlers(self.schedule)  # kind -> (ident, peer, msg) -> outs
         self._waiter = Waiter([self.router, self._ctl, *self.gate.sockets])
-        self.local = UnixListener(self._waiter, self._take, unproven) if local else None
+        self.local = listen(self._waiter, self._take, unproven) if local else None
         self.local_address = self.local.address if self.local else None
         self._local_peers = self.local.peers if self.local else {}  # ident -> connection
 

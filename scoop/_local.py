@@ -52,6 +52,16 @@ _IN, _OUT = select.POLLIN, select.POLLOUT
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
+def listen(waiter: Waiter, take, max_unproven: int) -> UnixListener | None:
+    """The broker's Unix socket, or None (logged) where none can be made (no writable
+    temporary directory): the local workers then use TCP."""
+    try:
+        return UnixListener(waiter, take, max_unproven)
+    except OSError as exc:
+        log.warning("broker: no Unix socket for the local workers (%s); they use TCP", exc)
+        return None
+
+
 class Conn:
     """One accepted connection: its reader, its unsent bytes, the name it gave."""
 

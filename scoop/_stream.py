@@ -28,8 +28,9 @@ from . import _protocol as P
 _COUNT = struct.Struct("<I")
 # Frames of one message: many parcels (a batch of results) each of a few frames.
 MAX_FRAMES = 1 << 20
-# Bytes read per receive: the few small messages of a round trip come in one call.
-CHUNK_BYTES = 1 << 18
+# Bytes read per receive: the few small messages of a round trip come in one call; under
+# glibc's mmap threshold (128 KiB), so the buffer of each receive is not an mmap.
+CHUNK_BYTES = 1 << 16
 # A frame at least this long that is not all in yet is received into its own buffer
 # (no copy through the chunks); shorter ones wait in the chunk buffer.
 BIG_FRAME_BYTES = 1 << 16
@@ -41,12 +42,20 @@ class FramingError(Exception):
     """A header announces too many frames, or a frame too big: not a peer of this job."""
 
 
-def buffers(frames) -> list[memoryview]:
-    """The buffers that write a message of ``frames``: its header, then the frames."""
-    views = [memoryview(f).cast("B") for f in frames]
-    n = len(views)
-    bufs = [memoryview(struct.pack(f"<{n + 1}I", n, *[v.nbytes for v in views]))]
-    bufs.extend(v for v in views if v.nbytes)  # an empty one would never be "sent"
+def buffers(frames) -> list:
+    """The buffers that write a message of ``frames``: its header, then the frames (bytes
+    as they are: a memoryview costs more than the frame's few bytes; an empty frame
+    left out, as sendmsg would never count it sent)."""
+    lens = []
+    bufs: list = [b""]
+    for f in frames:
+        if type(f) is not bytes:
+            f = memoryview(f).cast("B")
+        n = len(f)
+        lens.append(n)
+        if n:
+            bufs.append(f)
+    bufs[0] = struct.pack(f"<{len(lens) + 1}I", len(lens), *lens)
     return bufs
 
 
@@ -59,17 +68,17 @@ def send_all(sock: socket.socket, frames) -> None:
 
 
 def _consume(bufs: list | collections.deque, sent: int) -> None:
-    """Drop ``sent`` bytes from the front of ``bufs`` (memoryviews of bytes)."""
+    """Drop ``sent`` bytes from the front of ``bufs`` (bytes, or memoryviews of bytes)."""
     while sent:
         first = bufs[0]
-        if sent >= first.nbytes:
-            sent -= first.nbytes
+        if sent >= len(first):
+            sent -= len(first)
             if isinstance(bufs, list):
                 del bufs[0]
             else:
                 bufs.popleft()
         else:
-            bufs[0] = first[sent:]
+            bufs[0] = memoryview(first)[sent:]  # no copy of the rest
             sent = 0
 
 
@@ -78,7 +87,7 @@ class Outgoing:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._queue: collections.deque[memoryview] = collections.deque()
+        self._queue: collections.deque = collections.deque()
 
     @property
     def waiting(self) -> bool:
