@@ -138,6 +138,42 @@ def test_garbage_and_forged_messages_on_the_unix_socket_are_dropped(tmp_path):
     assert proc.stderr.count("broker: dropped a message") == 1, proc.stderr
 
 
+FLOOD = """
+    import socket
+    from scoop import _worker, futures
+
+    def square(x):
+        return x * x
+
+    if __name__ == "__main__":
+        path = _worker.current().link.sock.getpeername()
+        silent = []
+        for _ in range(300):  # above the bound on unproven connections (256 here)
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            silent.append(s)
+        assert list(futures.map(square, range(50))) == [x * x for x in range(50)]
+        hung_up = 0
+        for s in silent:  # the broker took them all before the map's answers
+            s.setblocking(False)
+            try:
+                hung_up += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            s.close()
+        assert list(futures.map(square, range(50))) == [x * x for x in range(50)]
+        print("hung up", hung_up, flush=True)
+"""
+
+
+def test_silent_connections_are_bounded(tmp_path):
+    prog = write_program(tmp_path, FLOOD)
+    proc = run_scoop("-n", "2", prog)
+    assert proc.returncode == 0, proc.stderr
+    hung_up = int(proc.stdout.split("hung up")[1])
+    assert 44 <= hung_up < 300, proc.stdout  # the oldest ones, beyond the 256 kept
+
+
 BIG = """
     import os, sys
     import numpy as np
