@@ -337,12 +337,12 @@ class Broker(_Views):
         with self._ctl_lock:
             self.finished.set()
             self._ctl_push.close(0)
+        if self.local:  # first: ctx.term() waits for sockets of others in this process
+            self.local.close()
         self.gate.close()
         self.router.close(0)
         self._ctl.close(0)
         self.ctx.term()
-        if self.local:
-            self.local.close()
 
     # -- sockets ---------------------------------------------------------------------------
     def _drain(self) -> None:

@@ -16,6 +16,9 @@ address (``scoop._runtime.stream_link``); the broker listens there besides its R
 *Never blocking.* Every socket is non-blocking; what one does not take is queued and
 written when the broker's poll says it can take more.
 
+*Leftovers.* A broker removes its directory when it closes; one killed outright cannot,
+so each broker first removes the user's stale ones (:func:`sweep`).
+
 *Strangers.* The socket lives in a private directory (mode 0700, removed at the end), and
 a peer of another user is hung up at once. Until a connection sent a signed first
 message (HELLO, JOIN, PING: :meth:`proven`) its headers may announce only a few small
@@ -31,8 +34,10 @@ import os
 import select
 import shutil
 import socket
+import stat
 import struct
 import tempfile
+import time
 
 from . import _protocol as P
 from . import _stream
@@ -50,16 +55,51 @@ MAX_LOGGED = 32  # bad connections named in the log; the rest are counted
 _MAX_PATH = 100
 _IN, _OUT = select.POLLIN, select.POLLOUT
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# A broker killed outright (SIGKILL) leaves its directory; the next broker of the user
+# removes those whose socket refuses connections and that are older than this (s).
+STALE_AFTER_S = 60.0
 
 
 def listen(waiter: Waiter, take, max_unproven: int) -> UnixListener | None:
     """The broker's Unix socket, or None (logged) where none can be made (no writable
     temporary directory): the local workers then use TCP."""
     try:
+        sweep(tempfile.gettempdir())
         return UnixListener(waiter, take, max_unproven)
     except OSError as exc:
         log.warning("broker: no Unix socket for the local workers (%s); they use TCP", exc)
         return None
+
+
+def sweep(folder: str, min_age_s: float = STALE_AFTER_S) -> int:
+    """Remove the socket directories in ``folder`` of this user's brokers that are gone
+    (killed outright: nothing removed theirs); how many. Gone means that a connection to
+    the socket is refused: nothing listens there. A directory younger than ``min_age_s``
+    is left alone (its broker may be between bind and listen)."""
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.name.startswith("scoop-") or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            path = os.path.join(entry.path, "b")
+            if (st.st_uid != os.getuid() or now - st.st_mtime < min_age_s
+                    or not stat.S_ISSOCK(os.lstat(path).st_mode)):
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                probe.connect(path)
+        except ConnectionRefusedError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+        except OSError:  # listening, busy, not a broker's, or gone meanwhile
+            continue
+    return removed
 
 
 class Conn:

@@ -276,3 +276,31 @@ def test_headers_out_of_bounds_are_refused():
     finally:
         a.close()
         b.close()
+
+
+def test_sweep_removes_only_the_sockets_of_brokers_that_are_gone(tmp_path):
+    from scoop import _local
+
+    def broker_dir(name: str, listening: bool, old: bool) -> socket.socket:
+        folder = tmp_path / name
+        folder.mkdir(mode=0o700)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(folder / "b"))
+        if listening:
+            sock.listen(1)
+        if old:
+            os.utime(folder, (0, 0))
+        return sock
+
+    live = broker_dir("scoop-live", listening=True, old=True)
+    broker_dir("scoop-dead", listening=False, old=True).close()  # killed: its file stays
+    broker_dir("scoop-young", listening=False, old=False).close()  # maybe binding now
+    other = tmp_path / "scoop-other"  # not a broker's: a plain file named b
+    other.mkdir()
+    (other / "b").write_text("x")
+    os.utime(other, (0, 0))
+    try:
+        assert _local.sweep(str(tmp_path)) == 1
+        assert sorted(os.listdir(tmp_path)) == ["scoop-live", "scoop-other", "scoop-young"]
+    finally:
+        live.close()
