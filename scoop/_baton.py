@@ -1,0 +1,108 @@
+"""Who runs the broker's loop: its own thread, or a thread of this process that waits for
+the broker's messages (the in-process root, idle; issue 12).
+
+A remote round trip from an in-process root used to wake two threads of its process at
+each end: the broker's, then the root's. When the root's idle wait runs the loop's turns
+itself, the broker's thread sleeps and one thread is woken. The sockets and the
+Schedule are used by one thread at a time, the holder of the baton (a lock: ZeroMQ lets a
+socket change threads across a full memory barrier)::
+
+    host thread (waiting)                         broker thread
+    ---------------------                         -------------
+    host(): the baton (a Yield command first  ->  ends its turn, hands it over, then
+      if the thread has it); turns until its      looks every HOST_CHECK_S whether the
+      own socket is readable                      host came back to its wait meanwhile
+    returns; runs the program; comes back
+    ... or stays away (a long task)  ---------->  takes the baton, runs the loop
+
+*The host* never sleeps away from its wait with the baton: it holds it only inside
+:meth:`Baton.host`. *The thread* takes the loop back when the host was neither inside
+nor back between two looks, and at once when the broker is told to stop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ._zpoll import Waiter, readable
+
+if TYPE_CHECKING:
+    import zmq
+
+    from ._runtime.link import Link
+
+# While a thread hosts the loop, the broker's thread looks this often whether it came
+# back to its wait since the last look; if not (it runs a task, or the program), it takes
+# over. Shorter: other workers' messages wait less while the host is away; longer: fewer
+# wakeups of an idle job's broker thread.
+HOST_CHECK_S = 0.01
+
+
+class Baton:
+    """The right to run the broker's loop (see the module doc).
+
+    Args:
+        turn: one turn of the loop: ``turn(waiter, timeout_ms, check)`` -> the sockets
+            that may be readable (see ``Broker._turn``).
+        ask_yield: makes the broker's thread end its turn (a command on its queue).
+        sockets: the loop's sockets, which a host's waiter watches with its own.
+        check: the loop's sockets to ask before each sleep.
+        tick_ms: the longest turn (the loop's periodic work comes in time).
+    """
+
+    def __init__(self, turn: Callable[[Waiter, int, tuple], list],
+                 ask_yield: Callable[[], None], sockets: Sequence[zmq.Socket],
+                 check: tuple, tick_ms: int) -> None:
+        self._turn, self._ask_yield = turn, ask_yield
+        self._sockets, self._check, self._tick_ms = list(sockets), check, tick_ms
+        self._lock = threading.Lock()
+        self._waiters: dict[int, Waiter] = {}  # a host's, by its socket's id
+        self.hosted = False  # a host has the loop (the thread leaves it alone)
+        self.inside = False  # the host is inside host() now
+        self.visits = 0  # host() calls so far
+        self.ended = False  # the loop was told to stop: the thread closes the sockets
+        self.stopping = threading.Event()  # set by stop(): the thread takes over now
+
+    def thread_turn(self, waiter: Waiter) -> None:
+        """One step of the broker's thread: a turn of the loop, or a look at the host."""
+        if self.hosted:
+            visits = self.visits
+            if self.stopping.wait(HOST_CHECK_S) or (not self.inside and self.visits == visits):
+                self.hosted = False
+            return
+        with self._lock:
+            if not self.hosted and not self.ended:
+                self._turn(waiter, self._tick_ms, self._check)
+
+    def host(self, link: Link, timeout_ms: int) -> bool:
+        """Run the loop in this thread until a message waits on ``link`` or ``timeout_ms``
+        passed; whether one waits."""
+        if self.ended:  # (the thread closes the sockets)
+            return link._readable(timeout_ms)
+        if not self._lock.acquire(blocking=False):
+            self.hosted = True  # before asking: the thread must not take the baton again
+            self._ask_yield()
+            self._lock.acquire()
+        sock = link.sock
+        deadline = time.monotonic() + timeout_ms / 1000
+        try:
+            self.hosted = self.inside = True
+            self.visits += 1
+            waiter = self._waiters.get(id(sock))
+            if waiter is None:
+                waiter = self._waiters[id(sock)] = Waiter([*self._sockets, sock])
+            check = (*self._check, sock)
+            while not self.ended:
+                if sock in self._turn(waiter, min(timeout_ms, self._tick_ms), check) \
+                        and readable(sock):
+                    return True
+                timeout_ms = int((deadline - time.monotonic()) * 1000)
+                if timeout_ms <= 0:
+                    return False
+        finally:
+            self.inside = False
+            self._lock.release()
+        return link._readable(max(0, int((deadline - time.monotonic()) * 1000)))
