@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._zpoll import Waiter, readable
 
 if TYPE_CHECKING:
-    import zmq
-
     from ._runtime.link import Link
 
 # While a thread hosts the loop, the broker's thread looks this often whether it came
@@ -45,28 +43,26 @@ class Baton:
     """The right to run the broker's loop (see the module doc).
 
     Args:
-        turn: one turn of the loop: ``turn(waiter, timeout_ms, check)`` -> the sockets
-            that may be readable (see ``Broker._turn``).
+        turn: one turn of the loop: ``turn(timeout_ms, check)`` -> the sockets that may
+            be readable (see ``Broker._turn``).
         ask_yield: makes the broker's thread end its turn (a command on its queue).
-        sockets: the loop's sockets, which a host's waiter watches with its own.
+        waiter: the loop's; a host's socket is added to it while the host is inside.
         check: the loop's sockets to ask before each sleep.
         tick_ms: the longest turn (the loop's periodic work comes in time).
     """
 
-    def __init__(self, turn: Callable[[Waiter, int, tuple], list],
-                 ask_yield: Callable[[], None], sockets: Sequence[zmq.Socket],
-                 check: tuple, tick_ms: int) -> None:
-        self._turn, self._ask_yield = turn, ask_yield
-        self._sockets, self._check, self._tick_ms = list(sockets), check, tick_ms
+    def __init__(self, turn: Callable[[int, tuple], list], ask_yield: Callable[[], None],
+                 waiter: Waiter, check: tuple, tick_ms: int) -> None:
+        self._turn, self._ask_yield, self._waiter = turn, ask_yield, waiter
+        self._check, self._tick_ms = check, tick_ms
         self._lock = threading.Lock()
-        self._waiters: dict[int, Waiter] = {}  # a host's, by its socket's id
         self.hosted = False  # a host has the loop (the thread leaves it alone)
         self.inside = False  # the host is inside host() now
         self.visits = 0  # host() calls so far
         self.ended = False  # the loop was told to stop: the thread closes the sockets
         self.stopping = threading.Event()  # set by stop(): the thread takes over now
 
-    def thread_turn(self, waiter: Waiter) -> None:
+    def thread_turn(self) -> None:
         """One step of the broker's thread: a turn of the loop, or a look at the host."""
         if self.hosted:
             visits = self.visits
@@ -75,7 +71,7 @@ class Baton:
             return
         with self._lock:
             if not self.hosted and not self.ended:
-                self._turn(waiter, self._tick_ms, self._check)
+                self._turn(self._tick_ms, self._check)
 
     def host(self, link: Link, timeout_ms: int) -> bool:
         """Run the loop in this thread until a message waits on ``link`` or ``timeout_ms``
@@ -88,21 +84,19 @@ class Baton:
             self._lock.acquire()
         sock = link.sock
         deadline = time.monotonic() + timeout_ms / 1000
+        self._waiter.add(sock)  # (only while inside: the thread must not wake for it)
         try:
             self.hosted = self.inside = True
             self.visits += 1
-            waiter = self._waiters.get(id(sock))
-            if waiter is None:
-                waiter = self._waiters[id(sock)] = Waiter([*self._sockets, sock])
             check = (*self._check, sock)
             while not self.ended:
-                if sock in self._turn(waiter, min(timeout_ms, self._tick_ms), check) \
-                        and readable(sock):
+                if sock in self._turn(min(timeout_ms, self._tick_ms), check) and readable(sock):
                     return True
                 timeout_ms = int((deadline - time.monotonic()) * 1000)
                 if timeout_ms <= 0:
                     return False
         finally:
             self.inside = False
+            self._waiter.remove(sock)
             self._lock.release()
         return link._readable(max(0, int((deadline - time.monotonic()) * 1000)))

@@ -243,7 +243,7 @@ class Broker:
         self._waiter = Waiter([self.router, self._ctl, *self.gate.sockets])
         self._more: list = []  # gate sockets left with requests waiting (a bounded turn)
         self._next_tick = time.monotonic() + WORKER_SILENCE_S
-        self.baton = Baton(self._turn, lambda: self._command(Yield()), self._waiter.sockets,
+        self.baton = Baton(self._turn, lambda: self._command(Yield()), self._waiter,
                            (self.router,), int(TICK_S * 1000))
 
     # -- what the launcher reads -----------------------------------------------------------
@@ -312,16 +312,16 @@ class Broker:
         """The broker loop; returns after :meth:`stop`."""
         try:
             while not self.baton.ended:
-                self.baton.thread_turn(self._waiter)
+                self.baton.thread_turn()
         finally:
             self._close()
 
-    def _turn(self, waiter: Waiter, timeout_ms: int, check: tuple) -> list:
+    def _turn(self, timeout_ms: int, check: tuple) -> list:
         """One turn of the loop: wait up to ``timeout_ms``, then handle what came; the
         sockets that may be readable (Stop: marks the broker ended)."""
         # The router is asked first: sends on it may take the command that would have
         # woken the poll for a message that came meanwhile (see _zpoll).
-        ready = waiter.wait(timeout_ms, check=check, again=self._more)
+        ready = self._waiter.wait(timeout_ms, check=check, again=self._more)
         now = time.monotonic()
         if now >= self._next_tick:
             self._carry_out(self.schedule.tick(now))
