@@ -35,8 +35,12 @@ if TYPE_CHECKING:
 # While a thread hosts the loop, the broker's thread looks this often whether it came
 # back to its wait since the last look; if not (it runs a task, or the program), it takes
 # over. Shorter: other workers' messages wait less while the host is away; longer: fewer
-# wakeups of an idle job's broker thread.
+# wakeups of the broker's thread.
 HOST_CHECK_S = 0.01
+# ... and, while the host stays inside one long wait, up to this much less often (twice
+# less at each look): an idle job's broker thread wakes a few times a second. A host
+# that leaves such a wait says so, and the looks come every HOST_CHECK_S again.
+HOST_IDLE_S = 0.16
 
 
 class Baton:
@@ -60,18 +64,32 @@ class Baton:
         self.inside = False  # the host is inside host() now
         self.visits = 0  # host() calls so far
         self.ended = False  # the loop was told to stop: the thread closes the sockets
-        self.stopping = threading.Event()  # set by stop(): the thread takes over now
+        self.stopping = False  # stop() was called: the thread takes over now
+        self._interval = HOST_CHECK_S  # between the thread's looks at the host
+        self._nudge = threading.Event()  # a look now: the host left a long wait, or stop()
 
     def thread_turn(self) -> None:
         """One step of the broker's thread: a turn of the loop, or a look at the host."""
         if self.hosted:
             visits = self.visits
-            if self.stopping.wait(HOST_CHECK_S) or (not self.inside and self.visits == visits):
-                self.hosted = False
+            nudged = self._nudge.wait(self._interval)
+            self._nudge.clear()
+            if self.stopping or (not self.inside and self.visits == visits and not nudged):
+                self.hosted = False  # away since the last look: take the loop over
+            elif self.inside and not nudged:  # waiting still (a timed out wait re-enters)
+                self._interval = min(2 * self._interval, HOST_IDLE_S)
+            else:
+                self._interval = HOST_CHECK_S
             return
         with self._lock:
             if not self.hosted and not self.ended:
                 self._turn(self._tick_ms, self._check)
+
+    def stop(self) -> None:
+        """The broker is told to stop: the thread takes the loop over at once (a host may
+        have left for good)."""
+        self.stopping = True
+        self._nudge.set()
 
     def host(self, link: Link, timeout_ms: int) -> bool:
         """Run the loop in this thread until a message waits on ``link`` or ``timeout_ms``
@@ -91,6 +109,8 @@ class Baton:
             check = (*self._check, sock)
             while not self.ended:
                 if sock in self._turn(min(timeout_ms, self._tick_ms), check) and readable(sock):
+                    if self._interval > HOST_CHECK_S:  # the thread looks seldom, and this
+                        self._nudge.set()  # thread may now run the program: look soon
                     return True
                 timeout_ms = int((deadline - time.monotonic()) * 1000)
                 if timeout_ms <= 0:

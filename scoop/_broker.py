@@ -302,7 +302,7 @@ class Broker:
                 self._close()
             return
         self._command(Stop())
-        self.baton.stopping.set()  # a host may have left for good: the thread takes over
+        self.baton.stop()
         self._thread.join(timeout)
 
     def _command(self, cmd: Command) -> None:
