@@ -37,9 +37,10 @@ if TYPE_CHECKING:
 # over. Shorter: other workers' messages wait less while the host is away; longer: fewer
 # wakeups of the broker's thread.
 HOST_CHECK_S = 0.01
-# ... and, while the host stays inside one long wait, up to this much less often (twice
-# less at each look): an idle job's broker thread wakes a few times a second. A host
-# that leaves such a wait says so, and the looks come every HOST_CHECK_S again.
+# ... and, while the host stays in one long wait (its timed out waits, come back to at
+# once, count as one), up to this much less often (twice less at each look): an idle
+# job's broker thread wakes a few times a second. A host that leaves such a wait with a
+# message says so, and the looks come every HOST_CHECK_S again.
 HOST_IDLE_S = 0.16
 
 
@@ -66,6 +67,8 @@ class Baton:
         self.ended = False  # the loop was told to stop: the thread closes the sockets
         self.stopping = False  # stop() was called: the thread takes over now
         self._interval = HOST_CHECK_S  # between the thread's looks at the host
+        self._since = 0.0  # when the host's present wait began
+        self._timed_out = False  # the host's last wait timed out (it may come back at once)
         self._nudge = threading.Event()  # a look now: the host left a long wait, or stop()
 
     def thread_turn(self) -> None:
@@ -76,8 +79,8 @@ class Baton:
             self._nudge.clear()
             if self.stopping or (not self.inside and self.visits == visits and not nudged):
                 self.hosted = False  # away since the last look: take the loop over
-            elif self.inside and not nudged:  # waiting still (a timed out wait re-enters)
-                self._interval = min(2 * self._interval, HOST_IDLE_S)
+            elif self.inside and time.monotonic() - self._since > self._interval:
+                self._interval = min(2 * self._interval, HOST_IDLE_S)  # a long wait
             else:
                 self._interval = HOST_CHECK_S
             return
@@ -101,7 +104,10 @@ class Baton:
             self._ask_yield()
             self._lock.acquire()
         sock = link.sock
-        deadline = time.monotonic() + timeout_ms / 1000
+        now = time.monotonic()
+        deadline = now + timeout_ms / 1000
+        if not self._timed_out:
+            self._since = now
         self._waiter.add(sock)  # (only while inside: the thread must not wake for it)
         try:
             self.hosted = self.inside = True
@@ -109,11 +115,13 @@ class Baton:
             check = (*self._check, sock)
             while not self.ended:
                 if sock in self._turn(min(timeout_ms, self._tick_ms), check) and readable(sock):
+                    self._timed_out = False
                     if self._interval > HOST_CHECK_S:  # the thread looks seldom, and this
-                        self._nudge.set()  # thread may now run the program: look soon
+                        self._nudge.set()  # one may now run the program: look soon
                     return True
                 timeout_ms = int((deadline - time.monotonic()) * 1000)
                 if timeout_ms <= 0:
+                    self._timed_out = True
                     return False
         finally:
             self.inside = False

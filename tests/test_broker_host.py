@@ -5,13 +5,15 @@ computes), and hands it back at the root's next wait."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from scoop import _baton, futures
+from scoop import _protocol as P
+from scoop._broker import Broker
+from scoop._runtime.link import Link, join
+from scoop._transport import Credentials
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,49 +43,25 @@ def test_the_root_runs_the_broker_loop_while_it_waits(pool):
     assert _switches(tid) - slept <= 2 * elapsed / _baton.HOST_CHECK_S + 20
 
 
-_RELAY = """
-import os, sys, time
-from scoop import futures
-from scoop._launch import Launcher
-
-
-def relay(flag, calls):  # on a worker: remote calls that need the broker, then a mark
-    for _ in range(calls):
-        f = futures.submit(os.getpid)
-        futures.wait([f], timeout=30)
-    with open(flag, "w") as out:
-        out.write("done")
-
-
-if __name__ == "__main__":
-    flag = sys.argv[1]
-    with Launcher(3) as job:
-        seen = set()  # both other workers have joined: none of the relay's calls is
-        while len(seen) < 2:  # forced on the busy root for want of another worker
-            g = futures.submit(os.getpid)
-            futures.wait([g], timeout=30)
-            seen.add(g.result())
-        f = futures.submit(relay, flag, 5)
-        futures.wait([f], timeout=0.01)  # ships it; the root stands by, runs nothing
-        # The root computes without waiting: only the broker's thread can route the
-        # relay's calls meanwhile. (The cap only ends a broken run.)
-        cap = time.monotonic() + 60
-        while not os.path.exists(flag) and time.monotonic() < cap:
-            sum(range(1000))
-        print("relayed" if os.path.exists(flag) else f"not relayed: {f}")
-        f.result(timeout=30)
-        visits = job.broker.baton.visits  # back at a wait, the root hosts the loop again
-        g = futures.submit(os.getpid)
-        futures.wait([g], timeout=30)
-        print("hosted again", g.result() != os.getpid() and job.broker.baton.visits > visits)
-"""
-
-
-def test_the_broker_thread_routes_while_the_root_computes(tmp_path):
-    # its own process: the session's pool is this process's in-process root
-    script = tmp_path / "relay.py"
-    script.write_text(_RELAY)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "flag")],
-                         capture_output=True, text=True, timeout=100)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["relayed", "hosted again True"], out.stdout
+def test_the_broker_thread_takes_the_loop_over_when_the_host_stays_away():
+    creds = Credentials.new()
+    broker = Broker(creds, size=3).start()
+    host = Link(broker.inproc_address, creds, 0)  # the in-process root's link
+    worker = None
+    try:
+        assert broker.baton.host(host, 20) is False  # a wait: nothing came for it
+        assert broker.baton.hosted
+        # The host stays away (it computes): only the broker's thread can answer a
+        # worker that joins now. (The timeout only ends a broken run.)
+        worker = Link(broker.address, creds, 1)
+        assert join(worker, broker.address, timeout=60).kind == P.WELCOME
+        assert not broker.baton.hosted
+        # Back at a wait, the host gets the loop back from the thread (Yield).
+        visits = broker.baton.visits
+        assert broker.baton.host(host, 50) is False
+        assert broker.baton.hosted and broker.baton.visits == visits + 1
+    finally:
+        for link in (host, worker):
+            if link is not None:
+                link.close(0)
+        broker.stop()
