@@ -39,6 +39,10 @@ then dispatches queued work once.
 *Control.* Other threads talk to the loop with typed commands (:class:`Lost`,
 :class:`StopWorkers`, :class:`Stop`) on a queue, woken by an inproc socket.
 
+*Host.* A thread of this process that waits for the broker's messages (the in-process
+root's, idle) runs the loop's turns itself (:meth:`Broker.host`) while the broker's thread
+sleeps; see :mod:`scoop._baton`.
+
 The loop runs in a thread (:meth:`Broker.start`) or the caller's thread
 (:meth:`Broker.run`); :meth:`Broker.stop` may be called from any thread.
 """
@@ -49,12 +53,13 @@ import logging
 import queue as _queue
 import threading
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import zmq
 
 from . import _protocol as P
 from . import _serialize
+from ._baton import Baton
 from ._local import listen
 from ._schedule import (
     MAX_ATTEMPTS,
@@ -74,6 +79,9 @@ from ._transport import (
     share_inproc,
 )
 from ._zpoll import Waiter
+
+if TYPE_CHECKING:
+    pass
 
 log = logging.getLogger("scoop.broker")
 
@@ -139,6 +147,49 @@ class Drain(NamedTuple):
 
 class Stop(NamedTuple):
     """Control command: STOP every worker and end the loop."""
+
+
+class Yield(NamedTuple):
+    """Control command: end this turn, a thread of this process will host the loop."""
+
+
+Command = Lost | StopWorkers | Drain | Stop | Yield
+
+
+class _Commands:
+    """Commands from other threads to the loop, each with a wakeup on an inproc socket.
+    Both ends are made at once: a socket made later could fail once a flood used up the
+    descriptors."""
+
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        self._queue: _queue.SimpleQueue[Command] = _queue.SimpleQueue()
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.bind(address)
+        self._push = ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 1000)
+        self._push.connect(address)
+        self._lock = threading.Lock()  # a socket is used by one thread at a time
+        self.finished = threading.Event()  # closed: the loop has ended
+
+    def put(self, cmd: Command) -> None:
+        with self._lock:
+            if not self.finished.is_set():
+                self._queue.put(cmd)
+                self._push.send(b"")
+
+    def take(self) -> Command | None:
+        """The next command (the loop's thread), None when none waits."""
+        try:
+            self.pull.recv(zmq.NOBLOCK)  # one wakeup per command
+        except zmq.Again:
+            return None
+        return self._queue.get_nowait()
+
+    def close(self) -> None:
+        with self._lock:
+            self.finished.set()
+            self._push.close(0)
+        self.pull.close(0)
 
 
 def _handlers(s: Schedule) -> dict:
@@ -221,19 +272,11 @@ class Broker(_Views):
         self.inproc_address = f"inproc://scoop-router-{id(self)}"
         self.router.bind(self.inproc_address)
         share_inproc(self.inproc_address, self.ctx)
-        # Commands from other threads, and a socket that wakes the loop for each; both ends
-        # made now: a socket made later could fail once a flood used up the descriptors.
-        self._commands: _queue.SimpleQueue[Lost | StopWorkers | Drain | Stop] = _queue.SimpleQueue()
-        ctl_addr = f"inproc://scoop-broker-{id(self)}"
-        self._ctl = self.ctx.socket(zmq.PULL)
-        self._ctl.bind(ctl_addr)
-        self._ctl_push = self.ctx.socket(zmq.PUSH)
-        self._ctl_push.setsockopt(zmq.LINGER, 1000)
-        self._ctl_push.connect(ctl_addr)
-        self._ctl_lock = threading.Lock()  # a socket is used by one thread at a time
+        self._commands = _Commands(self.ctx, f"inproc://scoop-broker-{id(self)}")
+        self._ctl = self._commands.pull
         # The ids of the sandbox workers the launcher is asked to start (see Recovery).
         self.sandbox_requests: _queue.SimpleQueue[int] = _queue.SimpleQueue()
-        self.finished = threading.Event()  # the loop has ended
+        self.finished = self._commands.finished  # the loop has ended
         self._thread: threading.Thread | None = None
         self._bad_peers: set[bytes] = set()
         self._handlers = _handlers(self.schedule)  # kind -> (ident, peer, msg) -> outs
@@ -241,6 +284,11 @@ class Broker(_Views):
         self.local = listen(self._waiter, self._take, unproven) if local else None
         self.local_address = self.local.address if self.local else None
         self._local_peers = self.local.peers if self.local else {}  # ident -> connection
+        # The loop's state between turns, and who runs them (see scoop._baton).
+        self._more: list = []  # gate sockets left with requests waiting (a bounded turn)
+        self._next_tick = time.monotonic() + WORKER_SILENCE_S
+        self.baton = Baton(self._turn, lambda: self._command(Yield()), self._waiter,
+                           (self.router,), int(TICK_S * 1000))
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> Broker:
@@ -272,50 +320,47 @@ class Broker(_Views):
                 self._close()
             return
         self._command(Stop())
+        self.baton.stop()
         self._thread.join(timeout)
 
-    def _command(self, cmd: Lost | StopWorkers | Drain | Stop) -> None:
-        with self._ctl_lock:
-            if not self.finished.is_set():
-                self._commands.put(cmd)
-                self._ctl_push.send(b"")
+    def _command(self, cmd: Command) -> None:
+        self._commands.put(cmd)
 
     def run(self) -> None:
         """The broker loop; returns after :meth:`stop`."""
-        waiter = self._waiter
-        more: list = []  # gate sockets left with requests waiting (a bounded turn)
         try:
-            next_tick = time.monotonic() + WORKER_SILENCE_S
-            while True:
-                # The router is asked first: sends on it may take the command that would
-                # have woken the poll for a message that came meanwhile (see _zpoll).
-                ready = waiter.wait(int(TICK_S * 1000), check=(self.router,), again=more)
-                now = time.monotonic()
-                if now >= next_tick:
-                    self._carry_out(self.schedule.tick(now))
-                    next_tick = now + TICK_S
-                if self._ctl in ready and not self._control():
-                    break
-                if self.router in ready:
-                    self._drain()
-                    self._carry_out(self.schedule.dispatch(time.monotonic()))
-                if waiter.fired:  # Unix connections that spoke, or can take more
-                    self.local.serve(waiter.fired)
-                    self._carry_out(self.schedule.dispatch(time.monotonic()))
-                self.gate.stopping = self.schedule.stopping
-                more = [s for s in self.gate.sockets if s in ready and self.gate.handle(s)]
-                self.gate.settle(now)
+            while not self.baton.ended:
+                self.baton.thread_turn()
         finally:
             self._close()
 
+    def _turn(self, timeout_ms: int, check: tuple) -> list:
+        """One turn of the loop: wait up to ``timeout_ms``, then handle what came; the
+        sockets that may be readable (Stop: marks the broker ended)."""
+        # The router is asked first: sends on it may take the command that would have
+        # woken the poll for a message that came meanwhile (see _zpoll).
+        ready = self._waiter.wait(timeout_ms, check=check, again=self._more)
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._carry_out(self.schedule.tick(now))
+            self._next_tick = now + TICK_S
+        if self._ctl in ready and not self._control():
+            self.baton.ended = True
+            return ready
+        if self.router in ready:
+            self._drain()
+            self._carry_out(self.schedule.dispatch(time.monotonic()))
+        if self._waiter.fired:  # Unix connections that spoke, or can take more
+            self.local.serve(self._waiter.fired)
+            self._carry_out(self.schedule.dispatch(time.monotonic()))
+        self.gate.stopping = self.schedule.stopping
+        self._more = [s for s in self.gate.sockets if s in ready and self.gate.handle(s)]
+        self.gate.settle(now)
+        return ready
+
     def _control(self) -> bool:
         """Carry out the waiting commands of other threads; False once told to stop."""
-        while True:
-            try:
-                self._ctl.recv(zmq.NOBLOCK)  # one wakeup per command
-            except zmq.Again:
-                return True
-            cmd = self._commands.get_nowait()
+        while (cmd := self._commands.take()) is not None:
             if isinstance(cmd, Lost):
                 self._drain()  # what it sent before it died counts (done, results)
                 if self.local:
@@ -324,6 +369,8 @@ class Broker(_Views):
                 self._carry_out(self.schedule.lost(cmd.wid, cmd.how, now))
                 self._carry_out(self.schedule.dispatch(now))
                 continue
+            if isinstance(cmd, Yield):
+                continue
             if isinstance(cmd, Drain):
                 self.schedule.draining = True
                 self.schedule.time_up |= cmd.time_up
@@ -331,17 +378,15 @@ class Broker(_Views):
                 self._carry_out(self.schedule.stop_workers())
             if isinstance(cmd, Stop):
                 return False
+        return True
 
     def _close(self) -> None:
         share_inproc(self.inproc_address, None)
-        with self._ctl_lock:
-            self.finished.set()
-            self._ctl_push.close(0)
+        self._commands.close()
         if self.local:  # first: ctx.term() waits for sockets of others in this process
             self.local.close()
         self.gate.close()
         self.router.close(0)
-        self._ctl.close(0)
         self.ctx.term()
 
     # -- sockets ---------------------------------------------------------------------------

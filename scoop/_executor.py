@@ -77,7 +77,6 @@ import atexit
 import codecs
 import collections
 import concurrent.futures as cf
-import contextlib
 import functools
 import json
 import logging
@@ -642,6 +641,7 @@ class _Runtime:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._rfd, self._wfd = os.pipe()
+        self._signalled = False  # a byte waits on the pipe: a post need not write one
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
         self._poller = None
@@ -675,8 +675,9 @@ class _Runtime:
             if not self._open:
                 raise BrokenJobError(f"the pool is gone: {self.broken or 'shut down'}")
             self.requests.extend(requests)
-            with contextlib.suppress(BlockingIOError):  # full: it is being woken anyway
-                os.write(self._wfd, b"\0")
+            if not self._signalled:  # (a write per submit cost ~19 us: issue 12, line 8a)
+                self._signalled = True
+                os.write(self._wfd, b"\0")  # never full: one byte at a time
 
     def call(self, fn: Callable, *args: Any, **kwargs: Any):
         """Run ``fn(*args, **kwargs)`` in a greenlet of the runtime thread; its outcome."""
@@ -739,11 +740,9 @@ class _Runtime:
             _watch(self.launcher)
         ready = dict(self._poller.poll(timeout_ms))
         if self._rfd in ready:
-            try:
-                while os.read(self._rfd, 4096):
-                    pass
-            except BlockingIOError:
-                pass
+            with self._lock:  # its one byte; the requests are taken below, and a post
+                os.read(self._rfd, 64)  # from now on writes again
+                self._signalled = False
         self._serve()
         if self._wind_down():
             return False

@@ -59,6 +59,21 @@ class Waiter:
         except KeyError:
             pass
 
+    def add(self, sock: zmq.Socket) -> None:
+        """Wait on ``sock`` too, until :meth:`remove`."""
+        fd = sock.getsockopt(_FD)
+        self._by_fd[fd] = sock
+        self._poll.register(fd, select.POLLIN)
+        self.sockets.append(sock)
+
+    def remove(self, sock: zmq.Socket) -> None:
+        """Wait on ``sock`` no more (it was added)."""
+        self.sockets.remove(sock)
+        for fd, known in list(self._by_fd.items()):
+            if known is sock:
+                del self._by_fd[fd]
+                self._poll.unregister(fd)
+
     def wait(self, timeout_ms: int, check: Iterable[zmq.Socket] = (),
              again: Iterable[zmq.Socket] = ()) -> list[zmq.Socket]:
         """The sockets that may be readable, after sleeping up to ``timeout_ms`` unless

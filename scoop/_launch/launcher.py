@@ -33,6 +33,7 @@ A :class:`Launcher` can also make the calling interpreter the root worker
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -111,9 +112,8 @@ class Launcher:
             program=program, module=module, args=tuple(args or ()), python=python,
             cwd=cwd or os.getcwd(), pythonpath=pythonpath, nice=nice, debug=debug,
             log_level=log_level, log_file=log_file, external=external, elastic=elastic,
-            launcher=launcher,
-            ssh=ssh, broker_hostname=broker_hostname, prolog=prolog, tunnel=tunnel,
-            max_attempts=max_attempts, progress=progress)
+            launcher=launcher, ssh=ssh, broker_hostname=broker_hostname, prolog=prolog,
+            tunnel=tunnel, max_attempts=max_attempts, progress=progress)
         self.job_file = job_file
         self._wrote_job_file = False
         self.creds = Credentials.new(wants_encryption(
@@ -242,6 +242,7 @@ class Launcher:
         worker.shm = _shm.usable(self.job.shm)
         _bootstrap.enter_job(worker, self.broker.inproc_address, self.creds,  # (issue 12)
                              debug=self.job.debug, hosts=self.job.hosts)
+        worker.idle_wait = functools.partial(self.broker.baton.host, worker.link)  # _baton
         self.root_worker = worker
 
     # -- watching --------------------------------------------------------------------------
