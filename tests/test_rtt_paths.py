@@ -64,3 +64,32 @@ def test_a_timed_wait_that_ends_early_leaves_no_timer():
         w.wait_many([f], 1, False, 60.0)
         assert f.result() == i
     assert w.hub.timers == []  # each kept its waiter and future alive for 60 s before
+
+
+def test_one_parcel_messages_decode_as_the_general_layout():
+    """The one-parcel short cut of encode/decode reads and writes the same header as the
+    general path: every other layout beside it still decodes."""
+    from scoop import _protocol as P
+
+    key = os.urandom(32)
+    tx, rx = P.Codec(key, 3), P.Codec(key, 0)
+    frames = [zmq.Frame(b"ids"), zmq.Frame(b"pickle")]
+    one = tx.parcel(frames, tag=7, peer=2)
+    for parcels, done, body in (([one], (), None), ([one], [(1, 9)], None),
+                                ([one, one], (), None), ((), (), {"a": 1}),
+                                ([one], (), {"b": 2})):
+        wire = [zmq.Frame(bytes(f)) for f in tx.encode(P.RESULTS, 5, parcels, done, body)]
+        msg = rx.decode(wire, peer="w3")
+        assert (msg.kind, msg.sender, msg.arg, msg.done, msg.body) == (
+            P.RESULTS, 3, 5, [tuple(d) for d in done], body)
+        assert [(p.tag, p.peer, p.mac) for p in msg.parcels] == [(7, 2, one.mac)] * len(parcels)
+        assert all(rx.valid(p) for p in msg.parcels)
+        assert [bytes(f) for p in msg.parcels for f in p.frames] == (
+            [b"ids", b"pickle"] * len(parcels))
+    with pytest.raises(P.AuthError, match="replayed"):
+        rx.decode(wire, peer="w3")
+    # a frame missing from a one-parcel message is refused, as before
+    wire = tx.encode(P.TASKS, parcels=[one])
+    with pytest.raises(P.AuthError, match="frame count"):
+        rx.decode(wire[:-1])
+
