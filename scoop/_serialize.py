@@ -179,6 +179,8 @@ def _buffers(frames) -> list:
 
 def loads(frames):
     """Unpickle frames made by :func:`dumps` (authenticate them first)."""
+    if len(frames) == 1:  # no out-of-band buffer: the common case
+        return pickle.loads(frames[0], buffers=())
     return pickle.loads(buffer_of(frames[0]), buffers=_buffers(frames))
 
 
@@ -321,6 +323,8 @@ def loads_items(frames) -> tuple[list, dict[int, BaseException]]:
     itself is broken.
     """
     try:
+        if len(frames) == 1:  # (inline: loads)
+            return pickle.loads(frames[0], buffers=()), {}
         return loads(frames), {}
     except Exception as exc:  # noqa: BLE001 - retry slowly, item by item
         # The fast unpickler stops at the first failure. Reducers that ran before it run
