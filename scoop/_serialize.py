@@ -193,14 +193,16 @@ def _code_reduce(code: types.CodeType):
 class _Dumper:
     """A pickler kept for the next :func:`dumps` of its thread: making cloudpickle's costs
     two Python calls and ~0.8 us per pickle (issue 12). Its memo and globals are
-    cleared after each pickle, so each one stands alone as before."""
+    cleared after each pickle, so each one stands alone as before. A pickle larger than
+    :data:`KEEP_BYTES` leaves as a view of the buffer (no copy) and the pickler is dropped
+    (``spent``): the next dumps makes a new one."""
 
-    __slots__ = ("out", "pickler", "buffers", "busy")
+    __slots__ = ("out", "pickler", "buffers", "busy", "spent")
 
     def __init__(self) -> None:
         self.out = io.BytesIO()
         self.buffers: list = []
-        self.busy = False
+        self.busy = self.spent = False
         self.pickler = _Pickler(self.out, protocol=5, buffer_callback=self.keep_out_of_band)
 
     def keep_out_of_band(self, pb: pickle.PickleBuffer) -> bool:
@@ -215,20 +217,26 @@ class _Dumper:
         out, pickler = self.out, self.pickler
         try:
             _dump(pickler, obj)
-            frames = [out.getvalue(), *self.buffers]  # (getvalue: no copy of a whole one)
+            if out.tell() > KEEP_BYTES:  # a view: reusing the buffer would copy it first
+                self.spent = True
+                return [out.getbuffer(), *self.buffers]
+            return [out.getvalue(), *self.buffers]
         except RecursionError as exc:  # as cloudpickle.Pickler.dump says it
             raise pickle.PicklingError("Could not pickle object as excessively deep "
                                        "recursion required.") from exc
         finally:
             self.buffers = []
-            out.seek(0)
-            out.truncate()
             pickler.clear_memo()
             pickler.globals_ref.clear()
+            if not self.spent:
+                out.seek(0)
+                out.truncate()
             self.busy = False
-        return frames
 
 
+# A pickle up to this size is copied out of a kept pickler's buffer (BytesIO.getvalue,
+# then truncate: a copy of that size); a larger one leaves as a view of it.
+KEEP_BYTES = 1 << 16
 _dumpers = threading.local()
 # The C pickler's dump: cloudpickle's Python wrapper only renames a RecursionError.
 _dump = pickle.Pickler.dump
@@ -241,7 +249,10 @@ def dumps(obj) -> list:
         dumper = _dumpers.dumper = _Dumper()
     elif dumper.busy:  # called from inside a pickle of this thread (a reducer's): a new one
         dumper = _Dumper()
-    return dumper.dump(obj)
+    frames = dumper.dump(obj)
+    if dumper.spent and getattr(_dumpers, "dumper", None) is dumper:
+        _dumpers.dumper = None  # its buffer is the frame's now: not kept beyond it
+    return frames
 
 
 def _buffers(frames) -> list:

@@ -147,6 +147,10 @@ def test_a_pickler_kept_per_thread_pickles_each_object_alone():
     frames = _serialize.dumps([pickle.PickleBuffer(big), 3])
     assert len(frames) == 2 and _serialize.loads(frames) == [big, 3]
     assert len(_serialize.dumps([4])) == 1  # the last one's buffers are gone
+    long = list(range(_serialize.KEEP_BYTES))  # a pickle larger than the kept buffer
+    frames = _serialize.dumps(long)
+    assert _serialize.loads(_serialize.dumps([8])) == [8]
+    assert _serialize.loads(frames) == long  # its view is its own, not the next one's
 
     class Nested:
         def __reduce__(self):
