@@ -159,6 +159,8 @@ def limit_of(call: tuple | None) -> float | None:
     fn, args = call[0], call[1]
     if args and id(fn) in _chunk_runners:
         fn = args[0]
+    if not isinstance(fn, (Retrying, Limited)):  # a plain callable: no call more
+        return None
     return limit_of_func(fn)
 
 

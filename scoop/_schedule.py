@@ -104,6 +104,11 @@ class Send(NamedTuple):
     body: dict | None = None
 
 
+# Send(...) of the round trip's two messages without the NamedTuple's __new__, a Python
+# call each (issue 12): the fields in order, all given.
+_send = tuple.__new__
+
+
 class Fail(NamedTuple):
     """The tasks ``tids`` of a group fail with ``error(reason)`` (WorkerLostError unless
     said): the loop sends their errors to the group's owner (worker ``owner``,
@@ -447,7 +452,7 @@ class Schedule(_WatchdogTalk):
             if owner is None:
                 log.debug("broker: results for departed worker %d dropped", parcel.peer)
                 continue
-            out.append(Send(owner.ident, P.RESULTS, arg=size, parcels=(parcel,)))
+            out.append(_send(Send, (owner.ident, P.RESULTS, size, (parcel,), None)))
         return out
 
     def const(self, peer: Peer, parcels: Sequence[P.Parcel]) -> list[Out]:
@@ -509,7 +514,7 @@ class Schedule(_WatchdogTalk):
                 roster.set_credit(peer, peer.credit - len(parcels))
                 for parcel in parcels:
                     peer.held[(parcel.peer, parcel.tag)] = parcel
-                out.append(Send(peer.ident, P.TASKS, parcels=parcels))
+                out.append(_send(Send, (peer.ident, P.TASKS, 0, parcels, None)))
         # What is left may be what no worker with credit may take (a sandbox's credit
         # never takes ordinary work): it may have to be forced on those standing by.
         return out + self._to_standby(now) if queue else out
@@ -523,7 +528,11 @@ class Schedule(_WatchdogTalk):
         takes itself."""
         queue = self.queue
         if peer.wid != 0 and not peer.sandbox and not forced:
-            return [queue.popleft() for _ in range(min(n, len(queue)))]
+            if len(queue) <= n:  # (the common case, without a comprehension: a call)
+                taken = list(queue)
+                queue.clear()
+                return taken
+            return [queue.popleft() for _ in range(n)]
         taken = []
         for parcel in queue:
             if len(taken) == n:

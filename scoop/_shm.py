@@ -70,6 +70,7 @@ from ._protocol import buffer_of
 DIR = "/dev/shm"
 PREFIX = "scoop-"
 MAGIC = b"scoop-shm1\n"
+_MAGIC_LEN = len(MAGIC)
 # Frames smaller than this travel as frames. Measured here (2 workers, many tasks of one
 # size, MB/s frames -> shared memory): arguments 64 KiB 455 -> 645, 128 KiB 401 -> 780,
 # 1 MiB 595 -> 2,623; results 64 KiB 816 -> 1,156, 128 KiB 712 -> 1,828. The crossover
@@ -136,6 +137,15 @@ def write_once(frame, job: str) -> list:
     return [name, total]
 
 
+def small(frames: list) -> bool:
+    """Whether no frame is large enough to be placed (:func:`place` would leave them as
+    they are): the common case, told apart without a call per frame (issue 12)."""
+    for f in frames:
+        if (len(f) if type(f) is bytes else memoryview(f).nbytes) >= SHM_MIN:
+            return False
+    return True
+
+
 def place(frames: list, write) -> list:
     """The wire frames of a parcel's ``frames``: every one of :data:`SHM_MIN` bytes or
     more written by ``write(frame)`` (which returns its manifest record), behind a
@@ -175,8 +185,11 @@ def is_placed(frames) -> bool:
     """Whether a parcel's frames carry a manifest (see the module doc)."""
     if not frames:
         return False
-    try:
-        return bytes(memoryview(buffer_of(frames[0]))[:len(MAGIC)]) == MAGIC
+    first = frames[0]
+    if type(first) is bytes:
+        return first[:_MAGIC_LEN] == MAGIC
+    try:  # a zmq.Frame is a buffer: its .buffer costs a memoryview more
+        return bytes(memoryview(first)[:_MAGIC_LEN]) == MAGIC
     except TypeError:  # pieces of a split frame (the broker's): never a manifest
         return False
 

@@ -124,9 +124,9 @@ class Hub:
     # -- the loop --------------------------------------------------------------------------
     def loop(self) -> None:
         rt, runq, wakeups, flags = self.rt, self.runq, self.wakeups, self.rt.flags
-        shipper = rt.shipper
+        shipper, policy = rt.shipper, rt.policy
         while not flags.stopped:
-            if rt.policy.leaving and self.leave():
+            if policy.leaving and self.leave():
                 break
             while wakeups:
                 g = wakeups.popleft()
@@ -134,7 +134,7 @@ class Hub:
                     self._main_resumes()
                 if not g.dead:
                     g.switch()
-            if self.runnable():
+            if runq and (policy.may_run() or runq[0][0].forced):  # (inline: runnable)
                 self._start_task(runq.popleft())
                 if shipper.done_out and rt.link is not None:
                     shipper.flush()
@@ -142,7 +142,7 @@ class Hub:
                         rt.poll(0)
                 continue
             shipper.flush()
-            if wakeups or self.runnable():
+            if wakeups or (runq and (policy.may_run() or runq[0][0].forced)):
                 continue
             self._wait_for_events()
         self.wake_all(flags.broken)
@@ -155,7 +155,8 @@ class Hub:
             return
         if rt.policy.withdraw():
             rt.link.send(P.WITHDRAW)
-        rt.shipper.give_back()
+        if rt.runq:
+            rt.shipper.give_back()
 
     def runnable(self) -> bool:
         """Whether the hub should start the next queued task now."""
@@ -278,9 +279,11 @@ class Hub:
             timer = [deadline, next(self._seq), waiter]
             heapq.heappush(self.timers, timer)
             policy.timed_waits += 1
-        rt.shipper.ship(keep_first=True)  # keeps nothing if this wait may not run tasks
+        if rt.outbox:
+            rt.shipper.ship(keep_first=True)  # keeps nothing if this wait may not run tasks
         if not policy.may_run():
-            rt.shipper.give_back()
+            if rt.runq:
+                rt.shipper.give_back()
             if rt.link is not None and policy.stand_by():
                 rt.link.send(P.WITHDRAW, arg=1)
         waiter.glet = getcurrent()

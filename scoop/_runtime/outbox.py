@@ -26,6 +26,7 @@ that cannot be pickled fails its own future only.
 from __future__ import annotations
 
 import itertools
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from .. import _chunks, _serialize, _shm
@@ -38,6 +39,10 @@ from .hub import Group
 if TYPE_CHECKING:
     from .._future import Future
     from .worker import Worker
+
+# A future's call and id, read over a group with map(): no comprehension (a Python call
+# in 3.11) per group shipped.
+_CALL, _ID = attrgetter("_call"), attrgetter("_id")
 
 
 class Shipper:
@@ -80,7 +85,8 @@ class Shipper:
         keep = keep_first and rt.policy.keeps_first(len(rt.runq))
         batch: list[P.Parcel] = []
         sent_first = False
-        for group in self._groups(futs):
+        # one future (a submit, then a wait): one group, without the cutting
+        for group in (futs,) if len(futs) == 1 else self._groups(futs):
             if keep and limit_of(group[0]._call) is None:  # a limited task never stays
                 self._keep(group)
                 keep = False
@@ -107,7 +113,7 @@ class Shipper:
 
     def _pack_group(self, futs: list[Future]) -> P.Parcel | None:
         try:
-            frames = _serialize.dumps([f._call for f in futs])
+            frames = _serialize.dumps(list(map(_CALL, futs)))
         except Exception:  # noqa: BLE001 - find and fail the culprits, ship the rest
             good = []
             for f in futs:
@@ -120,10 +126,11 @@ class Shipper:
             if not good:
                 return None
             futs = good
-            frames = _serialize.dumps([f._call for f in futs])
-        tids = P.task_ids_frame(f._id for f in futs)
-        self.away.update(f._id for f in futs)
-        if self.rt.shm is not None:  # large arguments: through shared memory
+            frames = _serialize.dumps(list(map(_CALL, futs)))
+        ids = list(map(_ID, futs))
+        tids = P.task_ids_frame(ids)
+        self.away.update(ids)
+        if self.rt.shm is not None and not _shm.small(frames):  # through shared memory
             frames, lease = self._pool().place(frames, len(futs))
             if lease is not None:  # freed when the group is done here (Worker.complete)
                 for f in futs:
@@ -156,7 +163,8 @@ class Shipper:
 
     def flush(self) -> None:
         """Ship the outbox, send results and finished groups, ask for work if low."""
-        self.ship()
+        if self.outbox:
+            self.ship()
         rt = self.rt
         link = rt.link
         if link is None:
@@ -164,8 +172,9 @@ class Shipper:
             return
         want = rt.policy.want(len(rt.runq), bool(rt.wakeups))
         if self.results_out or self.done_out:
-            parcels = [self._pack_results(owner, items)
-                       for owner, items in self.results_out.items()]
+            parcels = []
+            for owner, items in self.results_out.items():  # (no comprehension: a call)
+                parcels.append(self._pack_results(owner, items))
             # the credit request rides along: one message instead of two
             link.send(P.RESULTS, arg=want, parcels=parcels, done=self.done_out)
             self.results_out = {}
@@ -174,7 +183,10 @@ class Shipper:
             link.send(P.READY, arg=want)
 
     def _pack_results(self, owner: int, items: list) -> P.Parcel:
-        wire = [(tid, ok, value) for tid, ok, value, _, _ in items]
+        if len(items) == 1:  # one result (a remote round trip): no comprehension
+            wire = [items[0][:3]]
+        else:
+            wire = [(tid, ok, value) for tid, ok, value, _, _ in items]
         try:
             frames = _serialize.dumps(wire)
         except Exception:  # noqa: BLE001 - replace the unpicklable results only
@@ -187,7 +199,8 @@ class Shipper:
                     ok, value = False, _serialize.wire_exception(err, self.rt.where)
                 fixed.append((tid, ok, value))
             frames = _serialize.dumps(fixed)
-        frames = _shm.place_results(frames, self.rt.shm)  # the owner unlinks them
+        if self.rt.shm is not None and not _shm.small(frames):
+            frames = _shm.place_results(frames, self.rt.shm)  # the owner unlinks them
         return self.rt.link.codec.parcel(frames, peer=owner)
 
     def send_partial(self, owner: int, tid: int, values: list, func=None) -> None:

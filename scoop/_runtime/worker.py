@@ -133,7 +133,8 @@ class Worker:
         """
         if self.submit_hook is not None:
             self.submit_hook()
-        self.flags.check_usable()
+        if self.flags.broken is not None:  # (checked first: check_usable is a call)
+            self.flags.check_usable()  # raises
         if not self.flags.accepting:
             raise RuntimeError("cannot submit new futures after futures.shutdown()")
         fut = Future(self, next(self._ids), (fn, args, kwargs), weight,
@@ -167,11 +168,10 @@ class Worker:
             raise TimeoutError()
 
     def wait_many(self, futs, need: int, on_error: bool, timeout: float | None) -> Waiter:
-        """Park until ``need`` of ``futs`` are done (or one failed, with on_error).
-
-        Returns the waiter, whose ``arrived`` lists the futures that finished meanwhile.
-        """
-        self.flags.check_usable()
+        """Park until ``need`` of ``futs`` are done (or one failed, with on_error); return
+        the waiter, whose ``arrived`` lists the futures that finished meanwhile."""
+        if self.flags.broken is not None:
+            self.flags.check_usable()  # raises
         waiter = Waiter(getcurrent(), need, on_error)
         pending = [f for f in futs if f._state < FINISHED]
         waiter.remaining = need - (len(futs) - len(pending))
@@ -182,7 +182,7 @@ class Worker:
             self.poll_now()  # a check, not a wait: run nothing
             return waiter
         for f in pending:
-            f._add_waiter(waiter)
+            f._waiters.append(waiter)  # (inline: Future._add_waiter)
         self.hub.park(waiter, None if timeout is None else time.monotonic() + timeout)
         return waiter
 
