@@ -22,6 +22,7 @@ nor back between two looks, and at once when the broker is told to stop.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from ._zpoll import Waiter, readable
 
 if TYPE_CHECKING:
     from ._runtime.link import Link
+    from ._runtime.worker import Worker
 
 # While a thread hosts the loop, the broker's thread looks this often whether it came
 # back to its wait since the last look; if not (it runs a task, or the program), it takes
@@ -87,6 +89,17 @@ class Baton:
         with self._lock:
             if not self.hosted and not self.ended:
                 self._turn(self._tick_ms, self._check)
+
+    def attach(self, worker: Worker) -> None:
+        """Make ``worker`` (the in-process root) host the loop in its idle waits."""
+        worker.idle_wait = functools.partial(self.host, worker.link)
+        worker.hub.unhost = self.unhost
+
+    def unhost(self) -> None:
+        """The host goes to run a long task: the broker's thread takes the loop now."""
+        if self.hosted and not self.inside:
+            self.hosted = False
+            self._nudge.set()
 
     def stop(self) -> None:
         """The broker is told to stop: the thread takes the loop over at once (a host may

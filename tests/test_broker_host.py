@@ -65,3 +65,21 @@ def test_the_broker_thread_takes_the_loop_over_when_the_host_stays_away():
             if link is not None:
                 link.close(0)
         broker.stop()
+
+
+def test_a_host_going_to_run_a_long_task_hands_the_loop_back_at_once():
+    creds = Credentials.new()
+    broker = Broker(creds, size=3).start()
+    host = Link(broker.inproc_address, creds, 0)
+    worker = None
+    try:
+        assert broker.baton.host(host, 20) is False
+        broker.baton.unhost()  # what the hub does before a long task (hub.LONG_SLICE_S)
+        assert not broker.baton.hosted  # the thread routes from now, without a look
+        worker = Link(broker.address, creds, 1)
+        assert join(worker, broker.address, timeout=60).kind == P.WELCOME
+    finally:
+        for link in (host, worker):
+            if link is not None:
+                link.close(0)
+        broker.stop()

@@ -33,7 +33,6 @@ A :class:`Launcher` can also make the calling interpreter the root worker
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -242,7 +241,7 @@ class Launcher:
         worker.shm = _shm.usable(self.job.shm)
         _bootstrap.enter_job(worker, self.broker.inproc_address, self.creds,  # (issue 12)
                              debug=self.job.debug, hosts=self.job.hosts)
-        worker.idle_wait = functools.partial(self.broker.baton.host, worker.link)  # _baton
+        self.broker.baton.attach(worker)  # its idle waits run the broker's loop
         self.root_worker = worker
 
     # -- watching --------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from greenlet import GreenletExit, getcurrent, greenlet
@@ -54,6 +55,10 @@ log = logging.getLogger("scoop")
 
 # While idle, wake up this often: timers and a stopped runtime are noticed this late.
 IDLE_POLL_MS = 250
+# A worker whose idle waits run the broker's loop (the in-process root, scoop._baton) gives
+# it back to the broker's thread before a task when its tasks take this long (s) lately:
+# other workers' messages then wait for no task to end (two wakeups more per task).
+LONG_SLICE_S = 0.005
 
 
 class Group:
@@ -117,6 +122,7 @@ class Hub:
         self.active = 0  # task greenlets started and not finished (running or parked)
         self._withdrawn = False  # leaving: the broker was told to send no more work
         self.spare = None  # a task greenlet whose task ended, for the next (_run_tasks)
+        self.unhost: Callable[[], None] | None = None  # before a long task: LONG_SLICE_S
         self.thread = threading.get_ident()
         self.main = getcurrent()
         self.glet = greenlet(self.loop, parent=self.main)
@@ -163,6 +169,9 @@ class Hub:
         return bool(self.runq) and (self.rt.policy.may_run() or self.runq[0][0].forced)
 
     def _start_task(self, entry) -> None:
+        rt = self.rt
+        if self.unhost is not None and rt.policy.avg_slice_s >= LONG_SLICE_S:
+            self.unhost()  # the broker's thread routes while this thread computes
         t0 = time.perf_counter()
         runner, self.spare = self.spare or greenlet(self._run_tasks, parent=self.glet), None
         runner.switch(entry)  # back here when the task ends or parks
