@@ -221,61 +221,58 @@ def test_big_arguments_arrive_intact(tmp_path, shm):
 
 # -- the framing on its own (a socket pair, no job) ----------------------------------------
 
-def test_frames_round_trip_whole_and_in_pieces():
+@pytest.fixture
+def pair():
+    """Two connected Unix stream sockets, closed at the end."""
     a, b = socket.socketpair()
-    try:
-        big = os.urandom(5 << 20)
-        messages = [[b"x"], [b"head", memoryview(big), bytearray(b"tail")], [b"", b"z" * 70000],
-                    [b"placed", b""]]  # an empty last frame (a frame placed in /dev/shm)
-        sender = threading.Thread(target=lambda: [_stream.send_all(a, m) for m in messages])
-        sender.start()
-        reader, got = _stream.Reader(), []
-        while len(got) < len(messages):
-            got.extend(reader.read(b))
-        sender.join()
-        assert [[bytes(f) for f in m] for m in got] == [[bytes(f) for f in m] for m in messages]
-    finally:
-        a.close()
-        b.close()
+    yield a, b
+    a.close()
+    b.close()
 
 
-def test_a_full_socket_queues_and_flushes_without_blocking():
-    a, b = socket.socketpair()
-    try:
-        a.setblocking(False)
-        out = _stream.Outgoing(a)
-        data = os.urandom(8 << 20)  # more than a socket buffer takes
-        out.send([b"first", data])
-        out.send([b"second"])
-        assert out.waiting
-        reader, got = _stream.Reader(), []
-        while len(got) < 2:
-            out.flush()
-            got.extend(reader.read(b))
-        assert out.flush() and not out.waiting
-        assert [bytes(f) for f in got[0]] == [b"first", data] and got[1] == [b"second"]
-    finally:
-        a.close()
-        b.close()
+def test_frames_round_trip_whole_and_in_pieces(pair):
+    a, b = pair
+    big = os.urandom(5 << 20)
+    messages = [[b"x"], [b"head", memoryview(big), bytearray(b"tail")], [b"", b"z" * 70000],
+                [b"placed", b""]]  # an empty last frame (a frame placed in /dev/shm)
+    sender = threading.Thread(target=lambda: [_stream.send_all(a, m) for m in messages])
+    sender.start()
+    reader, got = _stream.Reader(), []
+    while len(got) < len(messages):
+        got.extend(reader.read(b))
+    sender.join()
+    assert [[bytes(f) for f in m] for m in got] == [[bytes(f) for f in m] for m in messages]
 
 
-def test_headers_out_of_bounds_are_refused():
-    a, b = socket.socketpair()
-    try:
-        reader = _stream.Reader(max_frames=4, max_frame=100)
-        a.sendall(struct.pack("<I", 5))
-        with pytest.raises(_stream.FramingError):
-            reader.read(b)
-        reader = _stream.Reader(max_frames=4, max_frame=100)
-        a.sendall(struct.pack("<III", 2, 10, P.MAX_FRAME_BYTES))
-        with pytest.raises(_stream.FramingError):
-            reader.read(b)
-        a.close()
-        with pytest.raises(EOFError):
-            _stream.Reader().read(b)
-    finally:
-        a.close()
-        b.close()
+def test_a_full_socket_queues_and_flushes_without_blocking(pair):
+    a, b = pair
+    a.setblocking(False)
+    out = _stream.Outgoing(a)
+    data = os.urandom(8 << 20)  # more than a socket buffer takes
+    out.send([b"first", data])
+    out.send([b"second"])
+    assert out.waiting
+    reader, got = _stream.Reader(), []
+    while len(got) < 2:
+        out.flush()
+        got.extend(reader.read(b))
+    assert out.flush() and not out.waiting
+    assert [bytes(f) for f in got[0]] == [b"first", data] and got[1] == [b"second"]
+
+
+def test_headers_out_of_bounds_are_refused(pair):
+    a, b = pair
+    reader = _stream.Reader(max_frames=4, max_frame=100)
+    a.sendall(struct.pack("<I", 5))
+    with pytest.raises(_stream.FramingError):
+        reader.read(b)
+    reader = _stream.Reader(max_frames=4, max_frame=100)
+    a.sendall(struct.pack("<III", 2, 10, P.MAX_FRAME_BYTES))
+    with pytest.raises(_stream.FramingError):
+        reader.read(b)
+    a.close()
+    with pytest.raises(EOFError):
+        _stream.Reader().read(b)
 
 
 def test_sweep_removes_only_the_sockets_of_brokers_that_are_gone(tmp_path):
