@@ -121,7 +121,7 @@ class Baton:
         deadline = now + timeout_ms / 1000
         if not self._timed_out:
             self._since = now
-        self._waiter.add(sock)  # (only while inside: the thread must not wake for it)
+        self._waiter.add(sock, link.fd)  # (only while inside: the thread must not wake for it)
         try:
             self.hosted = self.inside = True
             self.visits += 1
@@ -138,6 +138,6 @@ class Baton:
                     return False
         finally:
             self.inside = False
-            self._waiter.remove(sock)
+            self._waiter.remove(link.fd)
             self._lock.release()
         return link._readable(max(0, int((deadline - time.monotonic()) * 1000)))

@@ -53,7 +53,7 @@ import logging
 import queue as _queue
 import threading
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import zmq
 
@@ -79,9 +79,6 @@ from ._transport import (
     share_inproc,
 )
 from ._zpoll import Waiter
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("scoop.broker")
 

@@ -59,20 +59,16 @@ class Waiter:
         except KeyError:
             pass
 
-    def add(self, sock: zmq.Socket) -> None:
-        """Wait on ``sock`` too, until :meth:`remove`."""
-        fd = sock.getsockopt(_FD)
+    def add(self, sock: zmq.Socket, fd: int) -> None:
+        """Wait on ``sock`` (whose ``ZMQ_FD`` is ``fd``) too, until :meth:`remove`."""
         self._by_fd[fd] = sock
         self._poll.register(fd, select.POLLIN)
         self.sockets.append(sock)
 
-    def remove(self, sock: zmq.Socket) -> None:
-        """Wait on ``sock`` no more (it was added)."""
-        self.sockets.remove(sock)
-        for fd, known in list(self._by_fd.items()):
-            if known is sock:
-                del self._by_fd[fd]
-                self._poll.unregister(fd)
+    def remove(self, fd: int) -> None:
+        """Wait no more on the socket added with ``fd``."""
+        self.sockets.remove(self._by_fd.pop(fd))
+        self._poll.unregister(fd)
 
     def wait(self, timeout_ms: int, check: Iterable[zmq.Socket] = (),
              again: Iterable[zmq.Socket] = ()) -> list[zmq.Socket]:

@@ -88,7 +88,7 @@ def test_a_socket_added_for_a_while_is_waited_on_then_left_alone(ctx):
     quiet = ctx.socket(zmq.PULL)
     quiet.bind("inproc://zpoll-quiet-2")
     waiter = Waiter([quiet])
-    waiter.add(server)
+    waiter.add(server, server.getsockopt(zmq.FD))
     later = threading.Timer(0.01, client.send, (b"x",))
     later.start()
     ready = waiter.wait(LONG_MS, check=(server,))
@@ -96,7 +96,7 @@ def test_a_socket_added_for_a_while_is_waited_on_then_left_alone(ctx):
     while server not in ready:
         ready = waiter.wait(LONG_MS, check=(server,))
     assert server.recv_multipart(zmq.NOBLOCK)[1] == b"x"
-    waiter.remove(server)
+    waiter.remove(server.getsockopt(zmq.FD))
     client.send(b"y")  # fires its descriptor: the waiter no longer looks at it
     assert waiter.wait(10) == [quiet]
     assert server.recv_multipart()[1] == b"y"

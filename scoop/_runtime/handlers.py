@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-from hmac import compare_digest
 from typing import TYPE_CHECKING
 
 from .. import _chunks, _serialize, _shm
 from .. import _protocol as P
-from .._errors import AuthError, JobStopped, SerializationError, WorkerLostError
+from .._errors import JobStopped, SerializationError, WorkerLostError
 from .._future import FINISHED
 from .hub import Group
 
@@ -59,17 +58,9 @@ class Handlers:
 
     def _authentic(self, msg: P.Message, what: str) -> list:
         """The parcels of ``msg`` that pass their mac check; each other one is logged
-        (once per source) and skipped (``Codec.authentic``, without a generator and a
-        partial per message: issue 12)."""
+        (once per source) and skipped."""
         link = self.rt.link
-        mac = link.codec.mac
-        good = []
-        for parcel in msg.parcels:
-            if compare_digest(mac(parcel.frames), parcel.mac):  # (inline: Codec.valid)
-                good.append(parcel)
-            else:
-                link.reject(what, AuthError("parcel mac mismatch"))
-        return good
+        return link.codec.authentic(msg.parcels, link.reject, what)
 
     def handle_tasks(self, msg: P.Message) -> None:
         rt = self.rt

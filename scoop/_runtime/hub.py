@@ -140,7 +140,7 @@ class Hub:
                     self._main_resumes()
                 if not g.dead:
                     g.switch()
-            if runq and (policy.may_run() or runq[0][0].forced):  # (inline: runnable)
+            if runq and (policy.may_run() or runq[0][0].forced):  # (runnable, inline)
                 self._start_task(runq.popleft())
                 if shipper.done_out and rt.link is not None:
                     shipper.flush()
@@ -148,7 +148,7 @@ class Hub:
                         rt.poll(0)
                 continue
             shipper.flush()
-            if wakeups or (runq and (policy.may_run() or runq[0][0].forced)):
+            if wakeups or self.runnable():
                 continue
             self._wait_for_events()
         self.wake_all(flags.broken)

@@ -86,7 +86,8 @@ class Link:
                                   linger_ms=linger_ms)
         # The socket's descriptor, polled directly: see _readable.
         self._fd_poll = select.poll()
-        self._fd_poll.register(self.sock.getsockopt(zmq.FD), select.POLLIN)
+        self.fd = self.sock.getsockopt(zmq.FD)
+        self._fd_poll.register(self.fd, select.POLLIN)
         self._bad_sources: set[str] = set()
 
     def _readable(self, timeout_ms: int) -> bool:

@@ -105,9 +105,7 @@ class Policy:
         """How many more groups to ask for, with ``queued`` tasks in the run queue and
         (``waking``) greenlets about to resume; counted as asked. Asking ends a standby
         at the broker too."""
-        # (not self.may_run(), inline: this runs at every turn of the hub)
-        if (waking or not self.runs_tasks or self.leaving or (self.timed_waits and self.size != 1)
-                or queued * self.avg_slice_s >= PREFETCH_BACKLOG_S):
+        if waking or not self.may_run() or queued * self.avg_slice_s >= PREFETCH_BACKLOG_S:
             return 0
         target = min(MAX_CREDIT, max(1, int(PREFETCH_BACKLOG_S / max(self.avg_slice_s, 1e-9))))
         want = max(0, target - self.credit_out)
