@@ -50,8 +50,8 @@ class Baton:
     """The right to run the broker's loop (see the module doc).
 
     Args:
-        turn: one turn of the loop: ``turn(timeout_ms, check)`` -> the sockets that may
-            be readable (see ``Broker._turn``).
+        turn: one turn of the loop: ``turn(timeout_ms, check, spin)`` -> the sockets that
+            may be readable (see ``Broker._turn``).
         ask_yield: makes the broker's thread end its turn (a command on its queue).
         waiter: the loop's; a host's socket is added to it while the host is inside.
         check: the loop's sockets to ask before each sleep.
@@ -125,9 +125,10 @@ class Baton:
         try:
             self.hosted = self.inside = True
             self.visits += 1
-            check = (*self._check, sock)
+            check, spin = (*self._check, sock), link.spin  # (the host's waits may spin)
             while not self.ended:
-                if sock in self._turn(min(timeout_ms, self._tick_ms), check) and readable(sock):
+                ready = self._turn(min(timeout_ms, self._tick_ms), check, spin)
+                if sock in ready and readable(sock):
                     self._timed_out = False
                     if self._interval > HOST_CHECK_S:  # the thread looks seldom, and this
                         self._nudge.set()  # one may now run the program: look soon

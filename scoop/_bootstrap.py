@@ -38,7 +38,7 @@ from typing import NoReturn
 
 import scoop
 
-from . import _progress, _reaper, _serialize, _shm, _worker
+from . import _progress, _reaper, _serialize, _shm, _spin, _worker
 from ._errors import (
     BrokenJobError,
     JobOver,
@@ -281,7 +281,9 @@ def start(cfg: dict) -> bool:
         if cfg["wid"] is None:
             worker.ask_id(cfg["address"], creds, timeout)
         enter_job(worker, cfg["address"], creds, debug=bool(cfg.get("debug")),
-                  hosts=cfg.get("hosts", []), timeout=timeout)
+                  hosts=cfg.get("hosts", []), timeout=timeout,
+                  spin_us=cfg.get("spin_us", _spin.SPIN_US),
+                  broker_apart=cfg.get("broker_apart", True))
     except JobOver:
         return False  # started too late to matter: leave quietly
     except BrokenJobError as exc:
@@ -336,13 +338,16 @@ def set_job_globals(worker: _worker.Worker | None, debug: bool = False,
 
 
 def enter_job(worker: _worker.Worker, address: str, creds: Credentials, *, debug: bool,
-              hosts: Iterable[Sequence], timeout: float = CONNECT_TIMEOUT_S) -> None:
+              hosts: Iterable[Sequence], timeout: float = CONNECT_TIMEOUT_S,
+              spin_us: int = 0, broker_apart: bool = True) -> None:
     """Join the broker at ``address`` and make ``worker`` this process's runtime: what
     a started worker and the launcher's in-process root both do.
 
     The globals are set before connecting too: the constants that come with the WELCOME
     are unpickled at once, and their reducers may ask where they run. ``scoop.SIZE`` is
-    the WELCOME's. If the worker cannot join, the globals are given back.
+    the WELCOME's. If the worker cannot join, the globals are given back. Its idle waits
+    poll for up to ``spin_us`` before they sleep, where that takes no one's CPU
+    (``scoop._spin``; ``broker_apart``: the broker is not in the root's process).
     """
     set_job_globals(worker, debug, hosts)
     try:
@@ -351,6 +356,8 @@ def enter_job(worker: _worker.Worker, address: str, creds: Credentials, *, debug
         set_job_globals(None)
         raise
     set_job_globals(worker, debug, hosts)
+    # (after the globals: it reads scoop.HOSTS)
+    worker.link.spin = _spin.for_this_host(spin_us, address, broker_apart)
     _worker.install(worker)
 
 

@@ -71,6 +71,7 @@ from ._schedule import (
     Schedule,
     Send,
 )
+from ._spin import Spin
 from ._transport import (
     MAX_UNPROVEN,
     Credentials,
@@ -331,12 +332,13 @@ class Broker(_Views):
         finally:
             self._close()
 
-    def _turn(self, timeout_ms: int, check: tuple) -> list:
-        """One turn of the loop: wait up to ``timeout_ms``, then handle what came; the
-        sockets that may be readable (Stop: marks the broker ended)."""
+    def _turn(self, timeout_ms: int, check: tuple, spin: Spin | None = None) -> list:
+        """One turn of the loop: wait up to ``timeout_ms`` (polling first with ``spin``:
+        a hosting root's), then handle what came; the sockets that may be readable (Stop:
+        marks the broker ended)."""
         # The router is asked first: sends on it may take the command that would have
         # woken the poll for a message that came meanwhile (see _zpoll).
-        ready = self._waiter.wait(timeout_ms, check=check, again=self._more)
+        ready = self._waiter.wait(timeout_ms, check=check, again=self._more, spin=spin)
         now = time.monotonic()
         if now >= self._next_tick:
             self._carry_out(self.schedule.tick(now))

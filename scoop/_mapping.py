@@ -202,11 +202,12 @@ def usable_cpus() -> int:
 def _idle_workers(hosts: tuple, cpus: int) -> int:
     if sum(n for _, n in hosts) <= cpus:
         return 0
-    here = sum(n for name, n in hosts if _is_here(name))
+    here = sum(n for name, n in hosts if is_here(name))
     return max(0, here - cpus)
 
 
-def _is_here(name: str) -> bool:
+def is_here(name: str) -> bool:
+    """Whether host ``name`` is this machine."""
     # loopback names at no cost; scoop._hosts (~10 ms to import) for the others
     if name in ("localhost", "::1", socket.gethostname()) or name.startswith("127."):
         return True

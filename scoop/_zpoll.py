@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import select
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import zmq
+
+if TYPE_CHECKING:
+    from ._spin import Spin
 
 _EVENTS, _POLLIN, _FD = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.FD)
 
@@ -71,14 +75,17 @@ class Waiter:
         self._poll.unregister(fd)
 
     def wait(self, timeout_ms: int, check: Iterable[zmq.Socket] = (),
-             again: Iterable[zmq.Socket] = ()) -> list[zmq.Socket]:
+             again: Iterable[zmq.Socket] = (), spin: Spin | None = None) -> list[zmq.Socket]:
         """The sockets that may be readable, after sleeping up to ``timeout_ms`` unless
-        one of ``again`` or ``check`` (asked first) is."""
+        one of ``again`` or ``check`` (asked first) is (polling first with ``spin``)."""
         ready = list(again)
         for sock in check:
             if sock not in ready and readable(sock):
                 ready.append(sock)
-        fired = self._poll.poll(0 if ready else timeout_ms)
+        if ready or spin is None:
+            fired = self._poll.poll(0 if ready else timeout_ms)
+        else:
+            fired = spin.poll(self._poll.poll, timeout_ms)
         plain = self.fired = []
         if not fired and not ready:
             return list(self.sockets)  # timed out: look at every socket once

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .. import _broker, _reaper
+from .. import _broker, _reaper, _spin
 from .._bootstrap import CONNECT_TIMEOUT_S
 from .._hosts import is_local
 from .._watchdog import BROKER_TIMEOUT_S, seconds_from_env
@@ -61,6 +61,9 @@ class Job:
         id: marks every process of the job (see :mod:`scoop._reaper`).
         connect_timeout: how long a worker tries to reach the broker (s).
         broker_timeout: the broker's silence after which a worker leaves (s).
+        spin_us: how long an idle wait polls before it sleeps (``scoop._spin``).
+        broker_apart: the broker runs in a process of its own (the launcher's), not in
+            the root's (``Launcher.start(root_in_process=True)``).
     """
 
     hosts: tuple[tuple[str, int], ...]
@@ -89,6 +92,8 @@ class Job:
         "SCOOP_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S))
     broker_timeout: float = field(default_factory=lambda: seconds_from_env(
         "SCOOP_BROKER_TIMEOUT", BROKER_TIMEOUT_S))
+    spin_us: int = field(default_factory=_spin.window_us)
+    broker_apart: bool = True
 
     def __post_init__(self) -> None:
         hosts = tuple((name, count) for name, count in self.hosts if count > 0)
@@ -148,6 +153,7 @@ class Job:
             "log_level": self.log_level, "log_file": self.log_file,
             "hosts": self.hosts, "progress": self.progress, "shm": self.shm,
             "connect_timeout": self.connect_timeout, "broker_timeout": self.broker_timeout,
+            "spin_us": self.spin_us, "broker_apart": self.broker_apart,
         }
 
 

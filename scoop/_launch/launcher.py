@@ -33,6 +33,7 @@ A :class:`Launcher` can also make the calling interpreter the root worker
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -143,7 +144,7 @@ class Launcher:
     # -- starting --------------------------------------------------------------------------
     def start(self, root_in_process: bool = False) -> Launcher:
         """Start the broker and the workers; with ``root_in_process``, join as the root."""
-        job = self.job
+        job = self.job = dataclasses.replace(self.job, broker_apart=not root_in_process)
         route = address.route(job)
         self.broker = _start_broker(job, self.creds, route.bind, self.clients)
         try:
@@ -237,10 +238,10 @@ class Launcher:
         return proc
 
     def _join_as_root(self) -> None:
-        worker = _worker.Worker(0)  # the job's size comes with the WELCOME
-        worker.shm = _shm.usable(self.job.shm)
+        worker, job = _worker.Worker(0), self.job  # the job's size comes with the WELCOME
+        worker.shm = _shm.usable(job.shm)
         _bootstrap.enter_job(worker, self.broker.inproc_address, self.creds,  # (issue 12)
-                             debug=self.job.debug, hosts=self.job.hosts)
+                             debug=job.debug, hosts=job.hosts, spin_us=job.spin_us)
         self.broker.baton.attach(worker)  # its idle waits run the broker's loop
         self.root_worker = worker
 

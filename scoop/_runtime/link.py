@@ -41,6 +41,7 @@ from .._transport import context_for
 from .._zpoll import readable
 
 if TYPE_CHECKING:
+    from .._spin import Spin
     from .._transport import Credentials
 
 log = logging.getLogger("scoop")
@@ -90,6 +91,8 @@ class Link:
         self._fd_poll.register(self.fd, select.POLLIN)
         self._bad_sources: set[str] = set()
 
+    spin: Spin | None = None  # this worker's idle waits poll before they sleep (enter_job)
+
     def _readable(self, timeout_ms: int) -> bool:
         """Whether a message is waiting, after waiting up to ``timeout_ms`` for one.
 
@@ -100,8 +103,12 @@ class Link:
         if readable(sock):
             return True
         deadline = time.monotonic() + timeout_ms / 1000
+        poll, spin = self._fd_poll.poll, self.spin
         while timeout_ms > 0:
-            self._fd_poll.poll(timeout_ms)
+            if spin is None:
+                poll(timeout_ms)
+            else:
+                spin.poll(poll, timeout_ms)
             if readable(sock):
                 return True
             # woken by another command of the socket's, not a message: sleep on

@@ -62,7 +62,8 @@ class StreamLink(Link):
             if self._fd_poll is None:  # the broker is gone: nothing will come
                 time.sleep(max(0.0, timeout_ms / 1000))
                 return False
-            if self._fd_poll.poll(timeout_ms):
+            poll = self._fd_poll.poll
+            if self.spin.poll(poll, timeout_ms) if self.spin else poll(timeout_ms):
                 self._fill()
                 if self._inbox:
                     return True
