@@ -395,6 +395,8 @@ class Feed:
         self.star = len(iterables) != 1
         self.length, self.exact = input_length(iterables)
         self.items: Iterator | None = zip(*iterables) if self.star else iter(iterables[0])
+        # A list is cut by slicing: a tenth of the cost of an iterator's items (issue 12)
+        self.seq = iterables[0] if type(iterables[0]) is list and not self.star else None
         self.error: Exception | None = None  # raised by the input, raised in turn later
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.buffersize = buffersize
@@ -448,17 +450,20 @@ class Feed:
             if self.buffersize is not None and self.in_flight + step > self.buffersize:
                 break
             chunk: list = []
-            try:
-                # extend() keeps the items read before a failure of the input
-                chunk.extend(itertools.islice(self.items, step))
-            except Exception as exc:  # noqa: BLE001 - the input's own, raised in its turn
-                self.error = exc
+            if self.seq is not None:
+                chunk = self.seq[self.read:self.read + step]
+            else:
+                try:
+                    # extend() keeps the items read before a failure of the input
+                    chunk.extend(itertools.islice(self.items, step))
+                except Exception as exc:  # noqa: BLE001 - the input's own, in its turn
+                    self.error = exc
             if chunk:
                 self._submit(chunk)
                 self.pace.last_step = step
                 submitted = True
             if len(chunk) < step:
-                self.items = None  # exhausted (or failed): let the input go
+                self.items = self.seq = None  # exhausted (or failed): let the input go
                 if self.count is not None:
                     self.count.stopped_reading()
         if submitted:
@@ -544,7 +549,7 @@ class Feed:
 
     def cancel(self) -> None:
         """Read no more; cancel the chunks not shipped (those shipped run to their end)."""
-        self.items = None
+        self.items = self.seq = None
         self.pace.remember()
         if self.count is not None:
             self.count.stopped_reading()

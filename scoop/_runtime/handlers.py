@@ -69,9 +69,11 @@ class Handlers:
         for parcel in self._authentic(msg, "a task parcel"):
             accepted = True
             tids = P.task_ids(parcel)
-            group = Group(parcel.peer, parcel.tag, len(tids), forced)
+            group = Group(parcel.peer, parcel.tag, len(tids), forced, parcel)
+            calls, broken = self._own_calls(tids) if parcel.peer == rt.wid else (None, {})
             try:
-                calls, broken = _serialize.loads_items(_shm.restore(parcel.frames[1:]))
+                if calls is None:
+                    calls, broken = _serialize.loads_items(_shm.restore(parcel.frames[1:]))
             except Exception as exc:  # noqa: BLE001 - fail the group's tasks, keep working
                 err = self.unpickling_error("a task group", exc)
                 calls, broken = [(_raise, (err,), {})] * len(tids), {}
@@ -84,6 +86,18 @@ class Handlers:
         rt.policy.received(len(msg.parcels), forced and accepted)
         if not rt.policy.may_run() and rt.runq:
             rt.shipper.give_back()
+
+    def _own_calls(self, tids: list) -> tuple[list | None, dict]:
+        """The calls of a group of this worker's own map chunks, which it keeps (to resume
+        them): no unpickling of what it pickled itself (an in-process root's map hands
+        chunks back and forth with the broker as its program resumes and waits)."""
+        pending, calls = self.rt.pending, []
+        for tid in tids:
+            fut = pending.get(tid)
+            if fut is None or fut._chunk is None:
+                return None, {}
+            calls.append(fut._call)
+        return calls, {}
 
     def handle_results(self, msg: P.Message) -> None:
         rt = self.rt

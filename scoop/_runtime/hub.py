@@ -65,16 +65,19 @@ class Group:
     """A task group received from the broker: who owns it and how many tasks remain.
 
     ``forced``: the broker sent it while every worker waited with a deadline; it runs
-    even during such a wait (see :meth:`Hub.park`).
+    even during such a wait (see :meth:`Hub.park`). ``parcel``: the parcel it came in,
+    handed back as it is if none of its tasks started (no pickling again).
     """
 
-    __slots__ = ("owner", "fid", "remaining", "forced")
+    __slots__ = ("owner", "fid", "remaining", "forced", "parcel")
 
-    def __init__(self, owner: int, fid: int, remaining: int, forced: bool = False) -> None:
+    def __init__(self, owner: int, fid: int, remaining: int, forced: bool = False,
+                 parcel=None) -> None:
         self.owner = owner
         self.fid = fid
         self.remaining = remaining
         self.forced = forced
+        self.parcel = parcel
 
 
 class Waiter:
@@ -191,6 +194,7 @@ class Hub:
 
     def _execute(self, entry) -> None:
         group, tid, (fn, args, kwargs) = entry
+        group.parcel = None  # started: it goes back in parts now, and its frames may be big
         self.running_entry = entry  # a map chunk streams its results to group.owner
         getcurrent().scoop_task = entry  # whose deadline a limited call notes (_limits)
         self.active += 1

@@ -219,6 +219,11 @@ class Shipper:
         runq.extend(stay)
         parcels = []
         for group, items in groups:
+            if group.parcel is not None and group.fid and group.remaining <= len(items):
+                # the whole group, none of it started: as it came (tag fid: return_tag's)
+                parcels.append(group.parcel)
+                group.remaining -= len(items)
+                continue
             try:
                 frames = _serialize.dumps([call for _, call in items])
             except Exception:  # noqa: BLE001 - keep what cannot travel; run it later
