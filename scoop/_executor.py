@@ -708,7 +708,8 @@ class _Runtime:
             rt.policy.runs_tasks = False
             rt.where = rt.where.replace("worker 0", "the executor's client", 1)
             rt.shm = _shm.usable(self.launcher.job.shm)
-            rt.connect(self.launcher.broker.address, self.launcher.creds, CONNECT_TIMEOUT_S)
+            rt.connect(self.launcher.broker.inproc_address, self.launcher.creds,
+                       CONNECT_TIMEOUT_S)
         except BaseException as exc:  # noqa: BLE001 - the caller's start() raises it
             self._error = exc
             self.close_pipe()
