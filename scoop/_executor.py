@@ -91,13 +91,13 @@ from collections.abc import Callable, Iterable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
-from greenlet import greenlet
+from greenlet import getcurrent, greenlet
 
 import scoop
 
 from . import _bootstrap, _mapping, _progress, _shm, _worker
 from ._errors import BrokenJobError
-from ._future import Future
+from ._future import Future, never_waits
 from ._launch import Launcher
 from ._launch import cli as _cli
 from ._launch.launcher import SANDBOXES_PER_ATTEMPT
@@ -609,6 +609,14 @@ class _Call:
         self.done.set()
 
 
+def _complete(future: cf.Future, sfut: Future) -> None:
+    """Complete a standard future with the outcome of the scoop future it stands for."""
+    if sfut._exception is None:
+        future.set_result(sfut._result)
+    else:
+        future.set_exception(sfut._exception)
+
+
 def _watch(launcher: Launcher) -> None:
     """What the launcher's wait loop does: report dead workers, start sandboxes."""
     try:
@@ -795,14 +803,17 @@ class _Runtime:
             self.in_flight[id(sfut)] = (item, sfut)
             sfut.add_done_callback(self._settle)
 
+    @never_waits
     def _settle(self, sfut) -> None:
         """A scoop future is done: complete its standard future (a done-callback)."""
         item, _ = self.in_flight.pop(id(sfut))
-        exc = sfut._exception
-        if exc is None:
-            item.future.set_result(sfut._result)
+        hub = self.rt.hub
+        # The standard future's own callbacks (the caller's) may wait on scoop futures:
+        # they run in a greenlet of their own, as scoop's done-callbacks do.
+        if getattr(item.future, "_done_callbacks", True) and getcurrent() is hub.glet:
+            greenlet(_complete, parent=hub.glet).switch(item.future, sfut)
         else:
-            item.future.set_exception(exc)
+            _complete(item.future, sfut)
         item.future = item.fn = item.args = item.kwargs = item.state = None  # no stale refs
         self._measure()
         self._feed()

@@ -21,6 +21,13 @@ PENDING, RUNNING, FINISHED, CANCELLED = range(4)
 _STATE_NAMES = ("pending", "running", "finished", "cancelled")
 
 
+def never_waits(fn: Callable) -> Callable:
+    """Mark a done-callback of scoop's own that never waits on a future: the hub calls it
+    directly, not in a greenlet of its own (~7 us per future; issue 12)."""
+    fn.scoop_never_waits = True
+    return fn
+
+
 class Future:
     """The result of a call that runs on some worker of the job, now or later.
 

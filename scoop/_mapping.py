@@ -77,6 +77,7 @@ import scoop
 
 from . import _chunks, _limits, _progress, _serialize, _worker
 from ._errors import TimeoutError
+from ._future import never_waits
 
 if TYPE_CHECKING:  # sqlite3 and the checkpoint's keys load only for a map that has one
     from ._checkpoint import Checkpoint
@@ -338,6 +339,7 @@ class _Pace:
         self.turnarounds.append(per_item)
         self.best = min(self.best, per_item)
 
+    @never_waits
     def arrived(self, fut: Any) -> None:
         """A done-callback: the chunk's result is here (its consumer may take it later,
         after the chunks before it: the turnaround ends now, not then)."""
@@ -606,6 +608,7 @@ class Feed:
         finally:
             self.cancel()
 
+    @never_waits
     def _arrived(self, fut) -> None:
         self.waiter.notify(self.rt, fut)
 

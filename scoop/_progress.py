@@ -32,6 +32,8 @@ import threading
 import time
 from typing import TextIO
 
+from ._future import never_waits
+
 # How often the live line is redrawn (s): smoother costs the root a wakeup more often.
 TICK_S = 0.2
 # How often a line is written where stderr is not a terminal (s): a batch job's output
@@ -311,6 +313,7 @@ def stop(reporter: Reporter | None = None) -> bool:
     return True
 
 
+@never_waits
 def count_done(fut) -> None:
     """A future's done-callback: its one submitted call ended (or was cancelled)."""
     if active is not None:

@@ -242,6 +242,14 @@ def test_module_level_api_inside_with_uses_the_pool(within):
     while len(got) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(got) == 2 and os.getpid() not in got
+    # a standard future's callback runs in the pool's thread, where it may wait on futures
+    fut = within.submit(pid_after, 0.2)
+    fut.add_done_callback(lambda f: got.append(futures.submit(abs, -7).result()))
+    fut.result()
+    deadline = time.monotonic() + 10
+    while len(got) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got[2:] == [7]
     shared.setConst(answer=42)
     assert shared.getConst("answer") == 42
     assert list(futures.map(lambda _: shared.getConst("answer", timeout=5), range(3))) == \

@@ -243,6 +243,18 @@ def test_done_callback_exception_is_logged(caplog):
     assert "callback boom" in caplog.text
 
 
+def test_a_done_callback_may_wait_on_other_futures():
+    seen = []
+    futs = [futures.submit(sleep_then, 0.05, i) for i in range(4)]
+    for f in futs:  # added before they complete: the hub runs them, each may park
+        f.add_done_callback(lambda f: seen.append(futures.submit(square, f.result()).result()))
+    futures.wait(futs)
+    deadline = time.monotonic() + 10
+    while len(seen) < 4 and time.monotonic() < deadline:
+        futures.wait([futures.submit(square, 0)], timeout=0.1)  # the hub turns meanwhile
+    assert sorted(seen) == [0, 1, 4, 9]
+
+
 def test_done_callback_on_remote_future():
     seen = []
     futs = [futures.submit(sleep_then, 0.01, i) for i in range(20)]

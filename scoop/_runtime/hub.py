@@ -337,8 +337,9 @@ class Hub:
         self.rt.complete(fut, ok, value)
 
     def run_callbacks(self, fut: Future, callbacks) -> None:
-        """Run done-callbacks; in their own greenlet when called by the hub (may wait)."""
-        if getcurrent() is self.glet:
+        """Run done-callbacks; in their own greenlet when called by the hub (they may
+        wait), unless each is marked as one that never does (``_future.never_waits``)."""
+        if getcurrent() is self.glet and not _never_wait(callbacks):
             greenlet(_call_callbacks, parent=self.glet).switch(fut, callbacks)
         else:
             _call_callbacks(fut, callbacks)
@@ -353,6 +354,13 @@ def _call(fn, args: tuple, kwargs: dict) -> tuple[bool, object]:
         raise
     except BaseException as exc:  # noqa: BLE001 - any outcome is the future's
         return False, exc
+
+
+def _never_wait(callbacks) -> bool:
+    for cb in callbacks:  # (a bound method answers for its function)
+        if not getattr(cb, "scoop_never_waits", False):
+            return False
+    return True
 
 
 def _call_callbacks(fut: Future, callbacks) -> None:
