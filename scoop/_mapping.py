@@ -413,7 +413,8 @@ class Feed:
         # or by future, with a waiter that collects them as they complete.
         self.futs: deque[tuple] | dict[Any, tuple] = deque() if ordered else {}
         self.waiter = None if ordered else rt.watch(())
-        self.current: list | None = None  # the result list being yielded
+        self.current: list | None = None  # the result list being yielded (clear: ends it)
+        self.rest: list | None = None  # drained: the results not yielded yet
         self.count = _progress.MapCount.start(self.length if self.exact else None)
         if chunksize is None and checkpoint is None:
             self.per_cpu = per_cpu(self, self.pace.func, ordered)
@@ -637,11 +638,11 @@ class MapResults(itertools.chain):
         """The results of ``feed`` (of ``futures._run_chunk``), in order or as completed.
 
         ``drain``: keep no reference to a result once yielded (as ``concurrent.futures``
-        promises, CPython issue 14406), at the cost of a Python call per result.
+        promises, CPython issue 14406).
         """
         lists = _results_lists(feed, ordered)
         self = (SizedMapResults if feed.exact else cls).from_iterable(
-            map(_drain, lists) if drain else lists)
+            map(functools.partial(_drain, feed), lists) if drain else lists)
         self._feed, self._lists = feed, lists
         return self
 
@@ -654,8 +655,9 @@ class MapResults(itertools.chain):
         yielded yet (as closing a generator does)."""
         self._lists.close()
         self._feed.cancel()
-        if self._feed.current is not None:
-            self._feed.current.clear()  # the chain's iterator over it ends there
+        for left in (self._feed.current, self._feed.rest):
+            if left is not None:
+                left.clear()  # the chain's iterator over current ends there
 
 
 class SizedMapResults(MapResults):
@@ -678,8 +680,11 @@ def _results_lists(feed: Feed, ordered: bool) -> Iterator[list]:
             raise unwrap(wire)
 
 
-def _drain(results: list) -> Iterator:
-    """Yield the results, keeping no reference to those yielded."""
+def _drain(feed: Feed, results: list) -> Iterator:
+    """The results, in order, keeping no reference to those yielded: each is popped, by
+    a C loop (a generator's resume per result cost 2 ms per 100,000). It ends once
+    ``feed.current``, the list its calls are read from, is cleared (``close``)."""
     results.reverse()
-    while results:
-        yield results.pop()
+    calls = [()] * len(results)
+    feed.current, feed.rest = calls, results
+    return itertools.starmap(results.pop, calls)

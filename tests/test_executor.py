@@ -123,6 +123,7 @@ def test_map_reads_its_input_as_results_are_consumed_buffersize_in_items(ex):
     assert data.read <= 10  # read at the call: no more than the window
     assert next(results) == 0 and data.read <= 11
     results.close()
+    assert list(results) == []  # closed: the rest of its chunk is dropped too
 
 
 def test_map_of_an_endless_input_returns_what_islice_takes(ex):
