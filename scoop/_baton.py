@@ -96,8 +96,16 @@ class Baton:
         worker.hub.unhost = self.unhost
 
     def unhost(self) -> None:
-        """The host goes to run a long task: the broker's thread takes the loop now."""
+        """The host goes to run a long task: the broker's thread takes the loop now, after
+        a turn here, so that what the host sent leaves at once (the thread waits for the
+        GIL while the task computes: up to 5 ms per message, 10-20 ms at a start)."""
         if self.hosted and not self.inside:
+            if self._lock.acquire(blocking=False):
+                try:
+                    if not self.ended:
+                        self._turn(0, self._check)
+                finally:
+                    self._lock.release()
             self.hosted = False
             self._nudge.set()
 

@@ -128,6 +128,21 @@ def test_first_group_kept(queued, timed, size, keeps):
     assert p.keeps_first(queued) is keeps
 
 
+@pytest.mark.parametrize("slices,queued,timed,asks", [
+    ([0.02], 0, 0, True),  # a long task, the last queued: ask for the next group now
+    ([0.02], 1, 0, False),  # more queued: asked for when that one starts
+    ([0.0001] * 50, 0, 0, False),  # short tasks: prefetched after each one instead
+    ([], 0, 0, False),  # nothing known yet
+    ([0.02], 0, 1, False),  # in a timed wait no work is asked for
+])
+def test_asks_for_the_next_group_before_the_last_long_task(slices, queued, timed, asks):
+    p = Policy(2)
+    for s in slices:
+        p.task_took(s)
+    p.timed_waits = timed
+    assert p.asks_ahead(queued) is asks
+
+
 @pytest.mark.parametrize("away,size,ships", [
     (0, 2, True),
     (IN_FLIGHT_PER_WORKER * 2 - 1, 2, True),

@@ -144,7 +144,10 @@ class Hub:
                 if not g.dead:
                     g.switch()
             if runq and (policy.may_run() or runq[0][0].forced):  # (runnable, inline)
-                self._start_task(runq.popleft())
+                entry = runq.popleft()
+                if policy.asks_ahead(len(runq)):
+                    shipper.flush()  # the next group comes while this long task runs
+                self._start_task(entry)
                 if shipper.done_out and rt.link is not None:
                     shipper.flush()
                     if runq or wakeups:  # else the wait below asks the socket first
