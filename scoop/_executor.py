@@ -609,8 +609,17 @@ class _Call:
         self.done.set()
 
 
-def _complete(future: cf.Future, sfut: Future) -> None:
-    """Complete a standard future with the outcome of the scoop future it stands for."""
+def _complete(future: cf.Future, sfut: Future, hub) -> None:
+    """Complete a standard future with the outcome of the scoop future it stands for. Its
+    own callbacks (the caller's) may wait on scoop futures: where it has any, they run in
+    a greenlet of their own, as scoop's done-callbacks do."""
+    if getattr(future, "_done_callbacks", True) and getcurrent() is hub.glet:
+        greenlet(_set_outcome, parent=hub.glet).switch(future, sfut)
+    else:
+        _set_outcome(future, sfut)
+
+
+def _set_outcome(future: cf.Future, sfut: Future) -> None:
     if sfut._exception is None:
         future.set_result(sfut._result)
     else:
@@ -807,13 +816,7 @@ class _Runtime:
     def _settle(self, sfut) -> None:
         """A scoop future is done: complete its standard future (a done-callback)."""
         item, _ = self.in_flight.pop(id(sfut))
-        hub = self.rt.hub
-        # The standard future's own callbacks (the caller's) may wait on scoop futures:
-        # they run in a greenlet of their own, as scoop's done-callbacks do.
-        if getattr(item.future, "_done_callbacks", True) and getcurrent() is hub.glet:
-            greenlet(_complete, parent=hub.glet).switch(item.future, sfut)
-        else:
-            _complete(item.future, sfut)
+        _complete(item.future, sfut, self.rt.hub)
         item.future = item.fn = item.args = item.kwargs = item.state = None  # no stale refs
         self._measure()
         self._feed()

@@ -397,7 +397,6 @@ class Feed:
         self.star = len(iterables) != 1
         self.length, self.exact = input_length(iterables)
         self.items: Iterator | None = zip(*iterables) if self.star else iter(iterables[0])
-        # A list is cut by slicing: a tenth of the cost of an iterator's items (issue 12)
         self.seq = iterables[0] if type(iterables[0]) is list and not self.star else None
         self.error: Exception | None = None  # raised by the input, raised in turn later
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -452,15 +451,7 @@ class Feed:
             step = self._step()
             if self.buffersize is not None and self.in_flight + step > self.buffersize:
                 break
-            chunk: list = []
-            if self.seq is not None:
-                chunk = self.seq[self.read:self.read + step]
-            else:
-                try:
-                    # extend() keeps the items read before a failure of the input
-                    chunk.extend(itertools.islice(self.items, step))
-                except Exception as exc:  # noqa: BLE001 - the input's own, in its turn
-                    self.error = exc
+            chunk = _read(self, step)
             if chunk:
                 self._submit(chunk)
                 self.pace.last_step = step
@@ -612,6 +603,19 @@ class Feed:
     @never_waits
     def _arrived(self, fut) -> None:
         self.waiter.notify(self.rt, fut)
+
+
+def _read(feed: Feed, step: int) -> list:
+    """The next ``step`` items of ``feed``'s input: fewer at its end, or where it failed
+    (the error is kept in ``feed.error``, raised after the items read before it)."""
+    if feed.seq is not None:  # a list: sliced, a tenth of the cost of its iterator's items
+        return feed.seq[feed.read:feed.read + step]
+    chunk: list = []
+    try:
+        chunk.extend(itertools.islice(feed.items, step))  # (keeps what came before a failure)
+    except Exception as exc:  # noqa: BLE001 - the input's own, raised in its turn
+        feed.error = exc
+    return chunk
 
 
 # -- map's results ----------------------------------------------------------------------
