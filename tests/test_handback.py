@@ -1,9 +1,11 @@
-"""A map's chunks are pickled once (issue 12): an in-process root that the broker hands
-its own chunks (it waits for a result, so it asks for work) runs them from the calls it
-kept, and gives a group back as it came when its program resumes, without pickling the
-items again.
+"""What an in-process root keeps and what it ships (issue 12).
 
-The items count, in the process that pickles or unpickles them, each time they do.
+* A map's chunks are pickled once: a root that the broker hands its own chunks (it waits
+  for a result, so it asks for work) runs them from the calls it kept, and gives a
+  group back as it came when its program resumes, without pickling the items again. The
+  items count, in the process that pickles or unpickles them, each time they do.
+* Tasks with big arguments: the root keeps its share of them, which then need no copy
+  into shared memory; the copies are counted where they are made.
 """
 
 from __future__ import annotations
@@ -88,3 +90,50 @@ def test_a_roots_own_chunks_are_pickled_once_and_never_unpickled_by_it(tmp_path)
     assert own >= 3 and back >= 2  # the root was handed its chunks, and gave some back
     assert most == 1  # no item was pickled twice in one map (before: a second time)
     assert unpickled == 0  # the root ran its own chunks from their calls (before: copies)
+
+
+BIG = '''
+import sys
+import numpy as np
+import scoop
+from scoop import _shm, futures
+from scoop._launch import Launcher
+
+placed = []
+place = _shm.Pool.place
+
+
+def counting_place(self, frames, n):  # a group's arguments copied into shared memory
+    placed.append(n)
+    return place(self, frames, n)
+
+
+def where(a):
+    return scoop.worker, int(a[0])
+
+
+_shm.Pool.place = counting_place
+args = [np.full(300_000, i, dtype=np.float64) for i in range(16)]  # 2.4 MB each
+with Launcher(2):
+    for _ in range(50):  # until worker 1 has joined
+        f = futures.submit(where, args[0])
+        futures.wait([f], timeout=5)
+        if f.result()[0] == 1:
+            break
+    del placed[:]
+    fs = [futures.submit(where, a) for a in args]
+    futures.wait(fs)
+    ran = [f.result() for f in fs]
+assert [v for _, v in ran] == list(range(16)), ran
+print("BIG", sum(placed), sum(w == 0 for w, _ in ran))
+'''
+
+
+def test_a_root_keeps_its_share_of_big_arguments_uncopied(tmp_path):
+    (tmp_path / "big.py").write_text(textwrap.dedent(BIG))
+    out = subprocess.run([sys.executable, str(tmp_path / "big.py")], capture_output=True,
+                         text=True, timeout=100, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    placed, on_root = map(int, out.stdout.split("BIG")[1].split())
+    assert placed <= 8  # half of the 16 stayed (before: all but the first group, 14)
+    assert placed + on_root >= 16  # what was not placed ran on the root, unshipped

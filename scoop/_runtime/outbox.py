@@ -6,7 +6,8 @@ credit requests, and the tasks it hands back.
     submit() -> outbox {id: Future}
     ship(): every future -> pending (owned here, until its result comes)
             no broker: the run queue (all of it)
-            keep_first: the first group stays in the run queue (no pickle, no round trip)
+            keep_first: the first group stays in the run queue (no pickle, no round trip),
+                        then groups of big arguments up to this worker's share (no copy)
             the rest: guided groups (policy.guided_groups), one pickle each -> TASKS
                       (a task with a time limit: never kept, alone, tag LIMITED)
                       (the first message carries one group, the next SHIP_BATCH each)
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 
 # A future's call and id, read over a group with map(): no comprehension (a Python call
 # in 3.11) per group shipped.
-_CALL, _ID = attrgetter("_call"), attrgetter("_id")
+_CALL, _ID, _WEIGHT = attrgetter("_call"), attrgetter("_id"), attrgetter("_weight")
+_KEPT = object()  # _pack_group: the group stays here
 
 
 class Shipper:
@@ -83,15 +85,25 @@ class Shipper:
             self._keep(futs)
             return
         keep = keep_first and rt.policy.keeps_first(len(rt.runq))
+        # After the first, groups of big arguments stay too while they fit in this
+        # worker's share: each would be copied (into shared memory, or onto the wire)
+        # for this worker to run it, as likely as not (issue 12, bench line 6). Not map
+        # chunks: their consumer resumes after the first, and would hand them back.
+        share, kept = (sum(map(_WEIGHT, futs)) // rt.size if keep and rt.size > 1 else 0), 0
         batch: list[P.Parcel] = []
         sent_first = False
         # one future (a submit, then a wait): one group, without the cutting
         for group in (futs,) if len(futs) == 1 else self._groups(futs):
             if keep and limit_of(group[0]._call) is None:  # a limited task never stays
                 self._keep(group)
-                keep = False
+                keep, kept = False, sum(map(_WEIGHT, group))
                 continue
-            parcel = self._pack_group(group)
+            weight = sum(map(_WEIGHT, group)) if kept else 0
+            parcel = self._pack_group(group, keep_big=bool(kept) and kept + weight <= share)
+            if parcel is _KEPT:
+                self._keep(group)
+                kept += weight
+                continue
             if parcel is not None:
                 batch.append(parcel)
             if len(batch) >= (policy.SHIP_BATCH if sent_first else 1):
@@ -111,7 +123,9 @@ class Shipper:
         for start, stop in policy.guided_groups(weights, plain, self.rt.size, alone):
             yield futs[start:stop]
 
-    def _pack_group(self, futs: list[Future]) -> P.Parcel | None:
+    def _pack_group(self, futs: list[Future], keep_big: bool = False):
+        """The parcel of a group (None: no call of it could be pickled); with
+        ``keep_big``, _KEPT instead if its frames are big (see ship)."""
         try:
             frames = _serialize.dumps(list(map(_CALL, futs)))
         except Exception:  # noqa: BLE001 - find and fail the culprits, ship the rest
@@ -127,6 +141,10 @@ class Shipper:
                 return None
             futs = good
             frames = _serialize.dumps(list(map(_CALL, futs)))
+        else:
+            if (keep_big and futs[0]._chunk is None and limit_of(futs[0]._call) is None
+                    and not _shm.small(frames)):
+                return _KEPT  # (its pickle, zero-copy views of the arguments, is dropped)
         ids = list(map(_ID, futs))
         tids = P.task_ids_frame(ids)
         self.away.update(ids)
