@@ -204,7 +204,9 @@ def test_verbose_run_has_no_connection_noise_at_shutdown(tmp_path):
         out = run_scoop("-vv", "-n", "3", prog)
         assert out.returncode == 0, out.stderr
         assert out.stdout == "9900\n"
-        assert "the root ended with status 0" in out.stderr  # -vv is on
+        # -vv is on (the broker's own "root ended" line may not come: under load the
+        # launcher can see the root's exit and stop it before it reads the root's last word)
+        assert "DEBUG   scoop started worker 1" in out.stderr
         noise = [line for line in out.stderr.splitlines()
                  if re.search(r"unreachable|cannot send|zmq|WARNING|ERROR|Traceback", line,
                               re.IGNORECASE)]
