@@ -39,8 +39,12 @@ def test_the_root_runs_the_broker_loop_while_it_waits(pool):
     elapsed = time.monotonic() - start
     assert broker.baton.visits >= visits + calls  # each wait ran the loop in this thread
     # The broker's thread only looked in every HOST_CHECK_S (without hosting it wakes
-    # twice per call); a loaded machine makes the calls slower, not the bound tighter.
-    assert _switches(tid) - slept <= 2 * elapsed / _baton.HOST_CHECK_S + 20
+    # twice per call: 600 times); a loaded machine makes the calls slower, not the bound
+    # tighter. It may also take the loop over for a while when the root is preempted
+    # for a look's time, and wait for the GIL: up to 69 wakes were seen in 300 calls
+    # that took 87 ms with both cores kept busy (the code before issue 12's session 9
+    # too), hence the slack per call.
+    assert _switches(tid) - slept <= 2 * elapsed / _baton.HOST_CHECK_S + calls / 3
 
 
 def test_the_broker_thread_takes_the_loop_over_when_the_host_stays_away():
