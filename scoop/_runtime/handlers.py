@@ -70,7 +70,8 @@ class Handlers:
             accepted = True
             tids = P.task_ids(parcel)
             group = Group(parcel.peer, parcel.tag, len(tids), forced, parcel)
-            calls, broken = self._own_calls(tids) if parcel.peer == rt.wid else (None, {})
+            calls = self._own_calls(tids) if parcel.peer == rt.wid else None
+            broken: dict = {}
             try:
                 if calls is None:
                     calls, broken = _serialize.loads_items(_shm.restore(parcel.frames[1:]))
@@ -87,17 +88,18 @@ class Handlers:
         if not rt.policy.may_run() and rt.runq:
             rt.shipper.give_back()
 
-    def _own_calls(self, tids: list) -> tuple[list | None, dict]:
+    def _own_calls(self, tids: list) -> list | None:
         """The calls of a group of this worker's own map chunks, which it keeps (to resume
         them): no unpickling of what it pickled itself (an in-process root's map hands
-        chunks back and forth with the broker as its program resumes and waits)."""
+        chunks back and forth with the broker as its program resumes and waits). None
+        if the group holds anything else."""
         pending, calls = self.rt.pending, []
         for tid in tids:
             fut = pending.get(tid)
             if fut is None or fut._chunk is None:
-                return None, {}
+                return None
             calls.append(fut._call)
-        return calls, {}
+        return calls
 
     def handle_results(self, msg: P.Message) -> None:
         rt = self.rt

@@ -237,9 +237,12 @@ class Shipper:
         runq.extend(stay)
         parcels = []
         for group, items in groups:
-            if group.parcel is not None and group.fid and group.remaining <= len(items):
-                # the whole group, none of it started: as it came (tag fid: return_tag's)
-                parcels.append(group.parcel)
+            first = self.pending.get(items[0][0])
+            tag = policy.return_tag(group.fid, group.remaining, len(items),
+                                    first is not None and first._chunk is not None,
+                                    P.returned_tag(rt.wid, next(self._returned)))
+            if tag == group.fid and group.parcel is not None:
+                parcels.append(group.parcel)  # the whole group, none of it run: as it came
                 group.remaining -= len(items)
                 continue
             try:
@@ -247,10 +250,6 @@ class Shipper:
             except Exception:  # noqa: BLE001 - keep what cannot travel; run it later
                 runq.extend((group, tid, call) for tid, call in items)
                 continue
-            first = self.pending.get(items[0][0])
-            tag = policy.return_tag(group.fid, group.remaining, len(items),
-                                    first is not None and first._chunk is not None,
-                                    P.returned_tag(rt.wid, next(self._returned)))
             group.remaining -= len(items)
             tids = P.task_ids_frame(tid for tid, _ in items)
             parcels.append(link.codec.parcel([tids, *frames], tag=tag, peer=group.owner))
